@@ -1,0 +1,3 @@
+"""Kiln: a staged compilation pipeline for LLM inference."""
+
+__version__ = "0.1.0"

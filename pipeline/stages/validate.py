@@ -1,0 +1,142 @@
+"""validate: accuracy of the built engine against the unquantized source, its latency, and gates.
+
+Perplexity of source and engine on the same held-out tokens with the same windowing; next-token
+agreement between them; time to first token, per-token decode p50/p95, tokens/s and peak RSS of
+the engine (and, for comparison, of the PyTorch source). Gates are evaluated here and recorded; the
+run's `check` hook turns failed gates into a non-zero exit after the report is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import Engine, SourceCheckpoint, ValidationReport, write_json_atomic
+from pipeline.corpus import load_text
+from pipeline.errors import QualityGateFailed
+from pipeline.latency import measure_in_subprocess
+from pipeline.metrics import agreement, eval_windows, perplexity, token_nll
+from pipeline.modeling.hf import load_causal_lm, load_tokenizer
+from pipeline.modeling.runtime import CausalLM, TorchCausalLM
+from pipeline.recipe import GatesConfig, ValidateConfig
+from pipeline.runner import StageContext
+from pipeline.targets import get_target
+
+# gate field -> (metric, comparison, human label)
+GATES = {
+    "max_ppl_increase_pct": ("ppl_increase_pct", "<=", "perplexity increase %"),
+    "min_next_token_agreement": ("next_token_agreement", ">=", "next-token agreement"),
+    "min_tokens_per_s": ("tokens_per_s", ">=", "tokens/s"),
+    "max_ttft_ms": ("ttft_ms", "<=", "time to first token (ms)"),
+    "max_peak_rss_mb": ("peak_rss_mb", "<=", "peak RSS (MB)"),
+}
+
+
+def score(lm: CausalLM, windows: list[np.ndarray], advance) -> tuple[float, int, np.ndarray]:
+    """Summed NLL, predicted-token count and greedy predictions over all windows."""
+    nll_sum, count, preds = 0.0, 0, []
+    for w in windows:
+        logits, _ = lm.forward(w[None, :], None)
+        logits = logits[0, :-1]
+        nll_sum += float(token_nll(logits, w[1:]).sum())
+        count += len(w) - 1
+        preds.append(logits.argmax(axis=-1))
+        advance(1)
+    return nll_sum, count, np.concatenate(preds)
+
+
+def evaluate_gates(gates: GatesConfig, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    results = []
+    for field, (metric, op, label) in GATES.items():
+        limit = getattr(gates, field)
+        if limit is None:
+            continue
+        value = metrics[metric]
+        ok = value <= limit if op == "<=" else value >= limit
+        results.append({"gate": field, "metric": metric, "label": label, "value": value, "op": op,
+                         "limit": limit, "passed": bool(ok)})
+    return results
+
+
+def gate_failures(report: ValidationReport) -> list[str]:
+    return [f"{g['gate']}: {g['label']} {g['value']:.4g} is not {g['op']} {g['limit']:g}"
+            for g in report.meta["gates"] if not g["passed"]]
+
+
+def enforce(on_failure: str, warn):
+    """The run's check after validation: fail (exit 4) or warn, after the report is written."""
+
+    def check(report: ValidationReport) -> None:
+        failures = gate_failures(report)
+        if failures and on_failure == "fail":
+            raise QualityGateFailed(failures, str(report.file("report.md")))
+        for f in failures:
+            warn(f"[yellow]gate missed (on_gate_failure: warn):[/yellow] {f}")
+
+    return check
+
+
+def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Validation report", "",
+        f"Target: `{meta['target']}`; eval tokens: {meta['eval_tokens']} in windows of {meta['window']}.", "",
+        "| metric | source (PyTorch fp32) | engine |", "|---|---|---|",
+        f"| perplexity | {metrics['source_ppl']:.4f} | {metrics['engine_ppl']:.4f} |",
+        f"| perplexity increase | | {metrics['ppl_increase_pct']:+.3f} % |",
+        f"| next-token agreement | | {metrics['next_token_agreement']:.4f} |",
+    ]
+    src = meta.get("source_latency") or {}
+    for key, label in (("tokens_per_s", "tokens/s (decode)"), ("ttft_ms", "time to first token (ms)"),
+                       ("decode_p50_ms", "per-token p50 (ms)"), ("decode_p95_ms", "per-token p95 (ms)"),
+                       ("peak_rss_mb", "peak RSS (MB)")):
+        lines.append(f"| {label} | {src[key]:.2f} | {metrics[key]:.2f} |" if key in src else f"| {label} | | {metrics[key]:.2f} |")
+    lines += ["", "## Gates", ""]
+    lines += [f"- {'✓' if g['passed'] else '✗'} {g['gate']}: {g['value']:.4g} {g['op']} {g['limit']:g}" for g in gates] or ["- (none)"]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext) -> ValidationReport:
+    tokenizer = load_tokenizer(engine.path)
+    ids = tokenizer(load_text(cfg.eval_text, "eval", "validate.eval_text"))["input_ids"][: cfg.max_eval_tokens]
+    windows = eval_windows(ids, cfg.window)
+    ctx.log(f"{len(ids)} eval tokens in {len(windows)} windows of {cfg.window}")
+
+    target = get_target(engine.target)
+    with ctx.progress("perplexity (engine)", total=len(windows)) as advance:
+        eng_nll, count, eng_pred = score(target.load(engine.path, dict(engine.meta)), windows, advance)
+    with ctx.progress("perplexity (source)", total=len(windows)) as advance:
+        src_nll, _, src_pred = score(TorchCausalLM(load_causal_lm(source.model_dir)), windows, advance)
+    source_ppl, engine_ppl = perplexity(src_nll, count), perplexity(eng_nll, count)
+
+    prompt = ids[: cfg.latency.prompt_tokens]
+    common = {"prompt_ids": prompt, "new_tokens": cfg.latency.new_tokens, "warmup": cfg.latency.warmup,
+              "repeats": cfg.latency.repeats, "threads": engine.meta.get("session_options", {}).get("threads")}
+    ctx.log(f"latency: {len(prompt)}-token prompt, {cfg.latency.new_tokens} new tokens, {cfg.latency.repeats} runs")
+    eng_lat = measure_in_subprocess({**common, "backend": "engine", "target": engine.target,
+                                     "engine_dir": str(engine.path), "engine_meta": dict(engine.meta)}, ctx.out_dir, "engine")
+    src_lat = None
+    if cfg.compare_source_speed:
+        src_lat = measure_in_subprocess({**common, "backend": "torch", "model_dir": str(source.model_dir)}, ctx.out_dir, "source")
+
+    metrics = {
+        "source_ppl": source_ppl,
+        "engine_ppl": engine_ppl,
+        "ppl_increase_pct": 100.0 * (engine_ppl - source_ppl) / source_ppl,
+        "next_token_agreement": agreement(src_pred, eng_pred),
+        **{k: eng_lat[k] for k in ("ttft_ms", "decode_p50_ms", "decode_p95_ms", "tokens_per_s", "peak_rss_mb")},
+    }
+    if src_lat:
+        metrics |= {f"source_{k}": src_lat[k] for k in ("tokens_per_s", "ttft_ms", "peak_rss_mb")}
+        metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]
+    gates = evaluate_gates(cfg.gates, metrics)
+    meta = {"target": engine.target, "eval_tokens": len(ids), "window": cfg.window, "predicted_tokens": count,
+            "source_latency": src_lat and {k: v for k, v in src_lat.items() if k != "generated_ids"},
+            "engine_generated_ids": eng_lat["generated_ids"], "source_generated_ids": src_lat and src_lat["generated_ids"]}
+    for g in gates:
+        mark = "[green]✓[/green]" if g["passed"] else "[red]✗[/red]"
+        ctx.log(f"{mark} {g['gate']}: {g['value']:.4g} {g['op']} {g['limit']:g}")
+    write_json_atomic(ctx.out_dir / "validation.json", {"metrics": metrics, "gates": gates, **meta})
+    (ctx.out_dir / "report.md").write_text(render_markdown(metrics, gates, meta))
+    return ValidationReport(path=ctx.out_dir, meta={"passed": all(g["passed"] for g in gates), "metrics": metrics,
+                                                    "gates": gates, "target": engine.target})
