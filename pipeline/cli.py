@@ -44,7 +44,7 @@ def fail(console: Console, err: KilnError) -> None:
     raise typer.Exit(err.exit_code)
 
 
-def _context(artifacts: Path | None, console: Console):
+def make_run_context(artifacts: Path | None, console: Console):
     from pipeline.hashing import code_version
     from pipeline.runner import RunContext
     from pipeline.settings import Settings
@@ -95,7 +95,7 @@ def run(
             for p in problems[1:]:
                 console.print(f"[red]✗[/red] {p}")
             raise problems[0]
-        ctx = _context(artifacts, console)
+        ctx = make_run_context(artifacts, console)
         runner = Runner(ctx, stages_for(parsed, ctx, console.print, Path.cwd()))
         if plan:
             print_plan(console, runner.plan())

@@ -1,8 +1,10 @@
 """Calibration and evaluation text.
 
-Built-in: Python's language reference (`pydoc_data.topics`, shipped with every Python). Each topic
-goes wholly to one part, chosen by a hash of its name, so the calibration and eval parts are
-disjoint by construction and stable across machines. Users may name a .txt or .jsonl file instead.
+Built-in: Python's language reference (`pydoc_data.topics`, shipped with every Python). Its topics
+repeat whole paragraphs (a test found that a split by topic leaked eval text into calibration), so
+the split is by paragraph: every distinct paragraph goes to exactly one part, chosen by a hash of
+its text. The parts are disjoint by construction and stable across machines. Users may name a
+.txt or .jsonl file instead.
 """
 
 from __future__ import annotations
@@ -16,20 +18,26 @@ from pipeline.hashing import sha256_file
 from pipeline.recipe import TextConfig
 
 PARTS = ("calibration", "eval")
-EVAL_SHARE = 5  # one topic in five (by name hash) is held out for evaluation
+EVAL_SHARE = 5  # one distinct paragraph in five (by content hash) is held out for evaluation
 
 
-def builtin_topics(part: str) -> dict[str, str]:
+def builtin_paragraphs(part: str) -> list[str]:
     from pydoc_data.topics import topics
 
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}")
     want_eval = part == "eval"
-    return {
-        name: topics[name]
-        for name in sorted(topics)
-        if (hashlib.sha256(name.encode()).digest()[0] % EVAL_SHARE == 0) == want_eval
-    }
+    seen: set[str] = set()
+    chosen = []
+    for name in sorted(topics):
+        for paragraph in topics[name].split("\n\n"):
+            text = paragraph.strip()
+            if not text or text in seen:
+                continue
+            seen.add(text)
+            if (hashlib.sha256(text.encode()).digest()[0] % EVAL_SHARE == 0) == want_eval:
+                chosen.append(text)
+    return chosen
 
 
 def read_user_file(path: Path, field: str, yaml_path: str) -> str:
@@ -56,7 +64,7 @@ def load_text(cfg: TextConfig, part: str, yaml_path: str) -> str:
     if cfg.file is not None:
         text = read_user_file(cfg.file, cfg.field, f"{yaml_path}.file")
     else:
-        text = "\n\n".join(builtin_topics(part).values())
+        text = "\n\n".join(builtin_paragraphs(part))
     if not text.strip():
         raise RecipeError([f"{yaml_path}: the {part} text is empty"])
     return text

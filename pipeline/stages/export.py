@@ -128,9 +128,13 @@ def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) ->
         actual = got[name]
         same_shape = actual.shape == expected.shape
         diff = float(np.abs(actual - expected).max()) if same_shape else float("inf")
-        ok = same_shape and bool(np.allclose(actual, expected, atol=v.atol, rtol=v.rtol))
+        # Scale-aware: fp32 reordering noise grows with depth and with the output's magnitude, so an
+        # output passes when max|Δ| <= atol + rtol * max|ref| (elementwise allclose would judge
+        # 1e-3 noise on logits of magnitude 30 against the few logits that happen to be near 0).
+        limit = v.atol + v.rtol * float(np.abs(expected).max())
+        ok = same_shape and diff <= limit
         results.append({"output": name, "shape": list(actual.shape), "expected_shape": list(expected.shape),
-                        "max_abs_diff": diff, "passed": ok})
+                        "max_abs_diff": diff, "limit": limit, "passed": ok})
     return results
 
 
@@ -148,13 +152,14 @@ def run(cfg: ExportConfig, source: SourceCheckpoint, quantized: QuantizedWeights
     results = verify_against_torch(out_file, reference_model(source, layers), v)
     failed = [r for r in results if not r["passed"]]
     worst = max(results, key=lambda r: r["max_abs_diff"])
-    for r in results if failed else [worst]:
-        mark = "[green]✓[/green]" if r["passed"] else "[red]✗[/red]"
-        ctx.log(f"{mark} {r['output']}: max |Δ| {r['max_abs_diff']:.2e} shape {tuple(r['shape'])}")
+    ctx.log(f"[green]✓[/green] {len(results) - len(failed)} of {len(results)} outputs within tolerance; "
+            f"worst {worst['output']}: max |Δ| {worst['max_abs_diff']:.2e} (limit {worst['limit']:.2e})")
+    for r in failed:
+        ctx.log(f"[red]✗[/red] {r['output']}: max |Δ| {r['max_abs_diff']:.2e} > limit {r['limit']:.2e}, shape {tuple(r['shape'])}")
     write_json_atomic(ctx.out_dir / "verification.json", {"tolerance": v.model_dump(), "outputs": results})
     if failed:
         raise ExportMismatch(
-            f"{len(failed)} of {len(results)} ONNX outputs differ from PyTorch beyond atol {v.atol}/rtol {v.rtol}: "
+            f"{len(failed)} of {len(results)} ONNX outputs differ from PyTorch beyond atol {v.atol} + rtol {v.rtol}·max|ref|: "
             + ", ".join(f"{r['output']} (max |Δ| {r['max_abs_diff']:.3g})" for r in failed)
         )
     return OnnxModel(

@@ -1,0 +1,37 @@
+"""Shared fixtures. The tiny recipe runs once per session through the real CLI; unit tests then
+inspect its artifacts instead of rebuilding them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "tiny-llama-int4-cpu.yaml"
+
+
+def run_kiln(*args: str, artifacts: Path, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """The real console entry point, in a subprocess, with its own artifacts root and store."""
+    full_env = {**os.environ, "KILN_ARTIFACTS": str(artifacts), **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """One full run of the tiny recipe: returns the run summary (stages, metrics, registration)."""
+    artifacts = tmp_path_factory.mktemp("tiny_artifacts")
+    run_kiln("run", str(TINY_RECIPE), artifacts=artifacts, check=True)
+    summary = json.loads((artifacts / "last_run.json").read_text())
+    summary["artifacts"] = artifacts
+    summary["paths"] = {s["stage"]: Path(s["path"]) for s in summary["stages"]}
+    return summary

@@ -1,0 +1,54 @@
+"""The tiny recipe through the real CLI into the embedded MLflow store."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import TINY_RECIPE, run_kiln
+
+pytestmark = pytest.mark.integration
+
+
+def client(tiny_run) -> MlflowClient:
+    uri = tiny_run["registered"]["tracking_uri"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
+    reg = tiny_run["registered"]
+    assert reg["tracking_uri"] == f"sqlite:///{tiny_run['artifacts'] / 'mlflow.db'}"
+    c = client(tiny_run)
+    mv = c.get_model_version(reg["model_name"], reg["version"])
+    for tag in ("kiln.recipe_sha256", "kiln.source_sha256", "kiln.git_commit", "kiln.code_version", "kiln.target",
+                "kiln.hardware", "kiln.lib.onnxruntime", "kiln.lib.torch", "kiln.validation_passed"):
+        assert mv.tags.get(tag), tag
+    assert mv.tags["kiln.target"] == "onnxruntime-cpu" and mv.tags["kiln.validation_passed"] == "true"
+    run = c.get_run(mv.run_id)
+    assert run.data.params["quantize.group_size"] == "32"
+    assert run.data.metrics["engine_ppl"] == pytest.approx(tiny_run["metrics"]["engine_ppl"])
+    top = {a.path for a in c.list_artifacts(mv.run_id)}
+    assert {"engine", "validation", "manifests", "recipe.yaml"} <= top
+    engine_files = {a.path for a in c.list_artifacts(mv.run_id, "engine")}
+    assert {"engine/engine.onnx", "engine/manifest.json", "engine/tokenizer.json"} <= engine_files
+
+
+def test_plan_after_a_run_reuses_every_stage(tiny_run):
+    proc = run_kiln("run", str(TINY_RECIPE), "--plan", artifacts=tiny_run["artifacts"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    actions = {line.split("│")[1].strip(): line.split("│")[2].strip()
+               for line in proc.stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip()}
+    assert actions == {s: "reuse" for s in ("source", "quantize", "export", "build", "validate", "register")}, proc.stdout
+
+
+def test_deleted_store_is_noticed_and_registration_redone(tiny_run, tmp_path):
+    """A cached registration whose MLflow store is gone is not reused as if it were there."""
+    store = tmp_path / "other.db"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    first = run_kiln("run", str(TINY_RECIPE), artifacts=tiny_run["artifacts"], env=env)
+    assert first.returncode == 0 and "register: built" in first.stdout, first.stdout + first.stderr
+    store.unlink()
+    again = run_kiln("run", str(TINY_RECIPE), artifacts=tiny_run["artifacts"], env=env)
+    assert again.returncode == 0 and "register: built" in again.stdout, again.stdout + again.stderr
+    summary = json.loads((tiny_run["artifacts"] / "last_run.json").read_text())
+    assert summary["registered"]["version"] == "1" and summary["registered"]["tracking_uri"] == env["MLFLOW_TRACKING_URI"]

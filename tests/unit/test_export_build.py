@@ -1,0 +1,99 @@
+"""The exported graph and the built engine of the tiny recipe (built once per session)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.artifacts import SourceCheckpoint, read_manifest
+from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session
+from pipeline.quantization.format import load_quantized
+from pipeline.recipe import ExportVerifyConfig
+from pipeline.stages.export import reference_model, verify_against_torch
+from pipeline.targets import nvidia_gpu_present, unavailable_reason
+
+
+def test_export_verified_against_torch_for_every_output(tiny_run):
+    report = json.loads((tiny_run["paths"]["export"] / "verification.json").read_text())
+    outputs = {r["output"]: r for r in report["outputs"]}
+    assert set(outputs) == {"logits"} | {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
+    assert all(r["passed"] for r in outputs.values())
+    assert outputs["present.0.key"]["shape"] == [3, 2, 7 + 19, 16]  # batch 3, kv heads 2, past 7 + seq 19
+
+
+@pytest.mark.parametrize("batch,seq,past", [(1, 1, 0), (2, 5, 0), (4, 3, 11)])
+def test_dynamic_axes_at_other_shapes(tiny_run, batch, seq, past):
+    source = SourceCheckpoint(path=tiny_run["paths"]["source"])
+    layers = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")
+    results = verify_against_torch(tiny_run["paths"]["export"] / "model.onnx", reference_model(source, layers),
+                                   ExportVerifyConfig(batch=batch, seq_len=seq, past_len=past, seed=batch))
+    assert all(r["passed"] for r in results), results
+
+
+def test_verification_catches_a_wrong_weight(tiny_run):
+    """The parity check can fail: perturb one dequantized weight of the reference."""
+    import torch
+
+    source = SourceCheckpoint(path=tiny_run["paths"]["source"])
+    layers = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")
+    ref = reference_model(source, layers)
+    with torch.no_grad():
+        ref.model.layers[1].mlp.down_proj.weight.mul_(1.05)
+    results = verify_against_torch(tiny_run["paths"]["export"] / "model.onnx", ref, ExportVerifyConfig())
+    assert not next(r for r in results if r["output"] == "logits")["passed"]
+
+
+def test_onnx_int4_weights_are_the_quantizers_codes_exactly(tiny_run):
+    """DequantizeLinear in ONNX Runtime reproduces the quantizer's dequantized weights bit for bit."""
+    from onnx import helper, TensorProto
+
+    model = onnx.load(str(tiny_run["paths"]["export"] / "model.onnx"))
+    layers = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")
+    dq_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq_nodes) == len(layers) == 14
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in dq_nodes[:3]:
+        layer = node.name.removesuffix("/DequantizeLinear")
+        assert inits[node.input[0]].data_type == TensorProto.UINT4
+        graph = helper.make_graph([helper.make_node("DequantizeLinear", list(node.input), ["w"], axis=0,
+                                                    block_size=layers[layer].group_size)], "dq", [],
+                                  [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
+                                  [inits[i] for i in node.input])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        m.ir_version = 10
+        path = tiny_run["artifacts"] / f"{layer}.dq.onnx"
+        onnx.save(m, str(path))
+        got = make_ort_session(path, optimization="disable").run(None, {})[0]
+        np.testing.assert_array_equal(got, layers[layer].dequantize().T)
+
+
+def test_engine_fuses_every_quantized_matmul(tiny_run):
+    engine = tiny_run["paths"]["build"]
+    meta = read_manifest(engine)["meta"]
+    ops = meta["op_counts"]
+    assert ops["MatMulNBits"] == meta["quantized_layers"] == 14
+    assert "DequantizeLinear" not in ops
+    opts = json.loads((engine / "session_options.json").read_text())
+    assert opts["build"]["optimization_level"] == "all" and opts["load"]["optimization_level"] == "disable"
+    for f in ("tokenizer.json", "config.json", "engine.onnx"):
+        assert (engine / f).is_file()
+
+
+def test_engine_and_export_agree(tiny_run):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 257, size=(2, 9)).astype(np.int64)
+    meta = read_manifest(tiny_run["paths"]["build"])["meta"]
+    engine = OrtCausalLM(make_ort_session(tiny_run["paths"]["build"] / meta["model_file"], optimization="disable"))
+    exported = OrtCausalLM(make_ort_session(tiny_run["paths"]["export"] / "model.onnx", optimization="basic"))
+    a, state = engine.forward(ids, None)
+    b, _ = exported.forward(ids, None)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert isinstance(state, DecodeState) and state.length == 9
+
+
+@pytest.mark.skipif(nvidia_gpu_present(), reason="checks the no-GPU message; this machine has an NVIDIA GPU")
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime-cuda"])
+def test_gpu_targets_fail_clearly_without_gpu(target):
+    reason = unavailable_reason(target)
+    assert reason.startswith(f"target {target} needs an NVIDIA GPU")

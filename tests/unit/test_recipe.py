@@ -1,0 +1,119 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import Recipe, load_recipe
+from tests.conftest import ROOT, TINY_RECIPE, run_kiln
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def base_doc() -> dict:
+    return yaml.safe_load(TINY_RECIPE.read_text())
+
+
+def problems_of(tmp_path, doc) -> list[str]:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, doc))
+    return e.value.problems
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        assert isinstance(load_recipe(path), Recipe), path
+
+
+def test_bad_literal_names_path_value_and_allowed(tmp_path):
+    doc = base_doc()
+    doc["quantize"]["bits"] = 3
+    assert problems_of(tmp_path, doc) == ["quantize.bits: 3 is not one of 4, 8"]
+
+
+def test_unknown_key_is_an_error_with_suggestion(tmp_path):
+    doc = base_doc()
+    doc["quantize"]["group_sise"] = 64
+    (problem,) = problems_of(tmp_path, doc)
+    assert problem.startswith("quantize.group_sise: unknown key; allowed keys: method, bits, group_size")
+    assert "did you mean 'group_size'?" in problem
+
+
+def test_unknown_section_suggests_the_stage(tmp_path):
+    doc = base_doc()
+    doc["quantise"] = doc.pop("quantize")
+    (problem,) = problems_of(tmp_path, doc)
+    assert "quantise: unknown key" in problem and "did you mean 'quantize'?" in problem
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    doc = base_doc()
+    doc["quantize"]["bits"] = 3
+    doc["build"]["target"] = "tensorrt-llm"
+    del doc["register"]
+    problems = problems_of(tmp_path, doc)
+    assert len(problems) == 3
+    assert "build.target: 'tensorrt-llm' is not one of onnxruntime-cpu, onnxruntime-cuda, tensorrt" in problems
+    assert "register: required key is missing" in problems
+
+
+def test_source_needs_exactly_one_origin(tmp_path):
+    doc = base_doc()
+    doc["source"]["hub_id"] = "org/model"
+    (problem,) = problems_of(tmp_path, doc)
+    assert problem == "source: give exactly one of path, hub_id, random_llama (got hub_id, random_llama)"
+
+
+def test_validate_section_is_read_from_its_yaml_name(tmp_path):
+    doc = base_doc()
+    doc["validate"]["gates"]["max_ppl_increase_pct"] = 3.5
+    assert load_recipe(write(tmp_path, doc)).validation.gates.max_ppl_increase_pct == 3.5
+    doc["validate"]["gates"]["max_ppl"] = 1
+    (problem,) = problems_of(tmp_path, doc)
+    assert problem.startswith("validate.gates.max_ppl: unknown key")
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    r = load_recipe(TINY_RECIPE, ["quantize.group_size=16", "quantize.symmetric=true"])
+    assert (r.quantize.group_size, r.quantize.symmetric) == (16, True)
+    with pytest.raises(RecipeError, match="quantize.group_size: 48 is not one of 16, 32, 64, 128, 256"):
+        load_recipe(TINY_RECIPE, ["quantize.group_size=48"])
+    with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
+        load_recipe(TINY_RECIPE, ["quantize.group_size"])
+
+
+def test_not_yaml_mapping_is_a_recipe_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(p)
+
+
+def test_kiln_check_exit_codes(tmp_path):
+    ok = run_kiln("check", str(TINY_RECIPE), artifacts=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "valid" in ok.stdout
+    doc = base_doc()
+    doc["quantize"]["bits"] = 3
+    bad = run_kiln("check", str(write(tmp_path, doc)), artifacts=tmp_path)
+    assert bad.returncode == 2
+    assert "quantize.bits: 3 is not one of 4, 8" in bad.stdout
+
+
+def test_check_reports_unavailable_target_and_missing_package(tmp_path):
+    doc = base_doc()
+    doc["build"]["target"] = "tensorrt"
+    proc = run_kiln("check", str(write(tmp_path, doc)), artifacts=tmp_path)
+    assert proc.returncode == 5
+    assert "target tensorrt needs" in proc.stdout and "tensorrt package" in proc.stdout
+    doc = base_doc()
+    doc["source"] = {"path": "pkg://no_such_kiln_pkg/model.gguf"}
+    proc = run_kiln("check", str(write(tmp_path, doc)), artifacts=tmp_path)
+    assert proc.returncode == 2
+    assert "package 'no_such_kiln_pkg' is not installed" in proc.stdout

@@ -1,0 +1,62 @@
+"""Metrics and gates: one function per metric, gates that fail the run with exit 4."""
+
+import json
+import math
+
+import numpy as np
+
+from pipeline.artifacts import ValidationReport
+from pipeline.metrics import LatencySummary, agreement, eval_windows, perplexity, token_nll
+from pipeline.recipe import GatesConfig
+from pipeline.stages.validate import evaluate_gates, gate_failures
+from tests.conftest import TINY_RECIPE, run_kiln
+
+
+def test_perplexity_of_uniform_logits_is_vocab_size():
+    logits = np.zeros((5, 50))
+    nll = token_nll(logits, np.arange(5))
+    assert math.isclose(perplexity(nll.sum(), 5), 50.0, rel_tol=1e-9)
+
+
+def test_agreement_and_windows():
+    assert agreement(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
+    windows = eval_windows(list(range(10)), 4)
+    assert [len(w) for w in windows] == [4, 4, 2]
+    assert [len(w) for w in eval_windows(list(range(9)), 4)] == [4, 4]  # a 1-token tail predicts nothing
+
+
+def test_latency_summary():
+    s = LatencySummary.from_runs([0.1, 0.3, 0.2], [[0.01] * 10, [0.02] * 10, [0.01] * 10])
+    assert math.isclose(s.ttft_ms, 200.0) and math.isclose(s.tokens_per_s, 100.0)
+    assert math.isclose(s.decode_p50_ms, 10.0) and math.isclose(s.decode_p95_ms, 20.0)
+
+
+def test_gates_compare_in_the_right_direction():
+    metrics = {"ppl_increase_pct": 5.0, "next_token_agreement": 0.7, "tokens_per_s": 50.0, "ttft_ms": 10.0, "peak_rss_mb": 300.0}
+    gates = evaluate_gates(GatesConfig(max_ppl_increase_pct=4, min_next_token_agreement=0.6, min_tokens_per_s=60,
+                                       max_ttft_ms=20, max_peak_rss_mb=None), metrics)
+    assert {g["gate"]: g["passed"] for g in gates} == {
+        "max_ppl_increase_pct": False, "min_next_token_agreement": True, "min_tokens_per_s": False, "max_ttft_ms": True}
+    report = ValidationReport(path=None, meta={"gates": gates})
+    assert gate_failures(report) == ["max_ppl_increase_pct: perplexity increase % 5 is not <= 4",
+                                     "min_tokens_per_s: tokens/s 50 is not >= 60"]
+
+
+def test_failed_gate_exits_4_names_gate_value_limit_and_keeps_report(tiny_run):
+    artifacts = tiny_run["artifacts"]
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "validate.gates.min_tokens_per_s=1e12", artifacts=artifacts)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "min_tokens_per_s: tokens/s" in proc.stdout and "is not >= 1e+12" in proc.stdout
+    for stage in ("source", "quantize", "export", "build"):
+        assert f"✓ {stage}: reused" in proc.stdout
+    assert "register:" not in proc.stdout  # a failed build is not registered
+    report_dirs = [p for p in (artifacts / "cache" / "validate").iterdir() if (p / "validation.json").is_file()]
+    failed = [json.loads((p / "validation.json").read_text()) for p in report_dirs]
+    assert any(not g["passed"] for r in failed for g in r["gates"])
+
+
+def test_warn_mode_registers_and_exits_0(tiny_run):
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "validate.gates.min_tokens_per_s=1e12",
+                    "--set", "validate.on_gate_failure=warn", artifacts=tiny_run["artifacts"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gate missed (on_gate_failure: warn)" in proc.stdout and "Gates missed (warn)" in proc.stdout
