@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+PIP    := $(PY) -m pip install -qq --disable-pip-version-check
 STAMP  := $(VENV)/.kiln-setup-done
 RECIPE ?= recipes/smollm2-135m-int4-cpu.yaml
 
@@ -24,6 +24,7 @@ demo: setup
 	$(VENV)/bin/kiln run $(RECIPE)
 
 test: setup
+	$(VENV)/bin/ruff check pipeline tests benchmarks
 	$(PY) -m pytest
 
 clean:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli import _context, quiet_libraries
+from pipeline.cli import make_run_context, quiet_libraries
 from pipeline.corpus import load_text
 from pipeline.latency import measure_in_subprocess
 from pipeline.modeling.hf import load_tokenizer

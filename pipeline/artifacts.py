@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import IntegrityError
-from pipeline.hashing import canonical_json, hash_tree, sha256_file, sha256_json
+from pipeline.hashing import hash_tree, sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
 
@@ -154,6 +154,3 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> Path:
             raise
     return final_dir
 
-
-def config_record(config: Any) -> str:
-    return canonical_json(config)

@@ -84,7 +84,7 @@ def run(
 
     Example: kiln run recipes/smollm2-135m-int4-cpu.yaml
     """
-    from pipeline.plan import static_problems, stages_for
+    from pipeline.plan import stages_for, static_problems
     from pipeline.runner import Runner
 
     console = make_console()

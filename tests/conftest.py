@@ -17,8 +17,8 @@ TINY_RECIPE = ROOT / "recipes" / "tiny-llama-int4-cpu.yaml"
 
 def run_kiln(*args: str, artifacts: Path, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """The real console entry point, in a subprocess, with its own artifacts root and store."""
-    full_env = {**os.environ, "KILN_ARTIFACTS": str(artifacts), **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # tests pick their store
+    full_env.update({"KILN_ARTIFACTS": str(artifacts), **(env or {})})
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:

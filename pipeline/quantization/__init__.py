@@ -35,7 +35,7 @@ def rtn_quantizer(weights, *, bits, group_size, symmetric, advance):
     return out
 
 
-# name -> (quantizer, what it needs). "none" is handled by the stage: it quantizes nothing.
+# `quantize.method` -> backend. "none" is handled by the stage: it quantizes nothing.
 QUANTIZERS: dict[str, Quantizer] = {"rtn": rtn_quantizer}
 
 

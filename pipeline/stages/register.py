@@ -7,6 +7,7 @@ Before anything is logged, every upstream artifact is re-hashed against its mani
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -50,8 +51,6 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{cpu} x{os.cpu_count()}"
 
 
@@ -102,7 +101,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
         from mlflow.entities import Metric, Param, RunTag
 
         upstream = {"source": source, "quantize": quantized, "export": exported, "build": engine, "validate": report}
-        for name, artifact in upstream.items():
+        for artifact in upstream.values():
             verify(artifact.path, full=True)  # never register files that differ from their manifest
         ctx.log(f"all {len(upstream)} upstream artifacts match their sha256 manifests")
 

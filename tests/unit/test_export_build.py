@@ -46,7 +46,7 @@ def test_verification_catches_a_wrong_weight(tiny_run):
 
 def test_onnx_int4_weights_are_the_quantizers_codes_exactly(tiny_run):
     """DequantizeLinear in ONNX Runtime reproduces the quantizer's dequantized weights bit for bit."""
-    from onnx import helper, TensorProto
+    from onnx import TensorProto, helper
 
     model = onnx.load(str(tiny_run["paths"]["export"] / "model.onnx"))
     layers = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")

@@ -85,3 +85,17 @@ def test_user_text_files(tmp_path):
         read_user_file(tmp_path / "c.jsonl", "text", "validate.eval_text.file")
     with pytest.raises(RecipeError, match="validate.eval_text.file: file .* does not exist"):
         load_text(TextConfig(file=Path(tmp_path / "missing.txt")), "eval", "validate.eval_text")
+
+
+def test_local_folder_source_copies_safe_files_only(tiny_run, tmp_path):
+    model_dir = tiny_run["paths"]["source"] / "model"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "training_args.bin").write_bytes(b"\x80\x04pickle")  # must not travel into the cache
+    ctx = stage_ctx(tmp_path / "stage")
+    artifact = source.run(SourceConfig(path=str(folder)), ctx=ctx)
+    copied = {p.name for p in (ctx.out_dir / "model").iterdir()}
+    assert "model.safetensors" in copied and "tokenizer.json" in copied and "training_args.bin" not in copied
+    assert artifact.meta["origin"] == {"kind": "hf_folder", "path": str(folder.resolve())}

@@ -60,3 +60,15 @@ def test_warn_mode_registers_and_exits_0(tiny_run):
                     "--set", "validate.on_gate_failure=warn", artifacts=tiny_run["artifacts"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gate missed (on_gate_failure: warn)" in proc.stdout and "Gates missed (warn)" in proc.stdout
+
+
+def test_unquantized_engine_matches_source_perplexity(tiny_run):
+    """method none: the fp32 engine and PyTorch see the same weights, so accuracy must agree to
+    float noise. Independent evidence that export, build and the scoring loop are right."""
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "quantize.method=none", artifacts=tiny_run["artifacts"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tiny_run["artifacts"] / "last_run.json").read_text())
+    m = summary["metrics"]
+    assert abs(m["ppl_increase_pct"]) < 0.01 and m["next_token_agreement"] > 0.99
+    engine_ops = json.loads((tiny_run["artifacts"] / "cache" / "build" / summary["stages"][3]["key"] / "manifest.json").read_text())
+    assert "MatMulNBits" not in engine_ops["meta"]["op_counts"]
