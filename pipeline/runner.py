@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.artifacts import MANIFEST, Artifact, publish_dir, read_manifest, verify, write_manifest
-from pipeline.errors import KilnError, StageFailed
+from pipeline.errors import IntegrityError, KilnError, StageFailed
 from pipeline.hashing import sha256_json
 from pipeline.settings import Settings
 
@@ -150,7 +150,14 @@ class Runner:
         if not (folder / MANIFEST).is_file():
             return None
         # Cheap check on reuse (files present, nothing extra); full sha256 before serve/promote.
-        manifest = verify(folder, full=False)
+        try:
+            manifest = verify(folder, full=False)
+        except IntegrityError as e:
+            # Damaged by hand or by a crash of something else: keep it for inspection, rebuild.
+            aside = folder.with_name(f".damaged-{key}-{int(time.time())}")
+            os.rename(folder, aside)
+            self.ctx.console.print(f"[yellow]![/yellow] {spec.name}: cached output failed its manifest ({e}); moved to {aside}, rebuilding")
+            return None
         artifact = spec.artifact_type(path=folder, digest=manifest["digest"], meta=manifest["meta"])
         if spec.still_valid is not None and not spec.still_valid(artifact):
             return None
@@ -234,7 +241,10 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
+            log = self.ctx.settings.artifacts_root / "logs" / f"{spec.name}-{key}-{int(time.time())}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(e)))
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            raise StageFailed(spec.name, detail) from e
+            raise StageFailed(spec.name, f"{detail} (full traceback: {log})") from e
         manifest = read_manifest(final) if final.exists() else manifest
         return replace(produced, path=final, digest=manifest["digest"], meta=manifest["meta"])

@@ -91,8 +91,10 @@ def test_key_depends_on_config_inputs_and_code():
 
 def test_failed_stage_keeps_finished_stages_and_leaves_no_partial_output(tmp_path):
     calls: list[str] = []
-    with pytest.raises(StageFailed, match="stage 'b' failed: RuntimeError: boom"):
+    with pytest.raises(StageFailed, match="stage 'b' failed: RuntimeError: boom") as e:
         Runner(make_ctx(tmp_path), specs(calls, fail_b=True)).run()
+    log = e.value.reason.split("full traceback: ")[1].rstrip(")")
+    assert "in failing" in open(log).read()  # the whole traceback is kept for the user
     cache = tmp_path / "artifacts" / "cache"
     assert list((cache / "b").iterdir()) == []  # neither a final folder nor a temp folder
     out = Runner(make_ctx(tmp_path), specs(calls)).run()
@@ -155,3 +157,14 @@ def test_check_hook_runs_after_reuse_too(tmp_path):
     Runner(make_ctx(tmp_path), s).run()
     Runner(make_ctx(tmp_path), s).run()
     assert seen == [2, 2]
+
+
+def test_damaged_cache_entry_is_set_aside_and_rebuilt(tmp_path):
+    calls: list[str] = []
+    first = Runner(make_ctx(tmp_path), specs(calls)).run()
+    (first[0].artifact.path / "out.txt").unlink()  # someone deleted a file inside the cache
+    out = Runner(make_ctx(tmp_path), specs(calls)).run()
+    assert [o.status for o in out] == ["built", "reused"]  # same content again, so b's key holds
+    assert calls == ["a", "b", "a"]
+    damaged = list((tmp_path / "artifacts" / "cache" / "a").glob(".damaged-*"))
+    assert len(damaged) == 1 and (damaged[0] / "manifest.json").is_file()
