@@ -60,8 +60,8 @@ class Target(Protocol):
     def build(self, onnx_file: Path, out_dir: Path, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
         """Write the engine into out_dir; return metadata (model_file, op counts, session options)."""
 
-    def load(self, engine_dir: Path, meta: dict[str, Any]):
-        """A `CausalLM` (see modeling.runtime) running the built engine."""
+    def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
+        """A `CausalLM` (see modeling.runtime) running the built engine; `threads` overrides the build's."""
 
 
 def get_target(name: str) -> Target:
