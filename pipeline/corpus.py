@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import RecipeError
 from pipeline.hashing import sha256_file
-from pipeline.recipe import TextConfig
+from pipeline.recipe import CalibrationConfig, TextConfig
 
 PARTS = ("calibration", "eval")
 EVAL_SHARE = 5  # one distinct paragraph in five (by content hash) is held out for evaluation
@@ -73,3 +73,17 @@ def load_text(cfg: TextConfig, part: str, yaml_path: str) -> str:
 def text_fingerprint(cfg: TextConfig) -> str | None:
     """Content hash of a user file, for cache keys (the built-in corpus is covered by the code version)."""
     return sha256_file(cfg.file) if cfg.file is not None and cfg.file.is_file() else None
+
+
+def calibration_samples(tokenizer, cfg: CalibrationConfig) -> list[list[int]]:
+    """`cfg.samples` non-overlapping windows of `cfg.seq_len` tokens from the calibration text,
+    chosen with `cfg.seed` (the same recipe always calibrates on the same tokens)."""
+    import numpy as np
+
+    ids = tokenizer(load_text(cfg.text, "calibration", "quantize.calibration.text"))["input_ids"]
+    windows = [ids[i : i + cfg.seq_len] for i in range(0, len(ids) - cfg.seq_len + 1, cfg.seq_len)]
+    if len(windows) < cfg.samples:
+        raise RecipeError([f"quantize.calibration: {cfg.samples} samples of {cfg.seq_len} tokens asked, but the "
+                           f"calibration text has {len(ids)} tokens ({len(windows)} windows)"])
+    chosen = np.random.default_rng(cfg.seed).choice(len(windows), size=cfg.samples, replace=False)
+    return [windows[i] for i in sorted(chosen)]

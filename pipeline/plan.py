@@ -51,7 +51,9 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
                   key_extra={"origin": source.origin_fingerprint(recipe.source)},
                   backend=next(k for k in ("path", "hub_id", "random_llama") if getattr(recipe.source, k) is not None)),
         StageSpec("quantize", STAGES["quantize"], QuantizedWeights, q, ("source",),
-                  backend="none" if q.method == "none" else f"{q.method} int{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"),
+                  key_extra={"calibration_file": text_fingerprint(q.calibration.text)},
+                  backend="none" if q.method == "none" else
+                  f"{q.method} ({q.resolved_backend}) int{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"),
         StageSpec("export", STAGES["export"], OnnxModel, recipe.export, ("source", "quantize"), backend=f"onnx opset {recipe.export.opset}"),
         StageSpec("build", STAGES["build"], Engine, recipe.build, ("export",), backend=recipe.build.target),
         StageSpec("validate", STAGES["validate"], ValidationReport, recipe.validation, ("source", "build"),

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import RecipeError
 
 TARGET_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
-QUANT_METHODS = ("none", "rtn")
+# method -> backends that implement it; the first is the default (`backend: auto`).
+METHOD_BACKENDS = {"none": ("kiln",), "rtn": ("kiln",), "gptq": ("llm-compressor",)}
 
 
 class Section(BaseModel):
@@ -117,25 +118,59 @@ class SourceConfig(Section):
 # --------------------------------------------------------------------------- quantize
 
 
+class CalibrationConfig(Section):
+    """Calibration samples for GPTQ/AWQ: `samples` windows of `seq_len` tokens, drawn with `seed`
+    from the calibration part of the text (never the eval part)."""
+
+    text: TextConfig = TextConfig()
+    samples: int = Field(32, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class GptqConfig(Section):
+    dampening_frac: float = Field(0.01, gt=0, lt=1)
+    # true: solve columns in activation order but keep groups contiguous (ONNX blocked DQ needs that)
+    act_order: bool = False
+
+
 class QuantizeConfig(Section):
     """Weight-only integer quantization of the Linear layers.
 
     ```yaml
     quantize:
-      method: rtn          # none | rtn
+      method: rtn          # none | rtn | gptq
+      backend: auto        # auto | kiln (rtn) | llm-compressor (gptq)
       bits: 4              # 4 | 8
       group_size: 64       # weights per scale along in_features: 16 | 32 | 64 | 128 | 256
       symmetric: false     # false: uint codes + zero points; true: signed codes, no zero point
       ignore: [lm_head]    # layer names (or name suffixes) kept in float
+      calibration: {text: {corpus: pydoc-topics}, samples: 32, seq_len: 512, seed: 0}   # gptq only
+      gptq: {dampening_frac: 0.01, act_order: false}
     ```
     """
 
-    method: Literal["none", "rtn"] = "rtn"
+    method: Literal["none", "rtn", "gptq"] = "rtn"
+    backend: Literal["auto", "kiln", "llm-compressor"] = "auto"
     bits: Literal[4, 8] = 4
     # Powers of two >= 16: ONNX Runtime's MatMulNBits and TensorRT's int4 block quantization need them.
     group_size: Literal[16, 32, 64, 128, 256] = 64
     symmetric: bool = False
     ignore: tuple[str, ...] = ("lm_head",)
+    calibration: CalibrationConfig = CalibrationConfig()
+    gptq: GptqConfig = GptqConfig()
+
+    @model_validator(mode="after")
+    def _backend_implements_method(self) -> "QuantizeConfig":
+        allowed = METHOD_BACKENDS[self.method]
+        if self.backend != "auto" and self.backend not in allowed:
+            raise ValueError(f"backend {self.backend!r} does not implement method {self.method!r}; "
+                             f"allowed: auto, {', '.join(allowed)}")
+        return self
+
+    @property
+    def resolved_backend(self) -> str:
+        return METHOD_BACKENDS[self.method][0] if self.backend == "auto" else self.backend
 
 
 # --------------------------------------------------------------------------- export

@@ -1,42 +1,56 @@
 """Quantizer backends behind one small interface, chosen by `quantize.method` in the recipe.
 
-A quantizer takes the float weights of the Linear layers to quantize and returns, per layer,
-a `QuantizedLinear` (codes, scales, zero points). Calibration-based methods (GPTQ, AWQ) plug in
-here with the same output, so export and validation never depend on the method.
+A quantizer gets the float model, the names of the Linear layers to quantize, the recipe section
+and (for calibration-based methods) token-id samples, and returns a `QuantizedLinear` (codes,
+scales, zero points) per layer. Export and validation never depend on the method.
+`BACKEND_REQUIREMENTS` says, without importing anything, what each backend needs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Protocol
+import importlib.util
+from typing import Any, Callable, Iterable, Protocol
 
-import numpy as np
-
+from pipeline.errors import MissingDependency
 from pipeline.quantization.format import QuantizedLinear
 from pipeline.quantization.rtn import quantize_rtn
 
 
 class Quantizer(Protocol):
-    def __call__(
-        self,
-        weights: Mapping[str, np.ndarray],
-        *,
-        bits: int,
-        group_size: int,
-        symmetric: bool,
-        advance: Callable[[int], None],
-    ) -> dict[str, QuantizedLinear]: ...
+    def __call__(self, model: Any, layers: list[str], cfg: Any, calibration: list[list[int]] | None,
+                 advance: Callable[[int], None]) -> dict[str, QuantizedLinear]: ...
 
 
-def rtn_quantizer(weights, *, bits, group_size, symmetric, advance):
+def rtn_quantizer(model, layers, cfg, calibration, advance):
+    modules = dict(model.named_modules())
     out = {}
-    for name, w in weights.items():
-        out[name] = quantize_rtn(w, bits, group_size, symmetric)
+    for name in layers:
+        out[name] = quantize_rtn(modules[name].weight.detach().float().numpy(), cfg.bits, cfg.group_size, cfg.symmetric)
         advance(1)
     return out
 
 
-# `quantize.method` -> backend. "none" is handled by the stage: it quantizes nothing.
-QUANTIZERS: dict[str, Quantizer] = {"rtn": rtn_quantizer}
+def llmcompressor_gptq(model, layers, cfg, calibration, advance):
+    from pipeline.quantization.llmcompressor_backend import gptq
+
+    return gptq(model, layers, cfg, calibration, advance)
+
+
+# (method, backend) -> quantizer. "none" is handled by the stage: it quantizes nothing.
+QUANTIZERS: dict[tuple[str, str], Quantizer] = {
+    ("rtn", "kiln"): rtn_quantizer,
+    ("gptq", "llm-compressor"): llmcompressor_gptq,
+}
+# backend -> importable modules it needs (pip names in the message)
+BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {"kiln": (), "llm-compressor": ("llmcompressor",)}
+NEEDS_CALIBRATION = {"gptq", "awq"}
+
+
+def get_quantizer(method: str, backend: str) -> Quantizer:
+    missing = [m for m in BACKEND_REQUIREMENTS.get(backend, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependency(f"quantize.backend {backend!r} needs the {', '.join(missing)} package (pip install {' '.join(missing)})")
+    return QUANTIZERS[(method, backend)]
 
 
 def is_ignored(layer: str, ignore: Iterable[str]) -> bool:

