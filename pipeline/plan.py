@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +12,8 @@ from pipeline.artifacts import Engine, OnnxModel, QuantizedWeights, Registration
 from pipeline.corpus import text_fingerprint
 from pipeline.errors import KilnError, MissingDependency, RecipeError
 from pipeline.hashing import sha256_bytes
+from pipeline.modeling.shapes import LlamaDims, from_gguf, from_hf_config, group_size_problems
+from pipeline.quantization import is_ignored
 from pipeline.recipe import Recipe
 from pipeline.runner import RunContext, StageSpec
 from pipeline.stages import STAGES, register, source, validate
@@ -22,14 +25,34 @@ def effective_recipe_text(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False)
 
 
+def source_dims(recipe: Recipe) -> LlamaDims | None:
+    """Layer sizes from config.json, GGUF metadata or the random spec; None when unknown (hub)."""
+    src = recipe.source
+    if src.random_llama is not None:
+        r = src.random_llama
+        return LlamaDims(r.hidden_size, r.intermediate_size, r.num_attention_heads, r.hidden_size // r.num_attention_heads)
+    if src.path is None:
+        return None
+    path = source.resolve_path(src.path)
+    if path.is_file() and path.suffix == ".gguf":
+        return from_gguf(path)
+    config = path / "config.json"
+    return from_hf_config(json.loads(config.read_text())) if config.is_file() else None
+
+
 def static_problems(recipe: Recipe) -> list[KilnError]:
     """Everything `kiln check` can tell without loading a model or touching a GPU."""
     problems: list[KilnError] = []
-    if recipe.source.path is not None:
-        try:
-            source.resolve_path(recipe.source.path)
-        except RecipeError as e:
-            problems.append(e)
+    try:
+        dims = source_dims(recipe)
+    except RecipeError as e:
+        problems.append(e)
+        dims = None
+    q = recipe.quantize
+    if dims is not None and q.method != "none":
+        shape_problems = group_size_problems(dims, q.group_size, lambda layer: is_ignored(layer, q.ignore))
+        if shape_problems:
+            problems.append(RecipeError(shape_problems))
     text = recipe.validation.eval_text
     if text.file is not None and not text.file.is_file():
         problems.append(RecipeError([f"validate.eval_text.file: {str(text.file)!r} does not exist"]))

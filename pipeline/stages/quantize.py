@@ -18,6 +18,8 @@ from pipeline.quantization.format import save_quantized
 from pipeline.recipe import QuantizeConfig
 from pipeline.runner import StageContext
 
+REPORT_SAMPLES = 2  # calibration windows whose activations feed the per-layer report
+
 
 class QuantizeError(KilnError):
     exit_code = 3
@@ -53,6 +55,29 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     return float(np.linalg.norm(w - w_hat) / max(np.linalg.norm(w), 1e-12))
 
 
+def capture_inputs(model, layers: list[str], samples: list[list[int]]) -> dict[str, np.ndarray]:
+    """Each listed Linear's input activations [tokens, in_features] on the given samples (float model)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    captured: dict[str, list[np.ndarray]] = {n: [] for n in layers}
+    hooks = [modules[n].register_forward_hook(lambda _m, args, _out, n=n: captured[n].append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float().numpy().copy())) for n in layers]
+    try:
+        with torch.inference_mode():
+            for sample in samples:
+                model(torch.tensor([sample]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: np.concatenate(xs) for n, xs in captured.items()}
+
+
+def output_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
+    """||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ||: what the layer's output loses, on real activations."""
+    return relative_error(x @ w.T, x @ w_hat.T)
+
+
 def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> QuantizedWeights:
     out_file = ctx.out_dir / "quantized.safetensors"
     meta = {"method": cfg.method, "backend": cfg.resolved_backend, "bits": cfg.bits, "group_size": cfg.group_size,
@@ -67,20 +92,31 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
     model = load_causal_lm(source.model_dir)
     weights, ignored = linear_weights(model, cfg.ignore)
     check_group_size(weights, cfg.group_size)
-    calibration = None
-    if cfg.method in NEEDS_CALIBRATION:
-        calibration = calibration_samples(load_tokenizer(source.model_dir), cfg.calibration)
-        ctx.log(f"calibration: {len(calibration)} samples × {cfg.calibration.seq_len} tokens (seed {cfg.calibration.seed})")
+    samples = calibration_samples(load_tokenizer(source.model_dir), cfg.calibration)
+    calibration = samples if cfg.method in NEEDS_CALIBRATION else None
+    if calibration:
+        ctx.log(f"calibration: {len(samples)} samples × {cfg.calibration.seq_len} tokens (seed {cfg.calibration.seed})")
+    # The report's activations come from the float model before any method touches it (GPTQ
+    # rewrites weights in place); REPORT_SAMPLES windows keep this cheap for every method.
+    activations = capture_inputs(model, list(weights), samples[:REPORT_SAMPLES])
     with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(weights)) as advance:
         layers = quantizer(model, list(weights), cfg, calibration, advance)
     del model
-    report = {name: {"relative_weight_error": relative_error(weights[name], q.dequantize())} for name, q in layers.items()}
+    report = {name: {"relative_weight_error": relative_error(weights[name], q.dequantize()),
+                     "relative_output_error": output_error(activations[name], weights[name], q.dequantize())}
+              for name, q in layers.items()}
     save_quantized(out_file, layers, {"method": cfg.method})
-    write_json_atomic(ctx.out_dir / "quant_report.json", {"layers": report})
-    errors = [r["relative_weight_error"] for r in report.values()]
+    worst = sorted(report, key=lambda n: report[n]["relative_output_error"], reverse=True)[:5]
+    write_json_atomic(ctx.out_dir / "quant_report.json", {"layers": report, "worst_by_output_error": worst,
+                                                           "activation_samples": min(len(samples), REPORT_SAMPLES)})
+    out_errors = [r["relative_output_error"] for r in report.values()]
     ctx.log(f"{len(layers)} layers quantized, {len(ignored)} kept in float ({', '.join(ignored) or 'none'}); "
-            f"relative weight error mean {np.mean(errors):.4f}, worst {np.max(errors):.4f}")
+            f"relative output error on calibration activations: mean {np.mean(out_errors):.4f}; worst:")
+    for name in worst:
+        ctx.log(f"  {name}: output {report[name]['relative_output_error']:.4f}, weight {report[name]['relative_weight_error']:.4f}")
     return QuantizedWeights(
         path=ctx.out_dir,
-        meta={**meta, "layers": len(layers), "ignored": ignored, "mean_relative_weight_error": float(np.mean(errors))},
+        meta={**meta, "layers": len(layers), "ignored": ignored,
+              "mean_relative_weight_error": float(np.mean([r["relative_weight_error"] for r in report.values()])),
+              "mean_relative_output_error": float(np.mean(out_errors)), "max_relative_output_error": float(np.max(out_errors))},
     )

