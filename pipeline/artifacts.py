@@ -44,12 +44,18 @@ class SourceCheckpoint(Artifact):
 
 @dataclass(frozen=True)
 class QuantizedWeights(Artifact):
-    """Per quantized Linear: int codes, scales and zero points (`quantized.safetensors`).
-    The float weights stay in the source checkpoint; nothing is copied."""
+    """Per quantized Linear: int codes, scales and zero points (`quantized.safetensors`), plus any
+    float tensor the method changed (`float_overrides.safetensors`). Unchanged float weights stay
+    in the source checkpoint; nothing is copied."""
 
     @property
     def tensors_file(self) -> Path:
         return self.path / "quantized.safetensors"
+
+    @property
+    def overrides_file(self) -> Path:
+        """Float tensors the method changed outside the quantized layers (AWQ's rescaled norms)."""
+        return self.path / "float_overrides.safetensors"
 
 
 @dataclass(frozen=True)

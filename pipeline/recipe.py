@@ -18,7 +18,7 @@ from pipeline.errors import RecipeError
 
 TARGET_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 # method -> backends that implement it; the first is the default (`backend: auto`).
-METHOD_BACKENDS = {"none": ("kiln",), "rtn": ("kiln",), "gptq": ("llm-compressor",)}
+METHOD_BACKENDS = {"none": ("kiln",), "rtn": ("kiln",), "gptq": ("llm-compressor",), "awq": ("llm-compressor",)}
 
 
 class Section(BaseModel):
@@ -119,7 +119,7 @@ class SourceConfig(Section):
 
 
 class CalibrationConfig(Section):
-    """Calibration samples for GPTQ/AWQ: `samples` windows of `seq_len` tokens, drawn with `seed`
+    """Calibration samples for GPTQ/AWQ (and for the per-layer error report of every method): `samples` windows of `seq_len` tokens, drawn with `seed`
     from the calibration part of the text (never the eval part)."""
 
     text: TextConfig = TextConfig()
@@ -139,8 +139,8 @@ class QuantizeConfig(Section):
 
     ```yaml
     quantize:
-      method: rtn          # none | rtn | gptq
-      backend: auto        # auto | kiln (rtn) | llm-compressor (gptq)
+      method: rtn          # none | rtn | gptq | awq
+      backend: auto        # auto | kiln (rtn) | llm-compressor (gptq, awq)
       bits: 4              # 4 | 8
       group_size: 64       # weights per scale along in_features: 16 | 32 | 64 | 128 | 256
       symmetric: false     # false: uint codes + zero points; true: signed codes, no zero point
@@ -150,7 +150,7 @@ class QuantizeConfig(Section):
     ```
     """
 
-    method: Literal["none", "rtn", "gptq"] = "rtn"
+    method: Literal["none", "rtn", "gptq", "awq"] = "rtn"
     backend: Literal["auto", "kiln", "llm-compressor"] = "auto"
     bits: Literal[4, 8] = 4
     # Powers of two >= 16: ONNX Runtime's MatMulNBits and TensorRT's int4 block quantization need them.

@@ -75,6 +75,24 @@ def copy_checkpoint(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+class SafetensorsWeights:
+    """Lazy numpy view of a checkpoint's *.safetensors shards (no torch, no pickle), with an
+    optional file of overrides (float tensors a quantizer changed) taking precedence."""
+
+    def __init__(self, folder: Path, overrides: Path | None = None):
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors")) + ([overrides] if overrides else [])
+        self._handles = [safe_open(str(p), framework="numpy") for p in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}  # later files win
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str):
+        return self._where[name].get_tensor(name)
+
+
 def load_causal_lm(folder: Path, trust_remote_code: bool = False) -> "torch.nn.Module":
     import torch
     from transformers import AutoModelForCausalLM

@@ -2,7 +2,8 @@
 
 A quantizer gets the float model, the names of the Linear layers to quantize, the recipe section
 and (for calibration-based methods) token-id samples, and returns a `QuantizedLinear` (codes,
-scales, zero points) per layer. Export and validation never depend on the method.
+scales, zero points) per layer. It may also change other float tensors of the model in place
+(AWQ rescales norms); the quantize stage records those as overrides. Export and validation never depend on the method.
 `BACKEND_REQUIREMENTS` says, without importing anything, what each backend needs.
 """
 
@@ -36,10 +37,17 @@ def llmcompressor_gptq(model, layers, cfg, calibration, advance):
     return gptq(model, layers, cfg, calibration, advance)
 
 
+def llmcompressor_awq(model, layers, cfg, calibration, advance):
+    from pipeline.quantization.llmcompressor_backend import awq
+
+    return awq(model, layers, cfg, calibration, advance)
+
+
 # (method, backend) -> quantizer. "none" is handled by the stage: it quantizes nothing.
 QUANTIZERS: dict[tuple[str, str], Quantizer] = {
     ("rtn", "kiln"): rtn_quantizer,
     ("gptq", "llm-compressor"): llmcompressor_gptq,
+    ("awq", "llm-compressor"): llmcompressor_awq,
 }
 # backend -> importable modules it needs (pip names in the message)
 BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {"kiln": (), "llm-compressor": ("llmcompressor",)}

@@ -1,65 +1,107 @@
-"""GPTQ through llm-compressor (`GPTQModifier` + `oneshot`), converted to Kiln's format exactly.
+"""GPTQ and AWQ through llm-compressor (`oneshot` with `GPTQModifier` / `AWQModifier`), converted
+to Kiln's format exactly.
 
-llm-compressor leaves each quantized Linear with its fake-quantized weight W = (q - zp) * scale,
-signed int4 codes q in [-8, 7] and signed zero points. Kiln stores uint4 codes with uint4 zero
-points: adding 8 to both leaves (q - zp) unchanged, so the ONNX weights equal llm-compressor's
-bit for bit; `to_kiln` checks that and refuses otherwise.
+After `oneshot`, each quantized Linear carries `weight_scale` and signed `weight_zero_point`;
+llm-compressor's own dequantized weight is compressed-tensors' `fake_quantize(weight, ...)`
+(GPTQ leaves the weight already on the grid; AWQ leaves a smoothed float weight). Kiln computes
+the signed codes the same way and stores uint codes and zero points shifted by 2^(bits-1), which
+leaves (q - zp) unchanged: `to_kiln` proves the result equals `fake_quantize` bit for bit, and
+refuses otherwise. AWQ also rescales float tensors outside the quantized layers (the RMSNorm
+weights); the quantize stage finds those by comparison with the source and stores them.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
 from pipeline.quantization.format import QuantizedLinear
 
 
-def scheme_for(cfg):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def weight_args(cfg, act_order: bool = False):
+    from compressed_tensors.quantization import QuantizationArgs
 
     # actorder "weight" reorders columns while solving but keeps groups contiguous, which ONNX's
     # blocked DequantizeLinear needs; "group" act order would scatter group membership (g_idx).
-    weights = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="group",
-                               group_size=cfg.group_size, actorder="weight" if cfg.gptq.act_order else None)
-    return QuantizationScheme(targets=["Linear"], weights=weights)
+    return QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="group",
+                            group_size=cfg.group_size, actorder="weight" if act_order else None)
 
 
-def to_kiln(module, bits: int, group_size: int, symmetric: bool) -> QuantizedLinear:
+def to_kiln(module, cfg) -> QuantizedLinear:
     import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
+    bits, group = cfg.bits, cfg.group_size
     w = module.weight.detach().float()
     scale = module.weight_scale.detach().float()
-    zp = module.weight_zero_point.detach().to(torch.int32)
+    zp = module.weight_zero_point.detach()
+    reference = fake_quantize(w, scale, zp, weight_args(cfg))  # llm-compressor's own dequantized weight
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    s_full, z_full = scale.repeat_interleave(group_size, 1), zp.repeat_interleave(group_size, 1).float()
+    s_full, z_full = scale.repeat_interleave(group, 1), zp.to(torch.int32).repeat_interleave(group, 1).float()
     q = torch.clamp(torch.round(w / s_full + z_full), lo, hi)
-    if not torch.equal((q - z_full) * s_full, w):
-        worst = float(((q - z_full) * s_full - w).abs().max())
-        raise ValueError(f"llm-compressor weights are not (q - zp) * scale on the int{bits} grid (max |Δ| {worst:.3g})")
-    if symmetric:
+    if not torch.equal((q - z_full) * s_full, reference):
+        worst = float(((q - z_full) * s_full - reference).abs().max())
+        raise ValueError(f"codes do not reproduce llm-compressor's dequantized weight (max |Δ| {worst:.3g})")
+    if cfg.symmetric:
         if torch.any(zp != 0):
             raise ValueError("symmetric scheme returned non-zero zero points")
-        return QuantizedLinear(q.numpy().astype(np.int8), scale.numpy(), None, bits, group_size)
+        return QuantizedLinear(q.numpy().astype(np.int8), scale.numpy(), None, bits, group)
     offset = 2 ** (bits - 1)
-    return QuantizedLinear((q + offset).numpy().astype(np.uint8), scale.numpy(), (zp + offset).numpy().astype(np.uint8),
-                           bits, group_size)
+    zeros = (zp.to(torch.int32) + offset).numpy().astype(np.uint8)
+    return QuantizedLinear((q + offset).numpy().astype(np.uint8), scale.numpy(), zeros, bits, group)
 
 
-def gptq(model, layers, cfg, calibration, advance):
+@contextlib.contextmanager
+def cpu_without_pinning():
+    """llm-compressor 0.14.0.1's AWQ pins cached activations (`Tensor.pin_memory`), which raises
+    "Cannot access accelerator device when none is available" on a CPU-only machine. Pinning only
+    speeds host-to-device copies, so with no accelerator it is skipped; nothing else changes."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def _oneshot(model, layers, cfg, calibration, modifier_for, advance):
+    from compressed_tensors.quantization import QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
     from loguru import logger
 
     logger.disable("llmcompressor")  # its per-layer METRIC lines drown the run log
     modules = dict(model.named_modules())
     ignore = [n for n, m in modules.items() if type(m).__name__ == "Linear" and n not in layers]
-    seq_len = max(len(s) for s in calibration)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(cfg, act_order=cfg.method == "gptq" and cfg.gptq.act_order))
     data = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(s) for s in calibration]})
-    modifier = GPTQModifier(config_groups={"kiln": scheme_for(cfg)}, ignore=ignore, dampening_frac=cfg.gptq.dampening_frac,
-                            block_size=128)
-    oneshot(model=model, dataset=data, recipe=modifier, max_seq_length=seq_len, num_calibration_samples=len(calibration))
+    with cpu_without_pinning():
+        oneshot(model=model, dataset=data, recipe=modifier_for({"kiln": scheme}, ignore),
+                max_seq_length=max(len(s) for s in calibration), num_calibration_samples=len(calibration))
     out = {}
     for name in layers:
-        out[name] = to_kiln(modules[name], cfg.bits, cfg.group_size, cfg.symmetric)
+        out[name] = to_kiln(modules[name], cfg)
         advance(1)
     return out
+
+
+def gptq(model, layers, cfg, calibration, advance):
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    def modifier(groups, ignore):
+        return GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=cfg.gptq.dampening_frac, block_size=128)
+
+    return _oneshot(model, layers, cfg, calibration, modifier, advance)
+
+
+def awq(model, layers, cfg, calibration, advance):
+    from llmcompressor.modifiers.awq import AWQModifier
+
+    return _oneshot(model, layers, cfg, calibration, lambda groups, ignore: AWQModifier(config_groups=groups, ignore=ignore), advance)

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.artifacts import OnnxModel, QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.errors import KilnError
-from pipeline.modeling.hf import load_causal_lm, read_config
+from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, read_config
 from pipeline.modeling.llama_onnx import LlamaShape, build_llama_graph
 from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session
 from pipeline.quantization.format import QuantizedLinear, load_quantized
@@ -31,22 +31,6 @@ class ExportMismatch(KilnError):
     exit_code = 3
 
 
-class SafetensorsWeights:
-    """Lazy numpy view of a checkpoint's *.safetensors shards (no torch, no pickle)."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self._handles = [safe_open(str(p), framework="numpy") for p in sorted(folder.glob("*.safetensors"))]
-        self._where = {k: h for h in self._handles for k in h.keys()}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._where[name].get_tensor(name)
-
-
 def rotary_tables(model_dir: Path) -> tuple[np.ndarray, float]:
     """inv_freq and attention scaling from transformers' own rotary init (covers llama3/yarn scaling)."""
     from transformers import AutoConfig
@@ -60,12 +44,12 @@ def rotary_tables(model_dir: Path) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
 
 
-def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], out_file: Path) -> dict:
+def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], overrides: Path | None, out_file: Path) -> dict:
     import onnx
 
     config = read_config(source.model_dir)
     shape = LlamaShape.from_config(config)
-    weights = SafetensorsWeights(source.model_dir)
+    weights = SafetensorsWeights(source.model_dir, overrides)
     inv_freq, scaling = rotary_tables(source.model_dir)
     model = build_llama_graph(shape, weights.__getitem__, weights.__contains__, quantized, inv_freq, scaling)
     onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -77,13 +61,20 @@ def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], 
     return {"nodes": len(model.graph.node), "op_counts": ops, "shape": shape.__dict__}
 
 
-def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear]):
-    """The source model with each quantized Linear's weight replaced by its dequantized value."""
+def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], overrides: Path | None = None):
+    """The source model with the quantizer's float overrides applied and each quantized Linear's
+    weight replaced by its dequantized value."""
     import torch
+    from safetensors.torch import load_file
 
     model = load_causal_lm(source.model_dir)
     modules = dict(model.named_modules())
     with torch.no_grad():
+        if overrides is not None and overrides.is_file():
+            missing = set(load_file(str(overrides))) - set(model.state_dict())
+            if missing:
+                raise KilnError(f"float overrides name tensors the model does not have: {sorted(missing)[:5]}")
+            model.load_state_dict(load_file(str(overrides)), strict=False)
         for name, q in quantized.items():
             modules[name].weight = torch.nn.Parameter(torch.from_numpy(q.dequantize()), requires_grad=False)
     return model
@@ -140,16 +131,17 @@ def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) ->
 
 def run(cfg: ExportConfig, source: SourceCheckpoint, quantized: QuantizedWeights, *, ctx: StageContext) -> OnnxModel:
     layers = load_quantized(quantized.tensors_file)
+    overrides = quantized.overrides_file if quantized.overrides_file.is_file() else None
     out_file = ctx.out_dir / MODEL_FILE
     ctx.log(f"writing ONNX opset {cfg.opset} ({len(layers)} int{quantized.meta.get('bits', '-')} layers as DequantizeLinear→MatMul)")
-    info = write_onnx(source, layers, out_file)
+    info = write_onnx(source, layers, overrides, out_file)
     for name in RUNTIME_FILES:
         if (source.model_dir / name).is_file():
             shutil.copy2(source.model_dir / name, ctx.out_dir / name)
 
     v = cfg.verify
     ctx.log(f"verifying against PyTorch at batch {v.batch}, seq {v.seq_len}, past {v.past_len} (atol {v.atol}, rtol {v.rtol})")
-    results = verify_against_torch(out_file, reference_model(source, layers), v)
+    results = verify_against_torch(out_file, reference_model(source, layers, overrides), v)
     failed = [r for r in results if not r["passed"]]
     worst = max(results, key=lambda r: r["max_abs_diff"])
     ctx.log(f"[green]✓[/green] {len(results) - len(failed)} of {len(results)} outputs within tolerance; "

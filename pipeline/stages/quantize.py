@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.artifacts import QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
-from pipeline.modeling.hf import load_causal_lm, load_tokenizer
+from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, load_tokenizer
 from pipeline.quantization import NEEDS_CALIBRATION, get_quantizer, is_ignored
 from pipeline.quantization.format import save_quantized
 from pipeline.recipe import QuantizeConfig
@@ -53,6 +53,20 @@ def check_group_size(weights: dict[str, np.ndarray], group_size: int) -> None:
 
 def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     return float(np.linalg.norm(w - w_hat) / max(np.linalg.norm(w), 1e-12))
+
+
+def changed_float_tensors(model, model_dir, quantized_layers: set[str]) -> dict[str, np.ndarray]:
+    """Float tensors of the model that differ from the source checkpoint, other than the quantized
+    layers' own weights (e.g. AWQ folds its scales into the RMSNorm weights)."""
+    source = SafetensorsWeights(model_dir)
+    changed = {}
+    for name, tensor in model.state_dict().items():
+        if name not in source or (name.endswith(".weight") and name.removesuffix(".weight") in quantized_layers):
+            continue
+        current = tensor.detach().float().numpy()
+        if not np.array_equal(current, source[name]):
+            changed[name] = current.copy()
+    return changed
 
 
 def capture_inputs(model, layers: list[str], samples: list[list[int]]) -> dict[str, np.ndarray]:
@@ -101,7 +115,13 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
     activations = capture_inputs(model, list(weights), samples[:REPORT_SAMPLES])
     with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(weights)) as advance:
         layers = quantizer(model, list(weights), cfg, calibration, advance)
+    overrides = changed_float_tensors(model, source.model_dir, set(layers))
     del model
+    if overrides:
+        from safetensors.numpy import save_file
+
+        save_file(overrides, str(ctx.out_dir / "float_overrides.safetensors"))
+        ctx.log(f"{len(overrides)} float tensors changed by {cfg.method} stored as overrides ({', '.join(list(overrides)[:3])}, ...)")
     report = {name: {"relative_weight_error": relative_error(weights[name], q.dequantize()),
                      "relative_output_error": output_error(activations[name], weights[name], q.dequantize())}
               for name, q in layers.items()}
@@ -116,7 +136,7 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
         ctx.log(f"  {name}: output {report[name]['relative_output_error']:.4f}, weight {report[name]['relative_weight_error']:.4f}")
     return QuantizedWeights(
         path=ctx.out_dir,
-        meta={**meta, "layers": len(layers), "ignored": ignored,
+        meta={**meta, "layers": len(layers), "ignored": ignored, "float_overrides": sorted(overrides),
               "mean_relative_weight_error": float(np.mean([r["relative_weight_error"] for r in report.values()])),
               "mean_relative_output_error": float(np.mean(out_errors)), "max_relative_output_error": float(np.max(out_errors))},
     )

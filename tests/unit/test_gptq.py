@@ -27,20 +27,40 @@ def fake_quantized_linear(symmetric: bool) -> torch.nn.Linear:
     return lin
 
 
+def cfg(symmetric: bool) -> QuantizeConfig:
+    return QuantizeConfig(method="gptq", bits=4, group_size=32, symmetric=symmetric)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_conversion_is_exact(symmetric):
+def test_conversion_is_exact_on_grid(symmetric):
+    """GPTQ leaves weights on the grid: Kiln's dequantized weight is the module's weight."""
     lin = fake_quantized_linear(symmetric)
-    q = to_kiln(lin, bits=4, group_size=32, symmetric=symmetric)
+    q = to_kiln(lin, cfg(symmetric))
     assert np.array_equal(q.dequantize(), lin.weight.detach().numpy())
     if not symmetric:
         assert q.codes.dtype == np.uint8 and q.codes.max() <= 15 and q.zeros.max() <= 15
 
 
-def test_conversion_refuses_off_grid_weights():
-    lin = fake_quantized_linear(False)
-    lin.weight.data[0, 0] += 1e-3
-    with pytest.raises(ValueError, match="not \\(q - zp\\) \\* scale"):
-        to_kiln(lin, bits=4, group_size=32, symmetric=False)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_conversion_of_float_weights_equals_fake_quantize(symmetric):
+    """AWQ leaves smoothed float weights: Kiln's codes reproduce compressed-tensors' fake_quantize."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from pipeline.quantization.llmcompressor_backend import weight_args
+
+    lin = fake_quantized_linear(symmetric)
+    lin.weight.data += torch.randn_like(lin.weight) * 0.01  # off the grid
+    expected = fake_quantize(lin.weight.detach(), lin.weight_scale.detach(), lin.weight_zero_point.detach(), weight_args(cfg(symmetric)))
+    assert np.array_equal(to_kiln(lin, cfg(symmetric)).dequantize(), expected.numpy())
+
+
+def test_conversion_refuses_when_codes_disagree_with_the_backend(monkeypatch):
+    import compressed_tensors.quantization.lifecycle.forward as forward
+
+    real = forward.fake_quantize
+    monkeypatch.setattr(forward, "fake_quantize", lambda *a, **k: real(*a, **k) + 1e-3)
+    with pytest.raises(ValueError, match="codes do not reproduce llm-compressor's dequantized weight"):
+        to_kiln(fake_quantized_linear(False), cfg(False))
 
 
 def test_backend_must_implement_method():
@@ -107,3 +127,26 @@ def test_gptq_output_error_below_rtn_on_the_same_activations(tiny_gptq_run):
     assert set(gptq) == set(rtn)
     mean = lambda r: np.mean([v["relative_output_error"] for v in r.values()])  # noqa: E731
     assert mean(gptq) < mean(rtn)
+
+
+def test_awq_run_stores_rescaled_norms_and_export_uses_them(tiny_gptq_run):
+    """AWQ folds scales into the RMSNorm weights: they travel as overrides into the ONNX graph."""
+    from pathlib import Path
+
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    artifacts = tiny_gptq_run["artifacts"]
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "quantize.method=awq", "--set", "quantize.calibration.samples=8",
+                    "--set", "quantize.calibration.seq_len=128", artifacts=artifacts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
+    overrides = load_file(str(stages["quantize"] / "float_overrides.safetensors"))
+    assert any(k.endswith("input_layernorm.weight") for k in overrides)
+    graph = onnx.load(str(stages["export"] / "model.onnx"))
+    inits = {t.name: t for t in graph.graph.initializer}
+    for name, value in overrides.items():
+        if name in inits:
+            np.testing.assert_array_equal(numpy_helper.to_array(inits[name]), value)
+    assert_onnx_weights_equal_quantizer(stages["export"], stages["quantize"], artifacts)
