@@ -14,10 +14,11 @@ import numpy as np
 
 from pipeline.artifacts import OnnxModel, QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.errors import KilnError
-from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, read_config
+from pipeline.modeling.hf import SafetensorsWeights, read_config
 from pipeline.modeling.llama_onnx import LlamaShape, build_llama_graph
 from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session
 from pipeline.quantization.format import QuantizedLinear, load_quantized
+from pipeline.quantization.reference import load_overrides, quantized_reference
 from pipeline.recipe import ExportConfig, ExportVerifyConfig
 from pipeline.runner import StageContext
 
@@ -62,22 +63,7 @@ def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], 
 
 
 def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], overrides: Path | None = None):
-    """The source model with the quantizer's float overrides applied and each quantized Linear's
-    weight replaced by its dequantized value."""
-    import torch
-    from safetensors.torch import load_file
-
-    model = load_causal_lm(source.model_dir)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        if overrides is not None and overrides.is_file():
-            missing = set(load_file(str(overrides))) - set(model.state_dict())
-            if missing:
-                raise KilnError(f"float overrides name tensors the model does not have: {sorted(missing)[:5]}")
-            model.load_state_dict(load_file(str(overrides)), strict=False)
-        for name, q in quantized.items():
-            modules[name].weight = torch.nn.Parameter(torch.from_numpy(q.dequantize()), requires_grad=False)
-    return model
+    return quantized_reference(source.model_dir, quantized, load_overrides(overrides))
 
 
 def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) -> list[dict]:

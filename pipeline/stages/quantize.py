@@ -12,9 +12,11 @@ import numpy as np
 from pipeline.artifacts import QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
+from pipeline.latency import peak_rss_mb
 from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, load_tokenizer
 from pipeline.quantization import NEEDS_CALIBRATION, get_quantizer, is_ignored
 from pipeline.quantization.format import save_quantized
+from pipeline.quantization.reference import quantized_reference
 from pipeline.recipe import QuantizeConfig
 from pipeline.runner import StageContext
 
@@ -87,9 +89,11 @@ def capture_inputs(model, layers: list[str], samples: list[list[int]]) -> dict[s
     return {n: np.concatenate(xs) for n, xs in captured.items()}
 
 
-def output_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
-    """||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ||: what the layer's output loses, on real activations."""
-    return relative_error(x @ w.T, x @ w_hat.T)
+def output_error(x: np.ndarray, w: np.ndarray, x_hat: np.ndarray, w_hat: np.ndarray) -> float:
+    """||X Wᵀ − X̂ Ŵᵀ|| / ||X Wᵀ||: the layer's output in the quantized model (input X̂, weight Ŵ)
+    against the source model's (X, W) on the same tokens. X̂ carries upstream error and, for AWQ,
+    the rescaling folded into the norms, so one definition is right for every method."""
+    return relative_error(x @ w.T, x_hat @ w_hat.T)
 
 
 def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> QuantizedWeights:
@@ -110,9 +114,10 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
     calibration = samples if cfg.method in NEEDS_CALIBRATION else None
     if calibration:
         ctx.log(f"calibration: {len(samples)} samples × {cfg.calibration.seq_len} tokens (seed {cfg.calibration.seed})")
-    # The report's activations come from the float model before any method touches it (GPTQ
+    # Source-side activations come from the float model before any method touches it (GPTQ
     # rewrites weights in place); REPORT_SAMPLES windows keep this cheap for every method.
-    activations = capture_inputs(model, list(weights), samples[:REPORT_SAMPLES])
+    report_samples = samples[:REPORT_SAMPLES]
+    activations = capture_inputs(model, list(weights), report_samples)
     with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(weights)) as advance:
         layers = quantizer(model, list(weights), cfg, calibration, advance)
     overrides = changed_float_tensors(model, source.model_dir, set(layers))
@@ -122,8 +127,10 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
 
         save_file(overrides, str(ctx.out_dir / "float_overrides.safetensors"))
         ctx.log(f"{len(overrides)} float tensors changed by {cfg.method} stored as overrides ({', '.join(list(overrides)[:3])}, ...)")
+    quantized_activations = capture_inputs(quantized_reference(source.model_dir, layers, overrides), list(layers), report_samples)
     report = {name: {"relative_weight_error": relative_error(weights[name], q.dequantize()),
-                     "relative_output_error": output_error(activations[name], weights[name], q.dequantize())}
+                     "relative_output_error": output_error(activations[name], weights[name],
+                                                           quantized_activations[name], q.dequantize())}
               for name, q in layers.items()}
     save_quantized(out_file, layers, {"method": cfg.method})
     worst = sorted(report, key=lambda n: report[n]["relative_output_error"], reverse=True)[:5]
@@ -131,12 +138,14 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
                                                            "activation_samples": min(len(samples), REPORT_SAMPLES)})
     out_errors = [r["relative_output_error"] for r in report.values()]
     ctx.log(f"{len(layers)} layers quantized, {len(ignored)} kept in float ({', '.join(ignored) or 'none'}); "
-            f"relative output error on calibration activations: mean {np.mean(out_errors):.4f}; worst:")
+            f"layer output error vs the source on calibration tokens: mean {np.mean(out_errors):.4f}; worst:")
     for name in worst:
         ctx.log(f"  {name}: output {report[name]['relative_output_error']:.4f}, weight {report[name]['relative_weight_error']:.4f}")
     return QuantizedWeights(
         path=ctx.out_dir,
         meta={**meta, "layers": len(layers), "ignored": ignored, "float_overrides": sorted(overrides),
               "mean_relative_weight_error": float(np.mean([r["relative_weight_error"] for r in report.values()])),
-              "mean_relative_output_error": float(np.mean(out_errors)), "max_relative_output_error": float(np.max(out_errors))},
+              "mean_relative_output_error": float(np.mean(out_errors)), "max_relative_output_error": float(np.max(out_errors)),
+              # the process's peak so far: quantization's own peak when the source stage was reused
+              "process_peak_rss_mb": peak_rss_mb()},
     )

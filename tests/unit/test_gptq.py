@@ -109,8 +109,11 @@ def test_output_error_metric():
 
     x = np.random.default_rng(0).standard_normal((10, 4))
     w = np.eye(4)
-    assert output_error(x, w, w) == 0.0
-    assert output_error(x, w, 0.5 * w) == pytest.approx(0.5)
+    assert output_error(x, w, x, w) == 0.0
+    assert output_error(x, w, x, 0.5 * w) == pytest.approx(0.5)
+    # AWQ-style rescaling (input / s, weight * s) is not an error
+    s = np.array([1.0, 2.0, 4.0, 0.5])
+    assert output_error(x, w, x / s, w * s) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_gptq_output_error_below_rtn_on_the_same_activations(tiny_gptq_run):
