@@ -153,3 +153,16 @@ def test_awq_run_stores_rescaled_norms_and_export_uses_them(tiny_gptq_run):
         if name in inits:
             np.testing.assert_array_equal(numpy_helper.to_array(inits[name]), value)
     assert_onnx_weights_equal_quantizer(stages["export"], stages["quantize"], artifacts)
+
+
+def test_missing_backend_package_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    from pipeline.errors import MissingDependency
+    from pipeline.quantization import get_quantizer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llmcompressor" else real(name, *a))
+    with pytest.raises(MissingDependency, match=r"quantize.backend 'llm-compressor' needs the llmcompressor package \(pip install llmcompressor\)"):
+        get_quantizer("gptq", "llm-compressor")
+    assert get_quantizer("rtn", "kiln") is not None
