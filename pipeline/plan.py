@@ -65,8 +65,7 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
 def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], repo_dir: Path) -> list[StageSpec]:
     settings = ctx.settings
     tracking_uri = settings.tracking_uri(recipe.registration.tracking_uri)
-    # With the embedded store, artifacts go under artifacts/mlruns beside the sqlite file.
-    artifact_location = (settings.artifacts_root / "mlruns").as_uri() if tracking_uri == settings.default_tracking_uri() else None
+    artifact_location = settings.artifact_location(tracking_uri)
     recipe_text = effective_recipe_text(recipe)
     q = recipe.quantize
     return [

@@ -26,6 +26,16 @@ class Settings:
         """The embedded store: a sqlite file beside the artifacts (absolute, so cwd does not matter)."""
         return f"sqlite:///{self.artifacts_root / 'mlflow.db'}"
 
+    @staticmethod
+    def artifact_location(tracking_uri: str) -> str | None:
+        """Where a new experiment keeps its artifacts. For a sqlite store: `mlruns/` beside the
+        database (MLflow's own default is ./mlruns in whatever directory `kiln` runs from). For a
+        tracking server: None, so the server's own artifact root applies."""
+        prefix = "sqlite:///"
+        if tracking_uri.startswith(prefix):
+            return (Path(tracking_uri[len(prefix):]).parent / "mlruns").as_uri()
+        return None
+
     def tracking_uri(self, recipe_uri: str | None) -> str:
         """Recipe wins over MLFLOW_TRACKING_URI, which wins over the embedded default."""
         return recipe_uri or self.tracking_uri_override or self.default_tracking_uri()

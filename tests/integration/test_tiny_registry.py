@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_RECIPE, run_kiln
+from tests.conftest import ROOT, TINY_RECIPE, run_kiln
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +52,6 @@ def test_deleted_store_is_noticed_and_registration_redone(tiny_run, tmp_path):
     assert again.returncode == 0 and "register: built" in again.stdout, again.stdout + again.stderr
     summary = json.loads((tiny_run["artifacts"] / "last_run.json").read_text())
     assert summary["registered"]["version"] == "1" and summary["registered"]["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+    # A sqlite store keeps its run artifacts beside itself, never in the directory kiln ran from.
+    assert (tmp_path / "mlruns").is_dir()
+    assert not (ROOT / "mlruns").exists()
