@@ -119,8 +119,9 @@ class SourceConfig(Section):
 
 
 class CalibrationConfig(Section):
-    """Calibration samples for GPTQ/AWQ (and for the per-layer error report of every method): `samples` windows of `seq_len` tokens, drawn with `seed`
-    from the calibration part of the text (never the eval part)."""
+    """Calibration samples for GPTQ/AWQ (and the per-layer error report of every method):
+    `samples` windows of `seq_len` tokens, drawn with `seed` from the calibration part of the text
+    (never the eval part)."""
 
     text: TextConfig = TextConfig()
     samples: int = Field(32, ge=1)
@@ -145,7 +146,7 @@ class QuantizeConfig(Section):
       group_size: 64       # weights per scale along in_features: 16 | 32 | 64 | 128 | 256
       symmetric: false     # false: uint codes + zero points; true: signed codes, no zero point
       ignore: [lm_head]    # layer names (or name suffixes) kept in float
-      calibration: {text: {corpus: pydoc-topics}, samples: 32, seq_len: 512, seed: 0}   # gptq only
+      calibration: {text: {corpus: pydoc-topics}, samples: 32, seq_len: 512, seed: 0}   # gptq/awq; the per-layer report uses 2 windows for every method
       gptq: {dampening_frac: 0.01, act_order: false}
     ```
     """

@@ -49,12 +49,15 @@ def from_gguf(path: Path) -> LlamaDims | None:
     return LlamaDims(hidden, scalar("llama.feed_forward_length"), heads, head_dim)
 
 
+def group_size_problem(layer: str, in_features: int, group_size: int) -> str | None:
+    """The recipe error for one layer, naming the allowed sizes that would divide, or None."""
+    if in_features % group_size == 0:
+        return None
+    fits = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+    return (f"quantize.group_size: {group_size} does not divide in_features {in_features} of {layer}; "
+            f"{' or '.join(map(str, fits)) or 'no allowed size'} would")
+
+
 def group_size_problems(dims: LlamaDims, group_size: int, ignored) -> list[str]:
-    problems = []
-    for layer, in_f in dims.in_features().items():
-        if in_f % group_size == 0 or ignored(layer):
-            continue
-        fits = [g for g in (16, 32, 64, 128, 256) if in_f % g == 0]
-        problems.append(f"quantize.group_size: {group_size} does not divide in_features {in_f} of {layer}; "
-                        f"{' or '.join(map(str, fits)) or 'no allowed size'} would")
-    return problems
+    problems = (group_size_problem(layer, in_f, group_size) for layer, in_f in dims.in_features().items() if not ignored(layer))
+    return [p for p in problems if p]

@@ -14,6 +14,7 @@ from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
 from pipeline.latency import peak_rss_mb
 from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, load_tokenizer
+from pipeline.modeling.shapes import group_size_problem
 from pipeline.quantization import NEEDS_CALIBRATION, get_quantizer, is_ignored
 from pipeline.quantization.format import save_quantized
 from pipeline.quantization.reference import quantized_reference
@@ -43,14 +44,11 @@ def linear_weights(model, ignore: tuple[str, ...]) -> tuple[dict[str, np.ndarray
 
 
 def check_group_size(weights: dict[str, np.ndarray], group_size: int) -> None:
+    """The runtime guard for sources whose shapes `kiln check` could not know (hub ids)."""
     for name, w in weights.items():
-        in_f = w.shape[1]
-        if in_f % group_size:
-            fits = [g for g in (16, 32, 64, 128, 256) if in_f % g == 0]
-            raise QuantizeError(
-                f"quantize.group_size: {group_size} does not divide in_features {in_f} of {name}; "
-                f"{' or '.join(map(str, fits)) or 'no allowed size'} would"
-            )
+        problem = group_size_problem(name, w.shape[1], group_size)
+        if problem:
+            raise QuantizeError(problem)
 
 
 def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
