@@ -135,6 +135,14 @@ class GptqConfig(Section):
     act_order: bool = False
 
 
+class AwqConfig(Section):
+    # Grid points per smoothing mapping; each runs the mapping's parent module over all calibration
+    # tokens, so AWQ's time grows linearly with it (llm-compressor's default is 20).
+    n_grid: int = Field(20, ge=3)  # llm-compressor divides by n_grid - 2
+    # true: scales from activations and weights (AutoAWQ's default); false: activations only
+    duo_scaling: bool = True
+
+
 class QuantizeConfig(Section):
     """Weight-only integer quantization of the Linear layers.
 
@@ -148,6 +156,7 @@ class QuantizeConfig(Section):
       ignore: [lm_head]    # layer names (or name suffixes) kept in float
       calibration: {text: {corpus: pydoc-topics}, samples: 32, seq_len: 512, seed: 0}   # gptq/awq; the per-layer report uses 2 windows for every method
       gptq: {dampening_frac: 0.01, act_order: false}
+      awq: {n_grid: 20, duo_scaling: true}
     ```
     """
 
@@ -160,6 +169,7 @@ class QuantizeConfig(Section):
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: CalibrationConfig = CalibrationConfig()
     gptq: GptqConfig = GptqConfig()
+    awq: AwqConfig = AwqConfig()
 
     @model_validator(mode="after")
     def _backend_implements_method(self) -> "QuantizeConfig":

@@ -3,7 +3,8 @@
 A quantizer gets the float model, the names of the Linear layers to quantize, the recipe section
 and (for calibration-based methods) token-id samples, and returns a `QuantizedLinear` (codes,
 scales, zero points) per layer. It may also change other float tensors of the model in place
-(AWQ rescales norms); the quantize stage records those as overrides. Export and validation never depend on the method.
+(AWQ rescales norms); the quantize stage records those as overrides. A method in
+`RESCALES_FLOAT_MODEL` leaves the rescaled float weights of the quantized layers in the model. Export and validation never depend on the method.
 `BACKEND_REQUIREMENTS` says, without importing anything, what each backend needs.
 """
 
@@ -52,6 +53,11 @@ QUANTIZERS: dict[tuple[str, str], Quantizer] = {
 # backend -> importable modules it needs (pip names in the message)
 BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {"kiln": (), "llm-compressor": ("llmcompressor",)}
 NEEDS_CALIBRATION = {"gptq", "awq"}
+# Methods that first rescale the float model (AWQ moves per-channel scales between a norm or Linear
+# and the Linear layers after it: the same function in float arithmetic) and then quantize the
+# rescaled weights, which they leave in the model. Their codes approximate those weights, not the
+# source's, so the quantize report measures each layer against the rescaled float model.
+RESCALES_FLOAT_MODEL = {"awq"}
 
 
 def get_quantizer(method: str, backend: str) -> Quantizer:

@@ -104,4 +104,7 @@ def gptq(model, layers, cfg, calibration, advance):
 def awq(model, layers, cfg, calibration, advance):
     from llmcompressor.modifiers.awq import AWQModifier
 
-    return _oneshot(model, layers, cfg, calibration, lambda groups, ignore: AWQModifier(config_groups=groups, ignore=ignore), advance)
+    def modifier(groups, ignore):
+        return AWQModifier(config_groups=groups, ignore=ignore, n_grid=cfg.awq.n_grid, duo_scaling=cfg.awq.duo_scaling)
+
+    return _oneshot(model, layers, cfg, calibration, modifier, advance)

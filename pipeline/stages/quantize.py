@@ -1,7 +1,8 @@
 """quantize: weight-only integer quantization of the Linear layers, by the backend the recipe names.
 
 Output: `quantized.safetensors` (codes, scales, zero points per layer, Kiln's own format) and
-`quant_report.json` (per-layer relative weight error). The float weights stay in the source
+`quant_report.json` (per-layer relative weight and output error against the float model the codes
+approximate: the source, or for AWQ the source rescaled by its smoothing scales). The float weights stay in the source
 artifact; nothing is copied.
 """
 
@@ -15,9 +16,9 @@ from pipeline.errors import KilnError
 from pipeline.latency import peak_rss_mb
 from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, load_tokenizer
 from pipeline.modeling.shapes import group_size_problem
-from pipeline.quantization import NEEDS_CALIBRATION, get_quantizer, is_ignored
+from pipeline.quantization import NEEDS_CALIBRATION, RESCALES_FLOAT_MODEL, get_quantizer, is_ignored
 from pipeline.quantization.format import save_quantized
-from pipeline.quantization.reference import quantized_reference
+from pipeline.quantization.reference import quantized_reference, replaced_weights
 from pipeline.recipe import QuantizeConfig
 from pipeline.runner import StageContext
 
@@ -89,8 +90,9 @@ def capture_inputs(model, layers: list[str], samples: list[list[int]]) -> dict[s
 
 def output_error(x: np.ndarray, w: np.ndarray, x_hat: np.ndarray, w_hat: np.ndarray) -> float:
     """||X Wᵀ − X̂ Ŵᵀ|| / ||X Wᵀ||: the layer's output in the quantized model (input X̂, weight Ŵ)
-    against the source model's (X, W) on the same tokens. X̂ carries upstream error and, for AWQ,
-    the rescaling folded into the norms, so one definition is right for every method."""
+    against the float model's (X, W) on the same tokens; X̂ carries the error of the layers before.
+    The float model is the source, or for a method that rescales it (AWQ) the rescaled source: an
+    AWQ-smoothed up_proj's output is divided per channel by its scales, which is not error."""
     return relative_error(x @ w.T, x_hat @ w_hat.T)
 
 
@@ -119,15 +121,21 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
     with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(weights)) as advance:
         layers = quantizer(model, list(weights), cfg, calibration, advance)
     overrides = changed_float_tensors(model, source.model_dir, set(layers))
+    if cfg.method in RESCALES_FLOAT_MODEL:
+        float_weights = {name: m.weight.detach().float().numpy().copy() for name, m in model.named_modules() if name in layers}
+    else:
+        float_weights = weights
     del model
     if overrides:
         from safetensors.numpy import save_file
 
         save_file(overrides, str(ctx.out_dir / "float_overrides.safetensors"))
         ctx.log(f"{len(overrides)} float tensors changed by {cfg.method} stored as overrides ({', '.join(list(overrides)[:3])}, ...)")
+    if float_weights is not weights:
+        activations = capture_inputs(replaced_weights(source.model_dir, float_weights, overrides), list(layers), report_samples)
     quantized_activations = capture_inputs(quantized_reference(source.model_dir, layers, overrides), list(layers), report_samples)
-    report = {name: {"relative_weight_error": relative_error(weights[name], q.dequantize()),
-                     "relative_output_error": output_error(activations[name], weights[name],
+    report = {name: {"relative_weight_error": relative_error(float_weights[name], q.dequantize()),
+                     "relative_output_error": output_error(activations[name], float_weights[name],
                                                            quantized_activations[name], q.dequantize())}
               for name, q in layers.items()}
     save_quantized(out_file, layers, {"method": cfg.method})
