@@ -24,7 +24,8 @@ from rich.table import Table
 
 def kiln(recipe: Path, artifacts: Path, *overrides: str) -> dict:
     args = [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(artifacts),
-            "--set", "validate.on_gate_failure=warn", "--set", "validate.compare_source_speed=false"]
+            "--set", "validate.on_gate_failure=warn", "--set", "validate.compare_source_speed=false",
+            "--set", "quantize.backend=auto"]  # each method's default backend
     for o in overrides:
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True)
