@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,8 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.console import fail, make_console
 from pipeline.errors import KilnError
 from pipeline.recipe import load_recipe
+from pipeline.registry import commands as registry_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kiln: staged LLM compilation (quantize → ONNX → engine → validate → MLflow).")
 
@@ -27,21 +28,11 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a r
 ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
 
 
-def make_console() -> Console:
-    # Without a terminal rich assumes 80 columns and wraps log lines; CI logs read better wider.
-    return Console(width=None if sys.stdout.isatty() else 140, highlight=False)
-
-
 def quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def fail(console: Console, err: KilnError) -> None:
-    console.print(f"[bold red]error[/bold red] ({type(err).__name__}, exit {err.exit_code}): {err}")
-    raise typer.Exit(err.exit_code)
 
 
 def make_run_context(artifacts: Path | None, console: Console):
@@ -79,6 +70,8 @@ def run(
     set_: SetOpt = None,
     artifacts: ArtifactsOpt = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print which stages would be reused or built; run nothing.")] = False,
+    ci: Annotated[bool, typer.Option("--ci", help="CI mode: a missed gate fails the run whatever on_gate_failure says; "
+                                                  "a markdown summary goes to $GITHUB_STEP_SUMMARY (else stdout).")] = False,
 ) -> None:
     """Run a recipe: each stage is reused from the cache when its inputs are unchanged.
 
@@ -88,8 +81,10 @@ def run(
     from pipeline.runner import Runner
 
     console = make_console()
+    overrides = [*(set_ or []), *(["validate.on_gate_failure=fail"] if ci else [])]
+    ctx = None
     try:
-        parsed = load_recipe(recipe, set_ or [])
+        parsed = load_recipe(recipe, overrides)
         problems = static_problems(parsed)
         if problems:
             for p in problems[1:]:
@@ -104,11 +99,44 @@ def run(
         started = time.perf_counter()
         outcomes = runner.run()
     except KilnError as e:
+        if ci and ctx is not None:
+            write_ci_summary(ctx.settings.step_summary, failure_markdown(recipe, e))
         fail(console, e)
     summary = build_summary(parsed.name, outcomes, time.perf_counter() - started)
     print_summary(console, summary)
     out = ctx.settings.artifacts_root / "last_run.json"
     out.write_text(json.dumps(summary, indent=2))
+    if ci:
+        write_ci_summary(ctx.settings.step_summary, summary_markdown(summary, outcomes))
+
+
+def write_ci_summary(path: Path | None, markdown: str) -> None:
+    """Append to the job summary file (GitHub Actions appends every step's), else print."""
+    if path is None:
+        print(markdown)
+        return
+    with path.open("a") as f:
+        f.write(markdown + "\n")
+
+
+def summary_markdown(s: dict, outcomes) -> str:
+    r = s["registered"]
+    report = next(o for o in outcomes if o.name == "validate").artifact.path / "report.md"
+    lines = [f"## Kiln: {s['recipe']} ({'gates passed' if s['validation_passed'] else 'gates missed'})", "",
+             f"Registered **{r['model_name']}** version **{r['version']}** (run `{r['run_id']}`) on `{s['target']}`.", "",
+             "| stage | status | seconds |", "|---|---|---|",
+             *(f"| {st['stage']} | {st['status']} | {st['seconds']:.1f} |" for st in s["stages"]), "",
+             report.read_text().replace("# Validation report", "### Validation report").split("![")[0]]
+    promote = f"kiln promote {r['model_name']} {r['version']} --to staging"
+    return "\n".join(lines + ["", f"Next: `{promote}`"])
+
+
+def failure_markdown(recipe: Path, err: KilnError) -> str:
+    lines = [f"## Kiln: {recipe.name} failed ({type(err).__name__}, exit {err.exit_code})", "", "```", str(err), "```"]
+    report = Path(getattr(err, "report_path", "") or "/nonexistent")
+    if report.is_file():
+        lines += ["", report.read_text().replace("# Validation report", "### Validation report").split("![")[0]]
+    return "\n".join(lines)
 
 
 def print_plan(console: Console, rows) -> None:
@@ -165,6 +193,11 @@ def print_summary(console: Console, s: dict) -> None:
     verdict = "[green]passed[/green]" if s["validation_passed"] else "[yellow]missed (warn)[/yellow]"
     console.print(f"Gates {verdict}. MLflow: [bold]{r['model_name']}[/bold] version [bold]{r['version']}[/bold] "
                   f"(run {r['run_id']}, store {r['tracking_uri']})")
+
+
+app.add_typer(registry_commands.models_app, name="models")
+for command in (registry_commands.promote, registry_commands.rollback, registry_commands.ui):
+    app.command()(command)
 
 
 def main() -> None:

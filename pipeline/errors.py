@@ -54,3 +54,15 @@ class IntegrityError(KilnError):
     """An artifact's files no longer match the sha256 listed in its manifest."""
 
     exit_code = 6
+
+
+class PromotionRefused(KilnError):
+    """A promotion's gate said no (validation, staging first, challenger vs champion)."""
+
+    exit_code = 7
+
+
+class RegistryError(KilnError):
+    """The model registry has no such model, version or alias, or cannot do what was asked."""
+
+    exit_code = 8

@@ -61,6 +61,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         **summary.__dict__,
         "peak_rss_mb": peak_rss_mb(),
+        "decode_ms": [round(t * 1e3, 4) for run in steps for t in run],  # every decode step, for the report's plot
         "generated_ids": tokens,
     }
 

@@ -299,6 +299,28 @@ class RegisterConfig(Section):
     tracking_uri: str | None = None
 
 
+# --------------------------------------------------------------------------- promote
+
+
+class PromoteConfig(Section):
+    """Limits for `kiln promote --to production`: how far the challenger (this recipe's version) may
+    fall behind the current production version, measured on the same eval tokens and hardware.
+
+    ```yaml
+    promote:
+      max_ppl_increase_pct: 1.0        # challenger perplexity vs production's, percent
+      max_agreement_drop: 0.01         # next-token agreement with the source, absolute
+      max_tokens_per_s_drop_pct: 10.0  # decode tokens/s, percent
+      max_ttft_increase_pct: 25.0      # time to first token, percent
+    ```
+    """
+
+    max_ppl_increase_pct: float = Field(1.0, ge=0)
+    max_agreement_drop: float = Field(0.01, ge=0, le=1)
+    max_tokens_per_s_drop_pct: float = Field(10.0, ge=0, le=100)
+    max_ttft_increase_pct: float = Field(25.0, ge=0)
+
+
 # --------------------------------------------------------------------------- recipe
 
 
@@ -316,6 +338,7 @@ class Recipe(Section):
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
     # `register` is an ABCMeta attribute too, so the same alias trick applies.
     registration: RegisterConfig = Field(alias="register")
+    promote: PromoteConfig = PromoteConfig()
 
     @field_validator("name")
     @classmethod

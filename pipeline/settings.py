@@ -7,11 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def login_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()  # $LOGNAME/$USER, else the password database
+    except (KeyError, OSError):
+        return "unknown"
+
+
 @dataclass(frozen=True)
 class Settings:
     artifacts_root: Path
     tracking_uri_override: str | None
     hf_offline: bool
+    actor: str  # who promotions and rollbacks are recorded as: the CI user, else the login user
+    step_summary: Path | None = None  # GitHub Actions' job summary file, for `kiln run --ci`
 
     @classmethod
     def from_env(cls, artifacts_root: str | Path | None = None) -> "Settings":
@@ -20,6 +31,8 @@ class Settings:
             artifacts_root=Path(root).resolve(),
             tracking_uri_override=os.environ.get("MLFLOW_TRACKING_URI") or None,
             hf_offline=os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"},
+            actor=os.environ.get("GITHUB_ACTOR") or login_name(),
+            step_summary=Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None,
         )
 
     def default_tracking_uri(self) -> str:

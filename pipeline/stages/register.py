@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from pipeline.artifacts import Artifact, Registration, verify, write_json_atomic
 from pipeline.hashing import sha256_bytes
 from pipeline.recipe import RegisterConfig
+from pipeline.registry.store import client_for, ensure_experiment, ensure_registered_model, store_lock
 from pipeline.runner import StageContext
 
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "mlflow", "numpy")
@@ -64,34 +65,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def client_for(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # created concurrently by another run
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="Built by Kiln")
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-            raise
-
-
 def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, artifact_location: str | None,
              repo_dir: Path):
     """The register stage function for one recipe run (recipe text and store bound here)."""
@@ -105,61 +78,64 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
             verify(artifact.path, full=True)  # never register files that differ from their manifest
         ctx.log(f"all {len(upstream)} upstream artifacts match their sha256 manifests")
 
-        client = client_for(tracking_uri)
-        exp_id = ensure_experiment(client, cfg.experiment, artifact_location)
-        recipe_sha = sha256_bytes(recipe_text.encode())
-        lineage = {
-            "kiln.recipe_name": recipe_doc["name"],
-            "kiln.recipe_sha256": recipe_sha,
-            "kiln.source_sha256": source.digest,
-            "kiln.source_origin": json.dumps(source.meta.get("origin", {}))[:4000],
-            "kiln.engine_sha256": engine.digest,
-            "kiln.quant_method": str(quantized.meta.get("method")),
-            "kiln.target": engine.meta["target"],
-            "kiln.hardware": hardware(),
-            "kiln.git_commit": git_commit(repo_dir),
-            "kiln.code_version": ctx.run.code_version,
-            "kiln.validation_passed": str(report.meta["passed"]).lower(),
-            **{f"kiln.lib.{k}": v for k, v in library_versions().items()},
-        }
-        mlrun = client.create_run(exp_id, run_name=recipe_doc["name"], tags=lineage)
-        run_id = mlrun.info.run_id
-        try:
-            now = int(time.time() * 1000)
-            metrics = {k: float(v) for k, v in report.meta["metrics"].items()}
-            for key in ("mean_relative_output_error", "max_relative_output_error"):
-                if key in quantized.meta:
-                    metrics[f"quant.{key}"] = float(quantized.meta[key])
-            for name, artifact in upstream.items():
-                metrics[f"stage_seconds.{name}"] = float(json.loads((artifact.path / "manifest.json").read_text())["seconds"])
-            params = [Param(k, v[:6000]) for k, v in flatten(recipe_doc).items()]
-            for i in range(0, len(params), 100):
-                client.log_batch(run_id, params=params[i : i + 100])
-            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                             tags=[RunTag("kiln.stage_digests", json.dumps({n: a.digest for n, a in upstream.items()}))])
-            recipe_file = ctx.out_dir / "recipe.yaml"
-            recipe_file.write_text(recipe_text)
-            client.log_artifact(run_id, str(recipe_file))
-            client.log_artifacts(run_id, str(engine.path), "engine")
-            client.log_artifacts(run_id, str(report.path), "validation")
-            client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
-            for name, artifact in upstream.items():
-                client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
-            client.set_terminated(run_id, "FINISHED")
-        except BaseException:
-            client.set_terminated(run_id, "FAILED")
-            raise
+        with store_lock(tracking_uri):  # one writer at a time on an embedded sqlite store
+            client = client_for(tracking_uri)
+            exp_id = ensure_experiment(client, cfg.experiment, artifact_location)
+            recipe_sha = sha256_bytes(recipe_text.encode())
+            lineage = {
+                "kiln.recipe_name": recipe_doc["name"],
+                "kiln.recipe_sha256": recipe_sha,
+                "kiln.source_sha256": source.digest,
+                "kiln.source_origin": json.dumps(source.meta.get("origin", {}))[:4000],
+                "kiln.engine_sha256": engine.digest,
+                "kiln.quant_method": str(quantized.meta.get("method")),
+                "kiln.target": engine.meta["target"],
+                "kiln.hardware": hardware(),
+                "kiln.git_commit": git_commit(repo_dir),
+                "kiln.code_version": ctx.run.code_version,
+                "kiln.validation_passed": str(report.meta["passed"]).lower(),
+                "kiln.eval_tokens_sha256": str(report.meta.get("eval_tokens_sha256")),
+                **{f"kiln.lib.{k}": v for k, v in library_versions().items()},
+            }
+            mlrun = client.create_run(exp_id, run_name=recipe_doc["name"], tags=lineage)
+            run_id = mlrun.info.run_id
+            try:
+                now = int(time.time() * 1000)
+                metrics = {k: float(v) for k, v in report.meta["metrics"].items()}
+                metrics["engine_size_mb"] = sum(f.stat().st_size for f in engine.path.rglob("*") if f.is_file()) / 2**20
+                for key in ("mean_relative_output_error", "max_relative_output_error"):
+                    if key in quantized.meta:
+                        metrics[f"quant.{key}"] = float(quantized.meta[key])
+                for name, artifact in upstream.items():
+                    metrics[f"stage_seconds.{name}"] = float(json.loads((artifact.path / "manifest.json").read_text())["seconds"])
+                params = [Param(k, v[:6000]) for k, v in flatten(recipe_doc).items()]
+                for i in range(0, len(params), 100):
+                    client.log_batch(run_id, params=params[i : i + 100])
+                client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                                 tags=[RunTag("kiln.stage_digests", json.dumps({n: a.digest for n, a in upstream.items()}))])
+                recipe_file = ctx.out_dir / "recipe.yaml"
+                recipe_file.write_text(recipe_text)
+                client.log_artifact(run_id, str(recipe_file))
+                client.log_artifacts(run_id, str(engine.path), "engine")
+                client.log_artifacts(run_id, str(report.path), "validation")
+                client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
+                for name, artifact in upstream.items():
+                    client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
+                client.set_terminated(run_id, "FINISHED")
+            except BaseException:
+                client.set_terminated(run_id, "FAILED")
+                raise
 
-        ensure_registered_model(client, cfg.model_name)
-        version = client.create_model_version(
-            cfg.model_name, source=f"{mlrun.info.artifact_uri}/engine", run_id=run_id, tags=lineage,
-            description=f"{recipe_doc['name']}: {quantized.meta.get('method')} on {engine.meta['target']}",
-        )
-        ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")
-        record = {"model_name": cfg.model_name, "version": str(version.version), "run_id": run_id,
-                  "experiment_id": exp_id, "tracking_uri": tracking_uri}
-        write_json_atomic(ctx.out_dir / "registration.json", record)
-        return Registration(path=ctx.out_dir, meta=record)
+            ensure_registered_model(client, cfg.model_name)
+            version = client.create_model_version(
+                cfg.model_name, source=f"{mlrun.info.artifact_uri}/engine", run_id=run_id, tags=lineage,
+                description=f"{recipe_doc['name']}: {quantized.meta.get('method')} on {engine.meta['target']}",
+            )
+            ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")
+            record = {"model_name": cfg.model_name, "version": str(version.version), "run_id": run_id,
+                      "experiment_id": exp_id, "tracking_uri": tracking_uri}
+            write_json_atomic(ctx.out_dir / "registration.json", record)
+            return Registration(path=ctx.out_dir, meta=record)
 
     return run
 

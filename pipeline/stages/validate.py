@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.artifacts import Engine, SourceCheckpoint, ValidationReport, write_json_atomic
 from pipeline.corpus import load_text
 from pipeline.errors import QualityGateFailed
+from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
 from pipeline.metrics import agreement, eval_windows, perplexity, token_nll
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
@@ -96,6 +97,29 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
     return "\n".join(lines) + "\n"
 
 
+def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any], src_lat: dict[str, Any] | None) -> None:
+    """The report's figure: per-token decode latency (engine vs source) and perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    fig, (lat_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    series = [("engine", eng_lat)] + ([("source (PyTorch)", src_lat)] if src_lat else [])
+    for label, lat in series:
+        steps = np.sort(np.asarray(lat["decode_ms"]))
+        lat_ax.plot(steps, np.linspace(0, 1, len(steps)), label=f"{label}: p50 {lat['decode_p50_ms']:.1f} ms")
+    lat_ax.set(xlabel="per-token decode latency (ms)", ylabel="fraction of tokens", title="decode latency (CDF)")
+    lat_ax.legend()
+    bars = acc_ax.bar(["source fp32", "engine"], [metrics["source_ppl"], metrics["engine_ppl"]], color=["tab:gray", "tab:blue"])
+    acc_ax.bar_label(bars, fmt="%.3f")
+    acc_ax.set(ylabel="perplexity (held-out)",
+               title=f"{metrics['ppl_increase_pct']:+.2f} % perplexity, agreement {metrics['next_token_agreement']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext) -> ValidationReport:
     tokenizer = load_tokenizer(engine.path)
     ids = tokenizer(load_text(cfg.eval_text, "eval", "validate.eval_text"))["input_ids"][: cfg.max_eval_tokens]
@@ -130,13 +154,17 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         metrics |= {f"source_{k}": src_lat[k] for k in ("tokens_per_s", "ttft_ms", "peak_rss_mb")}
         metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]
     gates = evaluate_gates(cfg.gates, metrics)
+    # What promotion compares against: two builds' accuracy numbers are comparable only on the same tokens.
+    eval_digest = sha256_bytes(np.asarray(ids, dtype=np.int64).tobytes())
     meta = {"target": engine.target, "eval_tokens": len(ids), "window": cfg.window, "predicted_tokens": count,
+            "eval_tokens_sha256": eval_digest,
             "source_latency": src_lat and {k: v for k, v in src_lat.items() if k != "generated_ids"},
             "engine_generated_ids": eng_lat["generated_ids"], "source_generated_ids": src_lat and src_lat["generated_ids"]}
     for g in gates:
         mark = "[green]✓[/green]" if g["passed"] else "[red]✗[/red]"
         ctx.log(f"{mark} {g['gate']}: {g['value']:.4g} {g['op']} {g['limit']:g}")
     write_json_atomic(ctx.out_dir / "validation.json", {"metrics": metrics, "gates": gates, **meta})
-    (ctx.out_dir / "report.md").write_text(render_markdown(metrics, gates, meta))
+    (ctx.out_dir / "report.md").write_text(render_markdown(metrics, gates, meta) + "\n![latency and accuracy](latency_accuracy.png)\n")
+    plot_latency_accuracy(ctx.out_dir / "latency_accuracy.png", metrics, eng_lat, src_lat)
     return ValidationReport(path=ctx.out_dir, meta={"passed": all(g["passed"] for g in gates), "metrics": metrics,
-                                                    "gates": gates, "target": engine.target})
+                                                    "gates": gates, "target": engine.target, "eval_tokens_sha256": eval_digest})

@@ -16,7 +16,7 @@ from pipeline.stages import source
 
 
 def stage_ctx(tmp_path, offline=False) -> StageContext:
-    settings = Settings(artifacts_root=tmp_path, tracking_uri_override=None, hf_offline=offline)
+    settings = Settings(artifacts_root=tmp_path, tracking_uri_override=None, hf_offline=offline, actor="test")
     out = tmp_path / "out"
     out.mkdir(parents=True)
     return StageContext(RunContext(settings, Console(quiet=True), "test"), "source", out)

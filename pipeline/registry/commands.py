@@ -1,0 +1,241 @@
+"""`kiln models list|show|pull`, `kiln promote`, `kiln rollback`, `kiln ui`: the registry from the terminal.
+
+    kiln models list
+    kiln models show smollm2-135m-int4@production
+    kiln promote smollm2-135m-int4 3 --to staging
+    kiln promote smollm2-135m-int4 3 --to production
+    kiln rollback smollm2-135m-int4
+    kiln ui
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.console import fail, make_console
+from pipeline.errors import KilnError, PromotionRefused
+from pipeline.registry.refs import VersionRef, resolve
+
+models_app = typer.Typer(no_args_is_help=True, help="Browse the model registry: registered models, versions, aliases, metrics.")
+
+StoreOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else artifacts/mlflow.db).")]
+ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
+# metric key -> (column, format)
+VERSION_METRICS = {
+    "ppl_increase_pct": ("ppl Δ %", "{:+.2f}"),
+    "next_token_agreement": ("agreement", "{:.3f}"),
+    "tokens_per_s": ("tokens/s", "{:.1f}"),
+    "ttft_ms": ("TTFT ms", "{:.1f}"),
+    "engine_size_mb": ("size MB", "{:.1f}"),
+}
+
+
+def open_store(tracking_uri: str | None, artifacts: Path | None):
+    """(settings, tracking URI, client) with MLflow's own chatter off."""
+    from pipeline.registry.store import client_for
+    from pipeline.settings import Settings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    settings = Settings.from_env(artifacts)
+    uri = settings.tracking_uri(tracking_uri)
+    return settings, uri, client_for(uri)
+
+
+def open_registry(tracking_uri: str | None, artifacts: Path | None):
+    from pipeline.registry.promotion import Registry
+
+    settings, uri, client = open_store(tracking_uri, artifacts)
+    return Registry(client, uri, settings.artifacts_root / "registry", settings.actor)
+
+
+def version_row(client, mv, alias_map: dict[str, str]) -> list[str]:
+    metrics = client.get_run(mv.run_id).data.metrics
+    cells = [fmt.format(metrics[k]) if k in metrics else "-" for k, (_, fmt) in VERSION_METRICS.items()]
+    # version search results carry no aliases; the registered model's alias -> version map does
+    aliases = ", ".join(f"@{a}" for a, v in sorted(alias_map.items()) if str(v) == str(mv.version))
+    return [str(mv.version), aliases, mv.tags.get("kiln.quant_method", "?"), mv.tags.get("kiln.target", "?"), *cells,
+            mv.tags.get("kiln.validation_passed", "?"), time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))]
+
+
+@models_app.command("list")
+def list_models(tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Registered models with their newest version and aliases."""
+    console = make_console()
+    _, uri, client = open_store(tracking_uri, artifacts)
+    table = Table(title=f"Registered models ({uri})")
+    for col in ("name", "versions", "newest", "aliases", "description"):
+        table.add_column(col)
+    for model in client.search_registered_models(order_by=["name ASC"]):
+        versions = client.search_model_versions(f"name='{model.name}'")
+        newest = max((int(v.version) for v in versions), default=0)
+        aliases = ", ".join(f"@{a}→{v}" for a, v in sorted((model.aliases or {}).items()))
+        table.add_row(model.name, str(len(versions)), str(newest or "-"), aliases, model.description or "")
+    console.print(table)
+
+
+@models_app.command("show")
+def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS")],
+         tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """All versions of a model, or one version in full (metrics, lineage tags, audit log)."""
+    from pipeline.registry.promotion import audit_log
+
+    console = make_console()
+    try:
+        parsed = VersionRef.parse(ref)
+        _, uri, client = open_store(tracking_uri, artifacts)
+        if parsed.version is None and parsed.alias is None:
+            resolve(client, parsed)  # a clear error when the model does not exist
+            alias_map = client.get_registered_model(parsed.name).aliases or {}
+            table = Table(title=f"{parsed.name} ({uri})")
+            for col in ("version", "aliases", "method", "target", *(c for c, _ in VERSION_METRICS.values()), "validated", "created"):
+                table.add_column(col, justify="right" if col in {c for c, _ in VERSION_METRICS.values()} else "left")
+            for mv in sorted(client.search_model_versions(f"name='{parsed.name}'"), key=lambda v: int(v.version)):
+                table.add_row(*version_row(client, mv, alias_map))
+            console.print(table)
+            return
+        mv = resolve(client, parsed)
+    except KilnError as e:
+        fail(console, e)
+    run = client.get_run(mv.run_id)
+    console.print(f"[bold]{mv.name}[/bold] version [bold]{mv.version}[/bold]  aliases: "
+                  f"{', '.join('@' + a for a in sorted(mv.aliases or [])) or 'none'}  run {mv.run_id}")
+    console.print(f"source: {mv.source}")
+    metrics = Table(title="metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k, v in sorted(run.data.metrics.items()):
+        metrics.add_row(k, f"{v:.4g}")
+    console.print(metrics)
+    tags = Table(title="lineage")
+    tags.add_column("tag")
+    tags.add_column("value")
+    for k, v in sorted(mv.tags.items()):
+        if not k.startswith("kiln.audit."):
+            tags.add_row(k, v)
+    console.print(tags)
+    for event in audit_log(mv):
+        console.print(f"audit: {event['at']} {event['by']}: {event['action']} @{event['alias']} → {event['result']}"
+                      + (f" (previous {event['previous_version']})" if event.get("previous_version") else "")
+                      + "".join(f"\n    {r}" for r in event.get("reasons", [])))
+
+
+@models_app.command("pull")
+def pull(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS")],
+         dest: Annotated[Optional[Path], typer.Option(help="Folder (default: artifacts/registry/NAME-vVERSION)")] = None,
+         tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Download a version's engine and validation report, checked against their sha256 manifests."""
+    from pipeline.registry.fetch import fetch_version
+
+    console = make_console()
+    try:
+        registry = open_registry(tracking_uri, artifacts)
+        mv = resolve(registry.client, VersionRef.parse(ref))
+        fetched = fetch_version(registry.client, registry.tracking_uri, mv, dest or registry.workdir / f"{mv.name}-v{mv.version}")
+    except KilnError as e:
+        fail(console, e)
+    console.print(f"{mv.name} version {mv.version}: sha256 verified")
+    print(json.dumps({"name": fetched.name, "version": fetched.version, "engine_dir": str(fetched.engine_dir),
+                      "validation_dir": str(fetched.validation_dir)}))
+
+
+def comparison_table(decision) -> Table:
+    table = Table(title=f"challenger {decision.name} v{decision.version} vs champion @production v{decision.previous}")
+    for col in ("metric", f"champion v{decision.previous}", f"challenger v{decision.version}", "worse by", "limit", ""):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in decision.comparison:
+        table.add_row(r.metric, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.change:+.3g} {r.unit}", f"{r.limit:g} {r.unit}",
+                      "[green]ok[/green]" if r.passed else "[red]regressed[/red]")
+    return table
+
+
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name (or NAME/VERSION, NAME@ALIAS).")],
+    version: Annotated[Optional[str], typer.Argument(help="Version number.")] = None,
+    to: Annotated[str, typer.Option("--to", help="staging | production")] = "staging",
+    force: Annotated[bool, typer.Option("--force", help="Promote although a gate refuses (recorded); integrity is never overridden.")] = False,
+    tracking_uri: StoreOpt = None,
+    artifacts: ArtifactsOpt = None,
+) -> None:
+    """Point the staging or production alias at a version, if its gates allow.
+
+    Example: kiln promote smollm2-135m-int4 2 --to production
+    """
+    console = make_console()
+    if to not in ("staging", "production"):
+        fail(console, KilnError(f"--to {to!r}: allowed values are staging, production"))
+    try:
+        ref = VersionRef.parse(f"{name}/{version}" if version else name)
+        registry = open_registry(tracking_uri, artifacts)
+        decision = registry.decide(ref, to)
+        if decision.comparison:
+            console.print(comparison_table(decision))
+        result = registry.apply(decision, force=force)
+    except KilnError as e:
+        fail(console, e)
+    for reason in decision.reasons():
+        console.print(f"[red]✗[/red] {reason}")
+    if result == "refused":
+        fail(console, PromotionRefused(f"{decision.name} version {decision.version} not promoted to {to} "
+                                       "(recorded on the version; --force overrides)"))
+    was = f" (was version {decision.previous})" if decision.previous and decision.previous != decision.version else ""
+    console.print(f"[green]✓[/green] {decision.name}@{to} → version {decision.version}{was}: {result}, recorded as {registry.actor}")
+
+
+def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")],
+             tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Move the production alias back to the previous production version (recorded on both)."""
+    console = make_console()
+    try:
+        registry = open_registry(tracking_uri, artifacts)
+        old, new = registry.rollback(name)
+    except KilnError as e:
+        fail(console, e)
+    console.print(f"[green]✓[/green] {name}@production → version {new} (rolled back from version {old}), recorded as {registry.actor}")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+       host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the store private to this machine.")] = "127.0.0.1",
+       tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Start the MLflow UI on the project's store and print its URL (Ctrl-C stops it)."""
+    console = make_console()
+    _, uri, _ = open_store(tracking_uri, artifacts)
+    if uri.startswith(("http://", "https://")):
+        console.print(f"The store is a tracking server: its UI is {uri}")
+        return
+    url = f"http://{host}:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # halves the server's processes
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+                             "--port", str(port), "--workers", "1"], env=env)
+    try:
+        if not wait_healthy(url, proc, 120):
+            raise typer.Exit(proc.poll() or 1)
+        Console().print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,73 @@
+"""A registered version's artifacts, downloaded from its store and checked before anything uses them.
+
+The engine comes from the version's own source URI (what `models:/NAME@alias` resolves to); the
+validation report from the version's run. Each folder must match the sha256 manifest logged inside
+it, and that manifest's digest must equal the one recorded at registration (`kiln.engine_sha256`,
+`kiln.stage_digests`), so neither a changed file nor a swapped folder with a fresh manifest passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import verify
+from pipeline.errors import IntegrityError
+
+
+@dataclass(frozen=True)
+class FetchedVersion:
+    name: str
+    version: str
+    engine_dir: Path
+    validation_dir: Path
+
+
+def expected_digests(client, mv) -> dict[str, str]:
+    run = client.get_run(mv.run_id)
+    stage_digests = json.loads(run.data.tags.get("kiln.stage_digests", "{}"))
+    engine = mv.tags.get("kiln.engine_sha256") or stage_digests.get("build")
+    if not engine or "validate" not in stage_digests:
+        raise IntegrityError(f"{mv.name} version {mv.version} was not registered by Kiln (no recorded artifact digests)")
+    return {"engine": engine, "validation": stage_digests["validate"]}
+
+
+def check_folder(folder: Path, expected_digest: str, what: str) -> None:
+    manifest = verify(folder, full=True)
+    if manifest["digest"] != expected_digest:
+        raise IntegrityError(f"{what}: manifest digest {manifest['digest'][:16]}… is not the registered {expected_digest[:16]}…")
+
+
+def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True) -> FetchedVersion:
+    """Download into `dest` (replaced only after the new copy verifies) and verify; with `reuse`, a
+    copy already at `dest` that verifies is used as it is."""
+    import mlflow.artifacts
+
+    expected = expected_digests(client, mv)
+    done = FetchedVersion(mv.name, str(mv.version), dest / "engine", dest / "validation")
+    if reuse and dest.is_dir():
+        try:
+            check_folder(done.engine_dir, expected["engine"], "engine")
+            check_folder(done.validation_dir, expected["validation"], "validation")
+            return done
+        except (IntegrityError, OSError):
+            pass  # stale or damaged: download again
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
+                                            dst_path=str(partial), tracking_uri=tracking_uri)
+        mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="validation", dst_path=str(partial),
+                                            tracking_uri=tracking_uri)
+        what = f"{mv.name} version {mv.version}"
+        check_folder(partial / "engine", expected["engine"], f"{what} engine")
+        check_folder(partial / "validation", expected["validation"], f"{what} validation")
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return done

@@ -1,0 +1,188 @@
+"""Gated promotion through the `staging` and `production` aliases, rollback, and the audit trail.
+
+- to staging: the version's validation passed, and its engine and validation report still match
+  the sha256 manifests recorded at registration.
+- to production: the same checks, the version holds `@staging`, and, when another version holds
+  `@production`, challenger vs champion on the same eval tokens and hardware within the limits of
+  the challenger recipe's `promote` section.
+`--force` overrides the gates (never the integrity check) and says so in the record. Every attempt,
+refused ones included, is recorded on the version as a `kiln.audit.<time>` tag, so the registry is
+the audit log. The production history (for rollback) is a tag on the registered model.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import RegistryError
+from pipeline.recipe import PromoteConfig
+from pipeline.registry.fetch import fetch_version
+from pipeline.registry.refs import VersionRef, resolve
+from pipeline.registry.store import store_lock
+
+Alias = Literal["staging", "production"]
+HISTORY_TAG = "kiln.production_history"
+AUDIT_PREFIX = "kiln.audit."
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    metric: str
+    champion: float
+    challenger: float
+    change: float  # in the unit of `limit`, positive = worse
+    limit: float
+    unit: str
+
+    @property
+    def passed(self) -> bool:
+        return self.change <= self.limit
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    alias: Alias
+    previous: str | None  # the version that held the alias before
+    problems: list[str] = field(default_factory=list)
+    comparison: list[ComparisonRow] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> bool:
+        return not self.problems and all(r.passed for r in self.comparison)
+
+    def reasons(self) -> list[str]:
+        failed = [f"{r.metric} worse by {r.change:.3g} {r.unit} (limit {r.limit:g} {r.unit})" for r in self.comparison if not r.passed]
+        return self.problems + failed
+
+
+def compare(challenger: dict[str, float], champion: dict[str, float], policy: PromoteConfig) -> list[ComparisonRow]:
+    def pct(new: float, old: float) -> float:
+        return 100.0 * (new - old) / old
+
+    return [
+        ComparisonRow("perplexity", champion["engine_ppl"], challenger["engine_ppl"],
+                      pct(challenger["engine_ppl"], champion["engine_ppl"]), policy.max_ppl_increase_pct, "%"),
+        ComparisonRow("next-token agreement", champion["next_token_agreement"], challenger["next_token_agreement"],
+                      champion["next_token_agreement"] - challenger["next_token_agreement"], policy.max_agreement_drop, "abs"),
+        ComparisonRow("tokens/s", champion["tokens_per_s"], challenger["tokens_per_s"],
+                      -pct(challenger["tokens_per_s"], champion["tokens_per_s"]), policy.max_tokens_per_s_drop_pct, "%"),
+        ComparisonRow("time to first token (ms)", champion["ttft_ms"], challenger["ttft_ms"],
+                      pct(challenger["ttft_ms"], champion["ttft_ms"]), policy.max_ttft_increase_pct, "%"),
+    ]
+
+
+def policy_of(client, mv) -> PromoteConfig:
+    """The `promote` section of the recipe that built this version (logged as run params)."""
+    params = client.get_run(mv.run_id).data.params
+    return PromoteConfig(**{k.removeprefix("promote."): v for k, v in params.items() if k.startswith("promote.")})
+
+
+class Registry:
+    """Promotion and rollback against one store. `workdir` holds verified downloads of versions."""
+
+    def __init__(self, client, tracking_uri: str, workdir: Path, actor: str):
+        self.client, self.tracking_uri, self.workdir, self.actor = client, tracking_uri, workdir, actor
+
+    def verified_validation(self, mv) -> dict[str, Any]:
+        """The version's validation.json, from a fresh download of its engine and report that
+        matches the registered digests (a copy checked earlier proves nothing about the store now)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".check-") as tmp:
+            fetched = fetch_version(self.client, self.tracking_uri, mv, Path(tmp) / "version", reuse=False)
+            return json.loads((fetched.validation_dir / "validation.json").read_text())
+
+    def holder(self, name: str, alias: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def decide(self, ref: VersionRef, alias: Alias) -> Decision:
+        mv = resolve(self.client, ref)
+        previous = self.holder(mv.name, alias)
+        decision = Decision(mv.name, str(mv.version), alias, previous and str(previous.version))
+        report = self.verified_validation(mv)  # IntegrityError here is never overridable
+        failed = [g["gate"] for g in report["gates"] if not g["passed"]]
+        if failed:
+            decision.problems.append(f"validation did not pass (gates missed: {', '.join(failed)})")
+        if alias == "production":
+            staging = self.holder(mv.name, "staging")
+            if staging is None or str(staging.version) != decision.version:
+                on = f"version {staging.version}" if staging else "no version"
+                decision.problems.append(f"version {decision.version} is not on staging (@staging is {on}); promote it to staging first")
+            if previous is not None and str(previous.version) != decision.version:
+                champion = self.verified_validation(previous)
+                for what, a, b in (("eval tokens", report.get("eval_tokens_sha256"), champion.get("eval_tokens_sha256")),
+                                   ("hardware", mv.tags.get("kiln.hardware"), previous.tags.get("kiln.hardware"))):
+                    if a is None or a != b:
+                        decision.problems.append(f"not comparable with production version {previous.version}: {what} differ ({a} vs {b})")
+                decision.comparison = compare(report["metrics"], champion["metrics"], policy_of(self.client, mv))
+        return decision
+
+    def record(self, name: str, version: str, event: dict[str, Any]) -> None:
+        now = datetime.now(timezone.utc)
+        event = {**event, "by": self.actor, "at": now.isoformat(timespec="milliseconds")}
+        self.client.set_model_version_tag(name, version, AUDIT_PREFIX + now.strftime("%Y%m%dT%H%M%S.%fZ"), json.dumps(event))
+
+    def apply(self, decision: Decision, force: bool = False) -> str:
+        """Record the decision on the version and move the alias if allowed (or forced). Returns
+        the result: accepted, forced or refused."""
+        result = "accepted" if decision.allowed else "forced" if force else "refused"
+        with store_lock(self.tracking_uri):
+            return self._apply(decision, result)
+
+    def _apply(self, decision: Decision, result: str) -> str:
+        self.record(decision.name, decision.version, {
+            "action": "promote", "alias": decision.alias, "result": result, "previous_version": decision.previous,
+            "reasons": decision.reasons(), "comparison": [asdict(r) | {"passed": r.passed} for r in decision.comparison]})
+        if result == "refused":
+            return result
+        self.client.set_registered_model_alias(decision.name, decision.alias, decision.version)
+        if decision.alias == "production":
+            history = self.history(decision.name)
+            if not history or history[-1] != decision.version:
+                self.set_history(decision.name, history + [decision.version])
+        return result
+
+    def history(self, name: str) -> list[str]:
+        return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+    def set_history(self, name: str, history: list[str]) -> None:
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Move `production` back to the version that held it before; returns (from, to)."""
+        with store_lock(self.tracking_uri):
+            return self._rollback(name)
+
+    def _rollback(self, name: str) -> tuple[str, str]:
+        current = self.holder(name, "production")
+        if current is None:
+            raise RegistryError(f"{name} has no @production version to roll back")
+        history = self.history(name)
+        if not history or history[-1] != str(current.version):
+            raise RegistryError(f"@production of {name} is version {current.version}, but Kiln's production history is {history}: "
+                                "the alias was moved outside Kiln; set it with `kiln promote --to production`")
+        if len(history) < 2:
+            raise RegistryError(f"{name} version {current.version} is the only production version so far; nothing to roll back to")
+        target = history[-2]
+        self.client.set_registered_model_alias(name, "production", target)
+        self.set_history(name, history[:-1])
+        self.record(name, str(current.version), {"action": "rollback", "alias": "production", "result": "rolled back from",
+                                                 "to_version": target})
+        self.record(name, target, {"action": "rollback", "alias": "production", "result": "restored",
+                                   "previous_version": str(current.version)})
+        return str(current.version), target
+
+
+def audit_log(mv) -> list[dict[str, Any]]:
+    return [json.loads(v) for k, v in sorted(mv.tags.items()) if k.startswith(AUDIT_PREFIX)]

@@ -1,0 +1,162 @@
+"""The registry from a user's seat, through the real CLI: two builds registered, gated promotion to
+staging and production, the challenger comparison, forced promotion, rollback, browsing, loading by
+`models:/` URI, and integrity checks, against each store a team uses: the embedded sqlite file, a
+real `mlflow server` over HTTP, and a server backed by PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, TINY_RECIPE, run_kiln
+from tests.stores import mlflow_server, postgres_database
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-llama-int4"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "server", "postgres"])
+def store(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"store_{request.param}")
+    if request.param == "sqlite":
+        yield f"sqlite:///{root / 'mlflow.db'}"
+    elif request.param == "server":
+        with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log") as url:
+            yield url
+    else:
+        with postgres_database() as db, mlflow_server(db, root / "artifacts", root / "server.log") as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+def flow(store, tiny_run):
+    """Two versions of the tiny model in `store`: v1 float (method none), v2 RTN int4. v2 agrees
+    with the source on fewer next tokens (0.68 vs 1.0), which the production comparison catches."""
+    env = {"MLFLOW_TRACKING_URI": store}
+
+    def kiln(*args: str) -> subprocess.CompletedProcess:
+        return run_kiln(*args, artifacts=tiny_run["artifacts"], env=env)
+
+    for overrides in (["--set", "quantize.method=none"], []):
+        proc = kiln("run", str(TINY_RECIPE), *overrides)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return kiln
+
+
+def mlflow_client(store: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=store, registry_uri=store)
+
+
+def production(client) -> str:
+    return str(client.get_model_version_by_alias(MODEL, "production").version)  # int from sqlite, str over HTTP
+
+
+def audit(store: str, version: str) -> list[dict]:
+    tags = mlflow_client(store).get_model_version(MODEL, version).tags
+    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("kiln.audit.")]
+
+
+def test_promotion_rollback_and_audit(flow, store):
+    client = mlflow_client(store)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+    assert versions == [1, 2]
+
+    direct = flow("promote", MODEL, "2", "--to", "production")
+    assert direct.returncode == 7 and "is not on staging" in direct.stdout, direct.stdout
+
+    for version, alias in (("1", "staging"), ("1", "production"), ("2", "staging")):
+        proc = flow("promote", MODEL, version, "--to", alias)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert production(client) == "1"
+
+    challenger = flow("promote", MODEL, "2", "--to", "production")
+    assert challenger.returncode == 7, challenger.stdout
+    out = challenger.stdout
+    assert "champion v1" in out and "challenger v2" in out and "next-token agreement worse by" in out
+    assert "regressed" in out  # both versions' numbers side by side, the regressed row marked
+    assert production(client) == "1"
+    refused = audit(store, "2")[-1]
+    assert refused["result"] == "refused" and refused["previous_version"] == "1" and refused["by"]
+    rows = {r["metric"]: r for r in refused["comparison"]}
+    assert rows["next-token agreement"]["champion"] == pytest.approx(1.0, abs=0.02) and not rows["next-token agreement"]["passed"]
+
+    forced = flow("promote", MODEL, "2", "--to", "production", "--force")
+    assert forced.returncode == 0 and "forced" in forced.stdout, forced.stdout
+    assert production(client) == "2"
+    assert audit(store, "2")[-1]["result"] == "forced"
+
+    back = flow("rollback", MODEL)
+    assert back.returncode == 0 and "version 1 (rolled back from version 2)" in back.stdout, back.stdout
+    assert production(client) == "1"
+    assert audit(store, "2")[-1]["action"] == "rollback" and audit(store, "1")[-1]["previous_version"] == "2"
+    again = flow("rollback", MODEL)
+    assert again.returncode == 8 and "nothing to roll back to" in again.stdout, again.stdout
+
+
+def test_browse_and_load_by_uri(flow, store, tmp_path):
+    from pipeline.modeling.runtime import greedy_decode
+    from pipeline.targets import get_target
+
+    for alias in ("staging", "production"):  # idempotent: the state the promotion test leaves, or set here
+        if flow("models", "show", f"{MODEL}@{alias}").returncode != 0:
+            flow("promote", MODEL, "1", "--to", alias)
+    listing = flow("models", "list")
+    assert listing.returncode == 0 and MODEL in listing.stdout and "@production→" in listing.stdout, listing.stdout
+    table = flow("models", "show", MODEL)
+    assert table.returncode == 0 and "agreement" in table.stdout and "@production" in table.stdout, table.stdout
+    one = flow("models", "show", f"models:/{MODEL}@production")
+    assert one.returncode == 0 and "kiln.recipe_sha256" in one.stdout and "engine_size_mb" in one.stdout, one.stdout
+    assert "audit:" in one.stdout
+    missing = flow("models", "show", f"{MODEL}@nope")
+    assert missing.returncode == 8 and "has no alias @nope" in missing.stdout
+
+    pulled = flow("models", "pull", f"models:/{MODEL}@production", "--dest", str(tmp_path / "prod"))
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    paths = json.loads(pulled.stdout.strip().splitlines()[-1])
+    engine_dir = Path(paths["engine_dir"])
+    meta = json.loads((engine_dir / "manifest.json").read_text())["meta"]
+    lm = get_target(meta["target"]).load(engine_dir, meta)
+    tokens, _, _ = greedy_decode(lm, np.array([1, 2, 3], dtype=np.int64), 4, lambda: 0.0)
+    assert len(tokens) == 4
+    assert (Path(paths["validation_dir"]) / "latency_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_validation_and_tampered_artifacts_are_refused(flow, store, tiny_run):
+    proc = flow("run", str(TINY_RECIPE), "--set", "validate.gates.min_next_token_agreement=0.99",
+                "--set", "validate.on_gate_failure=warn")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    failed_version = json.loads((tiny_run["artifacts"] / "last_run.json").read_text())["registered"]["version"]
+    refused = flow("promote", MODEL, failed_version, "--to", "staging")
+    assert refused.returncode == 7 and "validation did not pass (gates missed: min_next_token_agreement)" in refused.stdout
+    if not store.startswith("sqlite:///"):
+        return  # the files of a server's artifact store are the server's to keep
+    source = mlflow_client(store).get_model_version_download_uri(MODEL, "2")
+    onnx_file = Path(source.removeprefix("file://")) / "engine.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    tampered = flow("promote", MODEL, "2", "--to", "staging", "--force")
+    assert tampered.returncode == 6 and "sha256 mismatch: engine.onnx" in tampered.stdout, tampered.stdout
+
+
+def test_concurrent_runs_both_register(tiny_run, tmp_path):
+    """Two `kiln run`s registering into one embedded store at the same moment: both land, distinct versions."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": store, "KILN_ARTIFACTS": str(tiny_run["artifacts"])}
+    import os
+
+    full_env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **env}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(TINY_RECIPE), *extra], cwd=ROOT, env=full_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for extra in ([], ["--set", "quantize.method=none"])]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    client = mlflow_client(store)
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert {client.get_run(v.run_id).info.status for v in versions} == {"FINISHED"}
+    assert {v.tags["kiln.quant_method"] for v in versions} == {"rtn", "none"}
