@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pipeline.console import fail, make_console
@@ -31,13 +31,13 @@ models_app = typer.Typer(no_args_is_help=True, help="Browse the model registry: 
 
 StoreOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else artifacts/mlflow.db).")]
 ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
-# metric key -> (column, format)
-VERSION_METRICS = {
+# record field -> (column, format)
+VERSION_COLUMNS = {
     "ppl_increase_pct": ("ppl Δ %", "{:+.2f}"),
-    "next_token_agreement": ("agreement", "{:.3f}"),
+    "agreement": ("agreement", "{:.3f}"),
     "tokens_per_s": ("tokens/s", "{:.1f}"),
     "ttft_ms": ("TTFT ms", "{:.1f}"),
-    "engine_size_mb": ("size MB", "{:.1f}"),
+    "size_mb": ("size MB", "{:.1f}"),
 }
 
 
@@ -59,13 +59,10 @@ def open_registry(tracking_uri: str | None, artifacts: Path | None):
     return Registry(client, uri, settings.artifacts_root / "registry", settings.actor)
 
 
-def version_row(client, mv, alias_map: dict[str, str]) -> list[str]:
-    metrics = client.get_run(mv.run_id).data.metrics
-    cells = [fmt.format(metrics[k]) if k in metrics else "-" for k, (_, fmt) in VERSION_METRICS.items()]
-    # version search results carry no aliases; the registered model's alias -> version map does
-    aliases = ", ".join(f"@{a}" for a, v in sorted(alias_map.items()) if str(v) == str(mv.version))
-    return [str(mv.version), aliases, mv.tags.get("kiln.quant_method", "?"), mv.tags.get("kiln.target", "?"), *cells,
-            mv.tags.get("kiln.validation_passed", "?"), time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))]
+def version_row(r: dict) -> list[str]:
+    cells = ["-" if r[k] is None else fmt.format(r[k]) for k, (_, fmt) in VERSION_COLUMNS.items()]
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_ms"] / 1000))
+    return [str(r["version"]), r["aliases"], r["method"] or "?", r["target"] or "?", *cells, r["validated"] or "?", created]
 
 
 @models_app.command("list")
@@ -88,6 +85,7 @@ def list_models(tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -
 def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS")],
          tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
     """All versions of a model, or one version in full (metrics, lineage tags, audit log)."""
+    from pipeline.registry.browse import version_records
     from pipeline.registry.promotion import audit_log
 
     console = make_console()
@@ -96,12 +94,12 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
         _, uri, client = open_store(tracking_uri, artifacts)
         if parsed.version is None and parsed.alias is None:
             resolve(client, parsed)  # a clear error when the model does not exist
-            alias_map = client.get_registered_model(parsed.name).aliases or {}
             table = Table(title=f"{parsed.name} ({uri})")
-            for col in ("version", "aliases", "method", "target", *(c for c, _ in VERSION_METRICS.values()), "validated", "created"):
-                table.add_column(col, justify="right" if col in {c for c, _ in VERSION_METRICS.values()} else "left")
-            for mv in sorted(client.search_model_versions(f"name='{parsed.name}'"), key=lambda v: int(v.version)):
-                table.add_row(*version_row(client, mv, alias_map))
+            numeric = {c for c, _ in VERSION_COLUMNS.values()}
+            for col in ("version", "aliases", "method", "target", *(c for c, _ in VERSION_COLUMNS.values()), "validated", "created"):
+                table.add_column(col, justify="right" if col in numeric else "left")
+            for record in version_records(client, parsed.name):
+                table.add_row(*version_row(record))
             console.print(table)
             return
         mv = resolve(client, parsed)
@@ -229,10 +227,15 @@ def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # halves the server's processes
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
                              "--port", str(port), "--workers", "1"], env=env)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # a terminated `kiln ui` stops its server too, instead of orphaning it
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         if not wait_healthy(url, proc, 120):
             raise typer.Exit(proc.poll() or 1)
-        Console().print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
+        print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         pass

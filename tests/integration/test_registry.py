@@ -160,3 +160,43 @@ def test_concurrent_runs_both_register(tiny_run, tmp_path):
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert {client.get_run(v.run_id).info.status for v in versions} == {"FINISHED"}
     assert {v.tags["kiln.quant_method"] for v in versions} == {"rtn", "none"}
+
+
+def test_kiln_ui_serves_versions_and_artifacts(tiny_run):
+    """`kiln ui` on the embedded store: the registry and a version's report figure over HTTP."""
+    import os
+    import time
+    import urllib.request
+
+    from tests.stores import free_port
+
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "KILN_ARTIFACTS": str(tiny_run["artifacts"])}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            return r.read()
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "kiln ui did not start"
+            try:
+                get("/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        models = json.loads(get("/ajax-api/2.0/mlflow/registered-models/search"))
+        assert MODEL in [m["name"] for m in models["registered_models"]]
+        run_id = tiny_run["registered"]["run_id"]
+        listing = json.loads(get(f"/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run_id}&path=validation"))
+        assert "validation/latency_accuracy.png" in [f["path"] for f in listing["files"]]
+        png = get(f"/get-artifact?path=validation/latency_accuracy.png&run_uuid={run_id}")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert f"MLflow UI: {url}" in out
