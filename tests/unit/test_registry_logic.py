@@ -1,0 +1,60 @@
+"""Registry logic without a store: model references and the challenger-vs-champion comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import RegistryError
+from pipeline.recipe import PromoteConfig
+from pipeline.registry.promotion import Decision, compare
+from pipeline.registry.refs import VersionRef
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("m", VersionRef("m")),
+    ("m/3", VersionRef("m", version="3")),
+    ("m@production", VersionRef("m", alias="production")),
+    ("models:/smollm2-135m-int4@staging", VersionRef("smollm2-135m-int4", alias="staging")),
+    ("models:/m/12", VersionRef("m", version="12")),
+])
+def test_references_parse(text, expected):
+    ref = VersionRef.parse(text)
+    assert ref == expected
+    assert VersionRef.parse(ref.uri) == ref
+
+
+@pytest.mark.parametrize("bad", ["", "m@", "m/x", "models:/", "m/3@prod", "a b"])
+def test_bad_references_say_the_forms(bad):
+    with pytest.raises(RegistryError, match="use NAME, NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS"):
+        VersionRef.parse(bad)
+
+
+CHAMPION = {"engine_ppl": 22.0, "next_token_agreement": 0.84, "tokens_per_s": 70.0, "ttft_ms": 100.0}
+
+
+def test_equal_versions_pass_and_changes_are_signed_worse_positive():
+    rows = compare(CHAMPION, CHAMPION, PromoteConfig())
+    assert all(r.passed and r.change == 0 for r in rows)
+    better = {"engine_ppl": 21.0, "next_token_agreement": 0.9, "tokens_per_s": 80.0, "ttft_ms": 90.0}
+    assert all(r.change < 0 and r.passed for r in compare(better, CHAMPION, PromoteConfig()))
+
+
+def test_each_limit_refuses_its_own_regression():
+    policy = PromoteConfig(max_ppl_increase_pct=1, max_agreement_drop=0.01, max_tokens_per_s_drop_pct=10, max_ttft_increase_pct=25)
+    worse = {"engine_ppl": 22.0 * 1.02, "next_token_agreement": 0.82, "tokens_per_s": 70.0 * 0.85, "ttft_ms": 130.0}
+    rows = {r.metric: r for r in compare(worse, CHAMPION, policy)}
+    assert rows["perplexity"].change == pytest.approx(2.0) and not rows["perplexity"].passed
+    assert rows["next-token agreement"].change == pytest.approx(0.02) and not rows["next-token agreement"].passed
+    assert rows["tokens/s"].change == pytest.approx(15.0) and not rows["tokens/s"].passed
+    assert rows["time to first token (ms)"].change == pytest.approx(30.0) and not rows["time to first token (ms)"].passed
+    within = {"engine_ppl": 22.0 * 1.005, "next_token_agreement": 0.835, "tokens_per_s": 66.0, "ttft_ms": 120.0}
+    assert all(r.passed for r in compare(within, CHAMPION, policy))
+
+
+def test_decision_lists_problems_and_regressions():
+    d = Decision("m", "2", "production", "1", problems=["version 2 is not on staging"],
+                 comparison=compare({**CHAMPION, "engine_ppl": 30.0}, CHAMPION, PromoteConfig()))
+    assert not d.allowed
+    assert d.reasons()[0] == "version 2 is not on staging"
+    assert d.reasons()[1].startswith("perplexity worse by 36.4 %")
+    assert Decision("m", "2", "staging", None).allowed
