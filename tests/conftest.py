@@ -26,6 +26,21 @@ def run_kiln(*args: str, artifacts: Path, env: dict | None = None, check: bool =
     return proc
 
 
+def untracked_files() -> set[str]:
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True, text=True)
+    return {line[3:] for line in proc.stdout.splitlines() if line.startswith("??")} if proc.returncode == 0 else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_stays_clean():
+    """Every test writes under tmp: a file left in the checkout (an MLflow default store such as
+    ./mlflow.db or ./mlruns once was) fails the session instead of being committed by accident."""
+    before = untracked_files()
+    yield
+    left = sorted(untracked_files() - before)
+    assert not left, f"the test session left files in the checkout: {left}"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
     """One full run of the tiny recipe: returns the run summary (stages, metrics, registration)."""

@@ -57,3 +57,13 @@ def test_gptq_beats_rtn_at_the_same_group_size(demo):
     assert gptq["metrics"]["ppl_increase_pct"] < rtn["metrics"]["ppl_increase_pct"]
     assert gptq["metrics"]["next_token_agreement"] > rtn["metrics"]["next_token_agreement"]
     assert int(gptq["registered"]["version"]) == int(rtn["registered"]["version"]) + 1
+    # Issue 4's walk-through on the real model: GPTQ to production, then the RTN build as the
+    # challenger is refused on accuracy, with both versions' numbers printed side by side.
+    name, rtn_v, gptq_v = rtn["registered"]["model_name"], rtn["registered"]["version"], gptq["registered"]["version"]
+    for version, alias in ((gptq_v, "staging"), (gptq_v, "production"), (rtn_v, "staging")):
+        promoted = run_kiln("promote", name, version, "--to", alias, artifacts=artifacts)
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    challenger = run_kiln("promote", name, rtn_v, "--to", "production", artifacts=artifacts)
+    assert challenger.returncode == 7, challenger.stdout
+    assert f"champion v{gptq_v}" in challenger.stdout and "perplexity worse by" in challenger.stdout
+    assert f"{rtn['metrics']['engine_ppl']:.4g}" in challenger.stdout and f"{gptq['metrics']['engine_ppl']:.4g}" in challenger.stdout
