@@ -223,6 +223,9 @@ class BuildConfig(Section):
     ```yaml
     build:
       target: onnxruntime-cpu     # onnxruntime-cpu | onnxruntime-cuda | tensorrt
+      graph: fused                # fused: ONNX Runtime contrib ops (GroupQueryAttention, skip RMSNorm, packed
+                                  #   int4 matmuls), KV cache in place; portable: the exported opset-21 graph as is
+      max_sequence_length: 2048   # fused graph: KV buffer and rotary table length (prompt + generated tokens)
       optimization_level: all     # basic | extended | all
       int4_compute: fp32          # fp32: exact dequantized math; int8: faster, ~0.5% matmul error
       threads: null               # ONNX Runtime intra-op threads; null = all cores
@@ -230,6 +233,8 @@ class BuildConfig(Section):
     """
 
     target: Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"] = "onnxruntime-cpu"
+    graph: Literal["fused", "portable"] = "fused"
+    max_sequence_length: int = Field(2048, ge=16)
     optimization_level: Literal["basic", "extended", "all"] = "all"
     int4_compute: Literal["fp32", "int8"] = "fp32"
     threads: int | None = Field(None, ge=1)

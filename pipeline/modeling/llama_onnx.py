@@ -78,7 +78,7 @@ def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> Tensor
     return numpy_helper.from_array(arr, name)
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Just enough graph building to keep the model code readable: unique names, constants."""
 
     def __init__(self) -> None:
@@ -112,6 +112,47 @@ class _GraphBuilder:
         return outs[0] if len(outs) == 1 else outs
 
 
+def dequantized_weight(g: GraphBuilder, name: str, layers: list[QuantizedLinear]) -> str:
+    """One blocked DequantizeLinear over the layers' codes side by side along the output axis, so
+    layers that read the same input (q/k/v, gate/up) can share one MatMul; each output column
+    still sees exactly its own codes, scales and zero points."""
+    q = layers[0]
+    signed = q.zeros is None
+    # ONNX MatMul computes x @ B with B [in, out]: transpose codes/scales/zeros, block along axis 0.
+    codes = np.concatenate([np.ascontiguousarray(layer.codes.T) for layer in layers], axis=1)
+    scales = np.concatenate([layer.scales.T for layer in layers], axis=1).astype(np.float32)
+    dq_inputs = [g.init(f"{name}.qweight", int_tensor("", codes, q.bits, signed)),
+                 g.init(f"{name}.scales", np.ascontiguousarray(scales))]
+    if not signed:
+        zeros = np.concatenate([layer.zeros.T for layer in layers], axis=1)
+        dq_inputs.append(g.init(f"{name}.zeros", int_tensor("", np.ascontiguousarray(zeros), q.bits, False)))
+    return g.op("DequantizeLinear", dq_inputs, name=f"{name}/DequantizeLinear", axis=0, block_size=q.group_size)
+
+
+def linear_layer(g: GraphBuilder, x: str, layer: str, weight: Callable[[str], np.ndarray],
+                 has_weight: Callable[[str], bool], quantized: Mapping[str, QuantizedLinear]) -> str:
+    if layer in quantized:
+        w = dequantized_weight(g, layer, [quantized[layer]])
+    else:
+        w = g.init(f"{layer}.weight_t", np.ascontiguousarray(weight(f"{layer}.weight").T, dtype=np.float32))
+    y = g.op("MatMul", [x, w], name=f"{layer}/MatMul")
+    if has_weight(f"{layer}.bias"):
+        y = g.op("Add", [y, g.init(f"{layer}.bias", weight(f"{layer}.bias").astype(np.float32))])
+    return y
+
+
+def logits_output(g: GraphBuilder, hidden: str, weight: Callable[[str], np.ndarray],
+                  has_weight: Callable[[str], bool], quantized: Mapping[str, QuantizedLinear]) -> None:
+    """The `logits` output: lm_head, quantized or float (tied checkpoints reuse the embedding)."""
+    if "lm_head" in quantized:
+        logits_in = linear_layer(g, hidden, "lm_head", weight, has_weight, quantized)
+    else:
+        lm_weight = "lm_head.weight" if has_weight("lm_head.weight") else "model.embed_tokens.weight"
+        w = g.init("lm_head.weight_t", np.ascontiguousarray(weight(lm_weight).T, dtype=np.float32))
+        logits_in = g.op("MatMul", [hidden, w], name="lm_head/MatMul")
+    g.op("Identity", [logits_in], outputs=["logits"])
+
+
 def build_llama_graph(
     shape: LlamaShape,
     weight: Callable[[str], np.ndarray],
@@ -122,29 +163,13 @@ def build_llama_graph(
     graph_name: str = "kiln_llama",
 ) -> onnx.ModelProto:
     """`weight(name)` returns a float tensor of the HF state dict (e.g. `model.norm.weight`)."""
-    g = _GraphBuilder()
+    g = GraphBuilder()
     f32 = np.float32
     H, KV, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
     n_rep = H // KV
 
     def linear(x: str, layer: str) -> str:
-        if layer in quantized:
-            q = quantized[layer]
-            signed = q.zeros is None
-            # ONNX MatMul computes x @ B with B [in, out]: transpose codes/scales/zeros, block along axis 0.
-            dq_inputs = [
-                g.init(f"{layer}.qweight", int_tensor("", np.ascontiguousarray(q.codes.T), q.bits, signed)),
-                g.init(f"{layer}.scales", np.ascontiguousarray(q.scales.T, dtype=f32)),
-            ]
-            if not signed:
-                dq_inputs.append(g.init(f"{layer}.zeros", int_tensor("", np.ascontiguousarray(q.zeros.T), q.bits, False)))
-            w = g.op("DequantizeLinear", dq_inputs, name=f"{layer}/DequantizeLinear", axis=0, block_size=q.group_size)
-        else:
-            w = g.init(f"{layer}.weight_t", np.ascontiguousarray(weight(f"{layer}.weight").T, dtype=f32))
-        y = g.op("MatMul", [x, w], name=f"{layer}/MatMul")
-        if has_weight(f"{layer}.bias"):
-            y = g.op("Add", [y, g.init(f"{layer}.bias", weight(f"{layer}.bias").astype(f32))])
-        return y
+        return linear_layer(g, x, layer, weight, has_weight, quantized)
 
     def rms_norm(x: str, weight_name: str) -> str:
         # The Pow/ReduceMean/Add/Sqrt/Div/Mul chain is the pattern ONNX Runtime fuses into
@@ -215,13 +240,7 @@ def build_llama_graph(
         hidden = g.op("Add", [residual, linear(g.op("Mul", [act, up]), f"{p}.mlp.down_proj")])
 
     hidden = rms_norm(hidden, "model.norm.weight")
-    lm_weight = "lm_head.weight" if has_weight("lm_head.weight") else "model.embed_tokens.weight"
-    if "lm_head" in quantized:
-        logits_in = linear(hidden, "lm_head")
-    else:
-        w = g.init("lm_head.weight_t", np.ascontiguousarray(weight(lm_weight).T, dtype=f32))
-        logits_in = g.op("MatMul", [hidden, w], name="lm_head/MatMul")
-    g.op("Identity", [logits_in], outputs=["logits"])
+    logits_output(g, hidden, weight, has_weight, quantized)
 
     dims = {"batch": "batch", "seq": "sequence", "total": "total_sequence", "past": "past_sequence"}
     inputs = [

@@ -57,6 +57,71 @@ class OrtCausalLM:
         return out["logits"], DecodeState([out[n] for n in self.present_names], past_len + seq)
 
 
+class FusedOrtCausalLM:
+    """Drives the ONNX Runtime-specific fused graph (`llama_onnx_fused`): each sequence batch gets
+    KV buffers of `max_sequence_length` positions, bound with IO binding as both past and present
+    of every layer, so a decode step copies nothing but the new token's keys and values (written in
+    place by GroupQueryAttention) and the logits. Rows of a batch may have different lengths."""
+
+    def __init__(self, session, max_sequence_length: int):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = session
+        self.max_sequence_length = max_sequence_length
+        past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past_names = [i.name for i in past]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.vocab = session.get_outputs()[0].shape[2]
+
+    def new_cache(self, batch: int):
+        """Fresh buffers per sequence batch, so two live states never share memory. np.zeros maps
+        pages lazily: only the positions a sequence reaches are ever touched."""
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # bound first: output 0 of every run
+        buffers = []
+        for past, present in zip(self.past_names, self.present_names):
+            buf = self._ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim), dtype=np.float32))
+            binding.bind_ortvalue_input(past, buf)
+            binding.bind_ortvalue_output(present, buf)
+            buffers.append(buf)
+        step_logits = np.empty((batch, 1, self.vocab), dtype=np.float32)
+        return {"binding": binding, "buffers": buffers, "step_logits": step_logits, "row_lengths": np.zeros(batch, dtype=np.int32)}
+
+    def forward(self, input_ids: np.ndarray, state: DecodeState | None,
+                lengths: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
+        """`lengths`: valid tokens per row of `input_ids` for rows of different lengths (right-padded;
+        row b's next-token logits are at position lengths[b] - 1). Rows keep their own positions:
+        GroupQueryAttention reads and writes each row's cache up to its own length."""
+        batch, seq = input_ids.shape
+        new = np.full(batch, seq, dtype=np.int32) if lengths is None else np.asarray(lengths, dtype=np.int32)
+        totals = (state.cache["row_lengths"] if state else np.zeros(batch, dtype=np.int32)) + new
+        total = int(totals.max())
+        if total > self.max_sequence_length:
+            from pipeline.errors import KilnError
+
+            raise KilnError(f"sequence of {total} tokens exceeds the engine's max_sequence_length {self.max_sequence_length} "
+                            "(set build.max_sequence_length in the recipe and rebuild)")
+        cache = dict(state.cache) if state else self.new_cache(batch)
+        binding = cache["binding"]
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", totals - 1)
+        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        if seq == 1:  # decode: logits land in one preallocated buffer
+            logits = cache["step_logits"]
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self.session.run_with_iobinding(binding)
+            logits = logits.copy()
+        else:
+            binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+        cache["row_lengths"] = totals
+        return logits, DecodeState(cache, total)
+
+
 class TorchCausalLM:
     """A transformers causal LM with its DynamicCache kept as is between steps."""
 

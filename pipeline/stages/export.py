@@ -59,7 +59,7 @@ def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], 
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"nodes": len(model.graph.node), "op_counts": ops, "shape": shape.__dict__}
+    return {"nodes": len(model.graph.node), "op_counts": ops, "shape": shape.__dict__, "rope_attention_scaling": scaling}
 
 
 def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], overrides: Path | None = None):

@@ -57,8 +57,9 @@ def unavailable_reason(name: str) -> str | None:
 class Target(Protocol):
     name: str
 
-    def build(self, onnx_file: Path, out_dir: Path, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
-        """Write the engine into out_dir; return metadata (model_file, op counts, session options)."""
+    def build(self, exported: Any, out_dir: Path, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+        """Write the engine for the exported graph (an `OnnxModel`) into out_dir; return metadata
+        (model_file, op counts, session options)."""
 
     def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
         """A `CausalLM` (see modeling.runtime) running the built engine; `threads` overrides the build's."""

@@ -1,16 +1,28 @@
-"""ONNX Runtime on CPU: the offline-optimized graph (DequantizeLinear+MatMul fused into MatMulNBits)
-plus the session options used, saved so every later load runs exactly what was validated."""
+"""ONNX Runtime on CPU: the offline-optimized graph plus the session options used, saved so every
+later load runs exactly what was validated.
+
+`build.graph: fused` (default) first rewrites the exported graph into the ONNX Runtime-specific
+fused decoder (`modeling/llama_onnx_fused.py`) from the exported graph's own tensors, then checks
+the fused engine against the exported graph on the same tokens (logits within tolerance, identical
+greedy tokens) before anything uses it. `portable` optimizes the exported graph as it is.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.modeling.runtime import OrtCausalLM, make_ort_session
+import numpy as np
+
+from pipeline.errors import StageFailed
+from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, make_ort_session
 
 ENGINE_FILE = "engine.onnx"
+# Fused vs exported graph, same weights: fp32 reordering noise only. Relative to the largest logit.
+FUSION_RTOL = 1e-3
 
 
 def op_counts(model_file: Path) -> dict[str, int]:
@@ -26,32 +38,103 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def write_fused_graph(exported, max_positions: int, out_file: Path) -> None:
+    import onnx
+
+    from pipeline.modeling.llama_onnx import LlamaShape
+    from pipeline.modeling.llama_onnx_fused import build_fused_llama_graph, weights_from_onnx
+
+    shape = LlamaShape(**exported.meta["shape"])
+    if shape.head_dim % 16:
+        # ONNX Runtime's CPU GroupQueryAttention with rotary refuses other head sizes (measured: "head_size
+        # shall be a multiple of 16").
+        raise StageFailed("build", f"build.graph: fused needs head_dim divisible by 16 (ONNX Runtime's GroupQueryAttention "
+                                   f"on CPU); this model has {shape.head_dim}. Use build.graph: portable")
+    weight, has_weight, quantized, inv_freq = weights_from_onnx(onnx.load(str(exported.model_file)))
+    model = build_fused_llama_graph(shape, weight, has_weight, quantized, inv_freq,
+                                    exported.meta.get("rope_attention_scaling", 1.0), max_positions)
+    onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out_file.name + ".data", size_threshold=1024)
+
+
+def compare_decoders(reference, candidate, vocab: int, prompt_len: int = 24, steps: int = 8, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Prefill a random prompt, then greedy-decode `steps` tokens with the reference's choices fed
+    to both; returns the worst logits difference (relative to max |logit|) and whether every greedy
+    token agreed."""
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len)).astype(np.int64)
+    ref_logits, ref_state = reference.forward(ids, None)
+    got_logits, got_state = candidate.forward(ids, None)
+    worst, same_tokens = 0.0, True
+    for step in range(steps + 1):
+        scale = float(np.abs(ref_logits).max())
+        worst = max(worst, float(np.abs(got_logits - ref_logits).max()) / scale)
+        next_ids = ref_logits[:, -1].argmax(-1)
+        same_tokens &= bool((got_logits[:, -1].argmax(-1) == next_ids).all())
+        if step == steps:
+            break
+        ref_logits, ref_state = reference.forward(next_ids[:, None].astype(np.int64), ref_state)
+        got_logits, got_state = candidate.forward(next_ids[:, None].astype(np.int64), got_state)
+    return {"max_rel_logit_diff": worst, "greedy_tokens_equal": same_tokens, "prompt_len": prompt_len,
+            "decode_steps": steps, "batch": batch}
+
+
+def check_fusion(exported, fused_file: Path, max_positions: int, threads: int) -> dict[str, Any]:
+    """The rewrite must compute what the exported graph computes. Judged with fp32 int4 compute on
+    both sides: int8 activations (build.int4_compute: int8) round differently whenever inputs differ
+    by one ulp, which would hide a real fusion error among rounding flips; validate measures that
+    trade against the source instead."""
+    reference = OrtCausalLM(make_ort_session(exported.model_file, threads=threads))
+    fused = FusedOrtCausalLM(make_ort_session(fused_file, threads=threads), max_positions)
+    check = compare_decoders(reference, fused, exported.meta["shape"]["vocab_size"])
+    if not check["greedy_tokens_equal"] or check["max_rel_logit_diff"] > FUSION_RTOL:
+        raise StageFailed("build", f"the fused graph does not compute what the exported graph computes: {check} "
+                                   f"(limit {FUSION_RTOL} relative); build.graph: portable skips the fusion")
+    return check
+
+
 class OnnxRuntimeCpu:
     name = "onnxruntime-cpu"
 
-    def build(self, onnx_file: Path, out_dir: Path, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    def build(self, exported, out_dir: Path, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
         import onnxruntime
 
         engine = out_dir / ENGINE_FILE
         options = {
+            "graph": cfg.graph,
+            "max_sequence_length": cfg.max_sequence_length,
             "optimization_level": cfg.optimization_level,
             "int4_compute": cfg.int4_compute,
             "threads": cfg.threads or default_threads(),
         }
-        make_ort_session(onnx_file, threads=options["threads"], optimization=cfg.optimization_level,
-                         int4_compute=cfg.int4_compute, optimized_output=engine)
+        check = None
+        with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+            graph_file = exported.model_file
+            if cfg.graph == "fused":
+                graph_file = Path(tmp) / "fused.onnx"
+                write_fused_graph(exported, cfg.max_sequence_length, graph_file)
+                check = check_fusion(exported, graph_file, cfg.max_sequence_length, options["threads"])
+                log(f"fused vs exported graph (fp32 compute): max |Δlogits| {check['max_rel_logit_diff']:.1e} of max |logit|, "
+                    f"greedy tokens {'equal' if check['greedy_tokens_equal'] else 'DIFFERENT'}")
+            make_ort_session(graph_file, threads=options["threads"], optimization=cfg.optimization_level,
+                             int4_compute=cfg.int4_compute, optimized_output=engine)
         counts = op_counts(engine)
-        log(f"optimized graph: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
-            f"DequantizeLinear left {counts.get('DequantizeLinear', 0)}")
+        log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
+            f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")
         # Loading the saved graph again must not re-run the (hardware-specific) level-3 passes.
         load_options = {**options, "optimization_level": "disable"}
         (out_dir / "session_options.json").write_text(json.dumps(
             {"build": options, "load": load_options, "providers": ["CPUExecutionProvider"],
              "onnxruntime_version": onnxruntime.__version__}, indent=2))
-        return {"model_file": ENGINE_FILE, "op_counts": counts, "session_options": load_options,
+        meta = {"model_file": ENGINE_FILE, "op_counts": counts, "session_options": load_options,
                 "onnxruntime_version": onnxruntime.__version__}
+        if check is not None:
+            meta["fusion_check"] = check
+        return meta
 
-    def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None) -> OrtCausalLM:
+    def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
         opts = meta["session_options"]
-        return OrtCausalLM(make_ort_session(engine_dir / meta["model_file"], threads=threads or opts["threads"],
-                                            optimization=opts["optimization_level"], int4_compute=opts["int4_compute"]))
+        session = make_ort_session(engine_dir / meta["model_file"], threads=threads or opts["threads"],
+                                   optimization=opts["optimization_level"], int4_compute=opts["int4_compute"])
+        if opts.get("graph") == "fused":
+            return FusedOrtCausalLM(session, opts["max_sequence_length"])
+        return OrtCausalLM(session)

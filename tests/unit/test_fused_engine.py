@@ -1,0 +1,123 @@
+"""The ONNX Runtime fused engine (`build.graph: fused`, the default) against the portable engine
+built from the same export: same weights, same outputs, KV cache updated in place, batch > 1."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.artifacts import OnnxModel, read_manifest
+from pipeline.errors import KilnError
+from pipeline.metrics import perplexity
+from pipeline.modeling.llama_onnx_fused import weights_from_onnx
+from pipeline.modeling.runtime import FusedOrtCausalLM, greedy_decode
+from pipeline.quantization.format import load_quantized
+from pipeline.recipe import BuildConfig
+from pipeline.stages.validate import score
+from pipeline.targets.onnxruntime_cpu import OnnxRuntimeCpu, compare_decoders
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_run, tmp_path_factory):
+    """Both graph kinds built from the tiny run's export, with a short max_sequence_length."""
+    exported = OnnxModel(path=tiny_run["paths"]["export"], meta=read_manifest(tiny_run["paths"]["export"])["meta"])
+    built = {}
+    for graph in ("portable", "fused"):
+        out = tmp_path_factory.mktemp(graph)
+        meta = OnnxRuntimeCpu().build(exported, out, BuildConfig(graph=graph, max_sequence_length=64), lambda _m: None)
+        built[graph] = SimpleNamespace(path=out, meta=meta, lm=OnnxRuntimeCpu().load(out, meta))
+    return built
+
+
+def test_fused_graph_reads_back_the_exported_codes_unchanged(tiny_run):
+    _, _, quantized, _ = weights_from_onnx(onnx.load(str(tiny_run["paths"]["export"] / "model.onnx")))
+    original = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")
+    assert set(quantized) == set(original)
+    for name, layer in original.items():
+        np.testing.assert_array_equal(quantized[name].codes, layer.codes)
+        np.testing.assert_array_equal(quantized[name].scales, layer.scales)
+        np.testing.assert_array_equal(quantized[name].zeros, layer.zeros)
+        assert quantized[name].group_size == layer.group_size
+
+
+def test_build_checked_the_fusion_and_recorded_it(engines):
+    check = engines["fused"].meta["fusion_check"]
+    assert check["greedy_tokens_equal"] and check["max_rel_logit_diff"] < 1e-4
+    assert isinstance(engines["fused"].lm, FusedOrtCausalLM)
+    assert "GroupQueryAttention" not in engines["portable"].meta["op_counts"]
+
+
+def test_same_perplexity_and_greedy_tokens_as_the_portable_engine(engines):
+    windows = [np.random.default_rng(s).integers(0, 257, size=40).astype(np.int64) for s in range(4)]
+    nll_p, n, pred_p = score(engines["portable"].lm, windows, lambda _n: None)
+    nll_f, _, pred_f = score(engines["fused"].lm, windows, lambda _n: None)
+    assert abs(perplexity(nll_f, n) / perplexity(nll_p, n) - 1) < 1e-5
+    np.testing.assert_array_equal(pred_f, pred_p)
+    prompt = windows[0][:12]
+    tokens_p, _, _ = greedy_decode(engines["portable"].lm, prompt, 20, lambda: 0.0)
+    tokens_f, _, _ = greedy_decode(engines["fused"].lm, prompt, 20, lambda: 0.0)
+    assert tokens_f == tokens_p
+
+
+def test_decode_writes_the_kv_cache_in_place(engines):
+    lm = engines["fused"].lm
+    _, state = lm.forward(np.array([[5, 6, 7]], dtype=np.int64), None)
+    key0 = state.cache["buffers"][0]
+    pointer = key0.data_ptr()
+    before = key0.numpy().copy()
+    _, state2 = lm.forward(np.array([[8]], dtype=np.int64), state)
+    after = state2.cache["buffers"][0].numpy()
+    assert state2.cache["buffers"][0].data_ptr() == pointer and state2.length == 4
+    np.testing.assert_array_equal(after[:, :, :3], before[:, :, :3])  # earlier positions untouched
+    assert np.abs(after[:, :, 3]).sum() > 0 and np.abs(before[:, :, 3]).sum() == 0  # the new token's keys, in place
+
+
+def test_batch_rows_match_single_sequences(engines):
+    lm = engines["fused"].lm
+    prompts = np.random.default_rng(3).integers(0, 257, size=(3, 10)).astype(np.int64)
+    batched = compare_decoders(engines["portable"].lm, lm, vocab=257, batch=3, steps=6)
+    assert batched["greedy_tokens_equal"]
+    logits_b, _ = lm.forward(prompts, None)
+    for row in range(3):
+        logits_1, _ = lm.forward(prompts[row:row + 1], None)
+        np.testing.assert_allclose(logits_b[row], logits_1[0], atol=1e-5, rtol=1e-5)
+
+
+def test_two_live_sequences_do_not_share_a_cache(engines):
+    lm = engines["fused"].lm
+    a_logits, a_state = lm.forward(np.array([[1, 2, 3, 4]], dtype=np.int64), None)
+    _, _ = lm.forward(np.array([[9, 9, 9, 9, 9, 9]], dtype=np.int64), None)  # another sequence in between
+    cont, _ = lm.forward(np.array([[5]], dtype=np.int64), a_state)
+    whole, _ = lm.forward(np.array([[1, 2, 3, 4, 5]], dtype=np.int64), None)
+    np.testing.assert_allclose(cont[0, -1], whole[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_past_max_length_is_a_clear_error(engines):
+    with pytest.raises(KilnError, match="exceeds the engine's max_sequence_length 64"):
+        engines["fused"].lm.forward(np.zeros((1, 65), dtype=np.int64), None)
+
+
+def test_rows_of_different_lengths_decode_as_if_alone(engines):
+    """Concurrent requests: right-padded prompts with per-row lengths, then decode steps in which
+    each row continues from its own position."""
+    lm = engines["fused"].lm
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 257, size=n).astype(np.int64) for n in (10, 6)]
+    padded = np.zeros((2, 10), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        padded[row, :len(p)] = p
+    logits, state = lm.forward(padded, None, lengths=np.array([10, 6]))
+    batched = [[logits[row, len(p) - 1]] for row, p in enumerate(prompts)]
+    for step in range(4):
+        next_ids = np.array([[step + 1], [step + 2]], dtype=np.int64)
+        logits, state = lm.forward(next_ids, state, lengths=np.array([1, 1]))
+        for row in range(2):
+            batched[row].append(logits[row, 0])
+    for row, p in enumerate(prompts):
+        alone, st = lm.forward(p[None, :], None)
+        expected = [alone[0, -1]]
+        for step in range(4):
+            alone, st = lm.forward(np.array([[step + 1 + row]], dtype=np.int64), st)
+            expected.append(alone[0, 0])
+        np.testing.assert_allclose(np.stack(batched[row]), np.stack(expected), atol=1e-5, rtol=1e-5)
