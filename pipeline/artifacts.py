@@ -90,6 +90,15 @@ class ValidationReport(Artifact):
 
 
 @dataclass(frozen=True)
+class TritonRepository(Artifact):
+    """A Triton model repository (`model_repository/NAME/...`) for one engine."""
+
+    @property
+    def repository(self) -> Path:
+        return self.path / "model_repository"
+
+
+@dataclass(frozen=True)
 class Registration(Artifact):
     @property
     def model_name(self) -> str:

@@ -20,6 +20,7 @@ from pipeline.console import fail, make_console
 from pipeline.errors import KilnError
 from pipeline.recipe import load_recipe
 from pipeline.registry import commands as registry_commands
+from pipeline.serving import commands as serving_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kiln: staged LLM compilation (quantize → ONNX → engine → validate → MLflow).")
 
@@ -196,7 +197,7 @@ def print_summary(console: Console, s: dict) -> None:
 
 
 app.add_typer(registry_commands.models_app, name="models")
-for command in (registry_commands.promote, registry_commands.rollback, registry_commands.ui):
+for command in (registry_commands.promote, registry_commands.rollback, registry_commands.ui, serving_commands.serve):
     app.command()(command)
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import yaml
 
-from pipeline.artifacts import Engine, OnnxModel, QuantizedWeights, Registration, SourceCheckpoint, ValidationReport
+from pipeline.artifacts import Engine, OnnxModel, QuantizedWeights, Registration, SourceCheckpoint, TritonRepository, ValidationReport
 from pipeline.corpus import text_fingerprint
 from pipeline.errors import KilnError, MissingDependency, RecipeError
 from pipeline.hashing import sha256_bytes
@@ -68,7 +68,7 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
     artifact_location = settings.artifact_location(tracking_uri)
     recipe_text = effective_recipe_text(recipe)
     q = recipe.quantize
-    return [
+    specs = [
         StageSpec("source", STAGES["source"], SourceCheckpoint, recipe.source,
                   key_extra={"origin": source.origin_fingerprint(recipe.source)},
                   backend=next(k for k in ("path", "hub_id", "random_llama") if getattr(recipe.source, k) is not None)),
@@ -82,8 +82,15 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
                   key_extra={"eval_file": text_fingerprint(recipe.validation.eval_text)},
                   backend=f"gates: {', '.join(k for k, v in recipe.validation.gates.model_dump().items() if v is not None) or 'none'}",
                   check=validate.enforce(recipe.validation.on_gate_failure, warn)),
-        StageSpec("register", register.make_run(recipe.to_yaml_dict(), recipe_text, tracking_uri, artifact_location, repo_dir),
-                  Registration, recipe.registration, ("source", "quantize", "export", "build", "validate"),
-                  key_extra={"tracking_uri": tracking_uri, "recipe_sha256": sha256_bytes(recipe_text.encode())},
-                  backend=f"mlflow {tracking_uri}", still_valid=register.still_registered),
     ]
+    upstream = ("source", "quantize", "export", "build", "validate")
+    if recipe.package is not None:
+        specs.append(StageSpec("package", STAGES["package"], TritonRepository, recipe.package, ("build",),
+                               backend=f"triton model {recipe.package.model_name}"))
+        upstream += ("package",)
+    specs.append(
+        StageSpec("register", register.make_run(recipe.to_yaml_dict(), recipe_text, tracking_uri, artifact_location, repo_dir),
+                  Registration, recipe.registration, upstream,
+                  key_extra={"tracking_uri": tracking_uri, "recipe_sha256": sha256_bytes(recipe_text.encode())},
+                  backend=f"mlflow {tracking_uri}", still_valid=register.still_registered))
+    return specs

@@ -304,6 +304,37 @@ class RegisterConfig(Section):
     tracking_uri: str | None = None
 
 
+# --------------------------------------------------------------------------- package
+
+
+class PackageConfig(Section):
+    """A Triton Inference Server model repository beside the engine (Python-backend model that runs
+    the engine's decode loop, streams tokens in decoupled mode), registered with the version.
+    Omit the section to skip packaging.
+
+    ```yaml
+    package:
+      model_name: null          # Triton model name; null = register.model_name
+      instances: 1              # instance_group count (each instance loads the engine once)
+      max_batch: 8              # requests that arrive together are decoded as one batch, up to this many
+      max_tokens_cap: 512       # the largest max_tokens a request may ask for
+      default_max_tokens: 64
+    ```
+    """
+
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    instances: int = Field(1, ge=1, le=16)
+    max_batch: int = Field(8, ge=1, le=256)
+    max_tokens_cap: int = Field(512, ge=1)
+    default_max_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> "PackageConfig":
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} exceeds max_tokens_cap {self.max_tokens_cap}")
+        return self
+
+
 # --------------------------------------------------------------------------- promote
 
 
@@ -343,7 +374,15 @@ class Recipe(Section):
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
     # `register` is an ABCMeta attribute too, so the same alias trick applies.
     registration: RegisterConfig = Field(alias="register")
+    package: PackageConfig | None = None
     promote: PromoteConfig = PromoteConfig()
+
+    @model_validator(mode="after")
+    def _package_name(self) -> "Recipe":
+        if self.package is not None and self.package.model_name is None:
+            # frozen sections: replace rather than mutate
+            object.__setattr__(self, "package", self.package.model_copy(update={"model_name": self.registration.model_name}))
+        return self
 
     @field_validator("name")
     @classmethod

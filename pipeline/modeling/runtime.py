@@ -1,5 +1,8 @@
 """One `forward(input_ids, state) -> (logits, state)` for an ONNX Runtime session and for a PyTorch
-model, so perplexity, agreement and latency are computed by the same code for source and engine."""
+model, so perplexity, agreement and latency are computed by the same code for source and engine.
+
+This module needs only numpy (onnxruntime and torch are imported where used): the Triton package
+copies it unchanged into the model repository, whose runtime environment has no Kiln."""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+
+class SequenceTooLong(ValueError):
+    """A prompt plus generated tokens would not fit the engine's KV buffers."""
 
 
 @dataclass
@@ -100,9 +107,7 @@ class FusedOrtCausalLM:
         totals = (state.cache["row_lengths"] if state else np.zeros(batch, dtype=np.int32)) + new
         total = int(totals.max())
         if total > self.max_sequence_length:
-            from pipeline.errors import KilnError
-
-            raise KilnError(f"sequence of {total} tokens exceeds the engine's max_sequence_length {self.max_sequence_length} "
+            raise SequenceTooLong(f"sequence of {total} tokens exceeds the engine's max_sequence_length {self.max_sequence_length} "
                             "(set build.max_sequence_length in the recipe and rebuild)")
         cache = dict(state.cache) if state else self.new_cache(batch)
         binding = cache["binding"]
@@ -185,3 +190,15 @@ def greedy_decode(lm: CausalLM, prompt: np.ndarray, new_tokens: int, clock) -> t
         steps.append(clock() - t)
         tokens.append(token)
     return tokens, ttft, steps
+
+
+def load_ort_engine(engine_dir, session_options: dict, threads: int | None = None):
+    """The `CausalLM` for a built ONNX Runtime engine folder, from the session options it was built with."""
+    from pathlib import Path
+
+    opts = session_options
+    session = make_ort_session(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads=threads or opts["threads"],
+                               optimization=opts["optimization_level"], int4_compute=opts["int4_compute"])
+    if opts.get("graph") == "fused":
+        return FusedOrtCausalLM(session, opts["max_sequence_length"])
+    return OrtCausalLM(session)

@@ -71,3 +71,31 @@ def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return done
+
+
+def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
+    """The version's Triton package (the `package` stage folder, logged as `triton/`), downloaded
+    and verified against the digest recorded at registration; returns its model repository."""
+    import mlflow.artifacts
+
+    from pipeline.errors import RegistryError
+
+    digests = json.loads(client.get_run(mv.run_id).data.tags.get("kiln.stage_digests", "{}"))
+    if "package" not in digests:
+        raise RegistryError(f"{mv.name} version {mv.version} has no Triton package: its recipe had no `package` section")
+    if dest.is_dir():
+        try:
+            check_folder(dest, digests["package"], "triton package")
+            return dest / "model_repository"
+        except (IntegrityError, OSError):
+            shutil.rmtree(dest)
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="triton", dst_path=str(partial), tracking_uri=tracking_uri)
+        check_folder(partial / "triton", digests["package"], f"{mv.name} version {mv.version} triton package")
+        (partial / "triton").rename(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest / "model_repository"

@@ -70,10 +70,12 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
     """The register stage function for one recipe run (recipe text and store bound here)."""
 
     def run(cfg: RegisterConfig, source: Artifact, quantized: Artifact, exported: Artifact, engine: Artifact,
-            report: Artifact, *, ctx: StageContext) -> Registration:
+            report: Artifact, package: Artifact | None = None, *, ctx: StageContext) -> Registration:
         from mlflow.entities import Metric, Param, RunTag
 
         upstream = {"source": source, "quantize": quantized, "export": exported, "build": engine, "validate": report}
+        if package is not None:
+            upstream["package"] = package
         for artifact in upstream.values():
             verify(artifact.path, full=True)  # never register files that differ from their manifest
         ctx.log(f"all {len(upstream)} upstream artifacts match their sha256 manifests")
@@ -119,6 +121,8 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 client.log_artifacts(run_id, str(engine.path), "engine")
                 client.log_artifacts(run_id, str(report.path), "validation")
                 client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
+                if package is not None:  # the Triton model repository, with its stage manifest
+                    client.log_artifacts(run_id, str(package.path), "triton")
                 for name, artifact in upstream.items():
                     client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
                 client.set_terminated(run_id, "FINISHED")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import StageFailed
-from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, make_ort_session
+from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, load_ort_engine, make_ort_session
 
 ENGINE_FILE = "engine.onnx"
 # Fused vs exported graph, same weights: fp32 reordering noise only. Relative to the largest logit.
@@ -132,9 +132,4 @@ class OnnxRuntimeCpu:
         return meta
 
     def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
-        opts = meta["session_options"]
-        session = make_ort_session(engine_dir / meta["model_file"], threads=threads or opts["threads"],
-                                   optimization=opts["optimization_level"], int4_compute=opts["int4_compute"])
-        if opts.get("graph") == "fused":
-            return FusedOrtCausalLM(session, opts["max_sequence_length"])
-        return OrtCausalLM(session)
+        return load_ort_engine(engine_dir, {**meta["session_options"], "model_file": meta["model_file"]}, threads)

@@ -28,7 +28,7 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_then_reuses_every_stage(demo):
     artifacts, s1 = demo
-    assert [st["status"] for st in s1["stages"]] == ["built"] * 6
+    assert [st["status"] for st in s1["stages"]] == ["built"] * 7
     m = s1["metrics"]
     assert m["engine_ppl"] > m["source_ppl"] > 1  # int4 costs some accuracy; neither is degenerate
     assert s1["validation_passed"]
@@ -36,7 +36,7 @@ def test_demo_runs_then_reuses_every_stage(demo):
     second = run_kiln("run", str(DEMO), artifacts=artifacts)
     assert second.returncode == 0, second.stdout + second.stderr
     s2 = json.loads((artifacts / "last_run.json").read_text())
-    assert [st["status"] for st in s2["stages"]] == ["reused"] * 6
+    assert [st["status"] for st in s2["stages"]] == ["reused"] * 7
     assert s2["registered"] == s1["registered"]
 
     reg = s1["registered"]

@@ -8,10 +8,9 @@ import onnx
 import pytest
 
 from pipeline.artifacts import OnnxModel, read_manifest
-from pipeline.errors import KilnError
 from pipeline.metrics import perplexity
 from pipeline.modeling.llama_onnx_fused import weights_from_onnx
-from pipeline.modeling.runtime import FusedOrtCausalLM, greedy_decode
+from pipeline.modeling.runtime import FusedOrtCausalLM, SequenceTooLong, greedy_decode
 from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
 from pipeline.stages.validate import score
@@ -94,7 +93,7 @@ def test_two_live_sequences_do_not_share_a_cache(engines):
 
 
 def test_sequence_past_max_length_is_a_clear_error(engines):
-    with pytest.raises(KilnError, match="exceeds the engine's max_sequence_length 64"):
+    with pytest.raises(SequenceTooLong, match="exceeds the engine's max_sequence_length 64"):
         engines["fused"].lm.forward(np.zeros((1, 65), dtype=np.int64), None)
 
 

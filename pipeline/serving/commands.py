@@ -1,0 +1,80 @@
+"""`kiln serve`: Triton Inference Server on a Kiln package, local or from the registry.
+
+    kiln serve models:/smollm2-135m-int4@staging
+    kiln serve artifacts/cache/package/<key>          # a local package stage folder
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.artifacts import verify
+from pipeline.console import fail, make_console
+from pipeline.errors import KilnError
+from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry
+
+
+def local_repository(path: Path) -> Path:
+    """A package stage folder (checked against its manifest) or a bare model repository."""
+    if (path / "model_repository").is_dir():
+        verify(path, full=True)
+        return path / "model_repository"
+    return path
+
+
+def serve(
+    target: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, NAME/VERSION, or a local package / model repository folder")],
+    host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    tracking_uri: StoreOpt = None,
+    artifacts: ArtifactsOpt = None,
+) -> None:
+    """Serve a Kiln Triton package with NVIDIA Triton Inference Server (Ctrl-C or SIGTERM stops it).
+
+    The serving environment (Triton's server and Python backend, numpy<2, onnxruntime, tokenizers)
+    is created on first use and cached."""
+    from pipeline.registry.fetch import fetch_triton_repository
+    from pipeline.registry.refs import VersionRef, resolve
+    from pipeline.serving.environment import ensure_environment
+    from pipeline.serving.server import triton_server
+
+    console = make_console()
+    try:
+        if Path(target).exists():
+            repository, log_dir = local_repository(Path(target)), Path(target).resolve().parent
+        else:
+            registry = open_registry(tracking_uri, artifacts)
+            mv = resolve(registry.client, VersionRef.parse(target))
+            repository = fetch_triton_repository(registry.client, registry.tracking_uri, mv,
+                                                 registry.workdir / f"{mv.name}-v{mv.version}-triton")
+            log_dir = repository.parent
+            console.print(f"{mv.name} version {mv.version}: Triton package sha256 verified")
+        env = ensure_environment(log=console.print)
+    except KilnError as e:
+        fail(console, e)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    log_file = log_dir / "tritonserver.log"
+    models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    try:
+        with triton_server(repository, env, log_file, host=host, ports=(http_port, grpc_port, metrics_port)) as (proc, a):
+            example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
+            console.print(f"Triton serving {', '.join(models)}: HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  (log {log_file})")
+            console.print(f"  curl -s -X POST {a.http}/v2/models/{models[0]}/generate -d '{example}'")
+            print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "models": models}), flush=True)
+            proc.wait()
+    except KeyboardInterrupt:
+        console.print("stopping Triton")
+    except KilnError as e:
+        fail(console, e)
+

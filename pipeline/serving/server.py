@@ -1,0 +1,122 @@
+"""Start NVIDIA Triton Inference Server on a model repository, wait until it serves, stop it cleanly.
+
+The server keeps running when a model fails to load (`--exit-on-error=false`) and reports
+not-ready, so a refused (tampered) repository shows as a not-ready model with its log line rather
+than a vanished process. Triton ignores SIGINT when started in the background: it is stopped
+with SIGTERM, and waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import KilnError
+from pipeline.serving.environment import ServingEnvironment
+
+
+class ServerNotReady(KilnError):
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class Addresses:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def log_tail(log_file: Path, lines: int = 15) -> str:
+    return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:]) if log_file.is_file() else ""
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
+                  ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120) -> Iterator[tuple[subprocess.Popen, Addresses]]:
+    # Triton's Python backend writes __pycache__ beside model.py whatever the environment says
+    # (measured), so the server runs on a hard-linked snapshot: the repository itself stays exactly
+    # what its manifest lists.
+    snapshot = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "model_repository"
+    shutil.copytree(repository, snapshot, copy_function=link_or_copy)
+    http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
+    addresses = Addresses(host, http_port, grpc_port, metrics_port)
+    cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",
+           f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+           f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0"]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env.process_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while http_status(f"{addresses.http}/v2/health/live") != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServerNotReady(f"tritonserver did not start (exit {proc.poll()}); log {log_file}:\n{log_tail(log_file)}")
+            time.sleep(0.3)
+        if wait_ready:
+            while http_status(f"{addresses.http}/v2/health/ready") != 200:
+                text = log_file.read_text(errors="replace")
+                if proc.poll() is not None or "failed to load" in text or time.monotonic() > deadline:
+                    raise ServerNotReady(f"the model repository did not become ready; log {log_file}:\n{log_tail(log_file)}")
+                time.sleep(0.3)
+        yield proc, addresses
+    finally:
+        stop(proc)
+        shutil.rmtree(snapshot.parent, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -1,0 +1,224 @@
+"""The tiny recipe's Triton package served by the real Triton server (from nvidia-pytriton, in the
+serving environment), spoken to only through tritonclient and HTTP."""
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from pipeline.artifacts import read_manifest
+from pipeline.modeling.runtime import greedy_decode
+from pipeline.serving.environment import ensure_environment
+from pipeline.serving.server import http_status, stop, triton_server
+from pipeline.targets import get_target
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-llama-int4"
+
+
+@pytest.fixture(scope="module")
+def package(tiny_run):
+    return tiny_run["paths"]["package"] / "model_repository"
+
+
+@pytest.fixture(scope="module")
+def env():
+    try:
+        return ensure_environment()
+    except Exception as e:  # no package registry: say so instead of failing every test below
+        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+
+
+@pytest.fixture(scope="module")
+def server(package, env, tmp_path_factory):
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    with triton_server(package, env, log) as (proc, addresses):
+        yield proc, addresses, log
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run):
+    """The engine's own greedy continuation, outside Triton: token ids up to EOS, decoded."""
+    from tokenizers import Tokenizer
+
+    engine_dir = tiny_run["paths"]["build"]
+    meta = read_manifest(engine_dir)["meta"]
+    lm = get_target(meta["target"]).load(engine_dir, meta)
+    tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
+    eos = json.loads((tiny_run["paths"]["package"] / "model_repository" / MODEL / "1" / "serving.json").read_text())["eos_token_ids"]
+
+    def complete(prompt: str, max_tokens: int) -> str:
+        ids, _, _ = greedy_decode(lm, np.asarray(tokenizer.encode(prompt).ids, dtype=np.int64), max_tokens, lambda: 0.0)
+        if any(t in eos for t in ids):
+            ids = ids[: next(i for i, t in enumerate(ids) if t in eos)]
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return complete
+
+
+def generate(addresses, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{addresses.http}/v2/models/{MODEL}/generate", data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def stream_grpc(addresses, prompt: str, max_tokens: int) -> list[str]:
+    import tritonclient.grpc as grpcclient
+
+    pieces, done, errors = [], threading.Event(), []
+
+    def callback(result, error):
+        if error is not None:
+            errors.append(error)
+            done.set()
+            return
+        response = result.get_response()
+        if response.outputs:
+            pieces.append(result.as_numpy("text_output")[0].decode())
+        if response.parameters.get("triton_final_response") and response.parameters["triton_final_response"].bool_param:
+            done.set()
+
+    client = grpcclient.InferenceServerClient(addresses.grpc)
+    inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
+              grpcclient.InferInput("stream", [1], "BOOL")]
+    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    inputs[2].set_data_from_numpy(np.array([True]))
+    client.start_stream(callback=callback)
+    client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+    assert done.wait(60), "no final response"
+    client.stop_stream()
+    assert not errors, errors
+    return pieces
+
+
+def test_health_metrics_and_model_metadata(server):
+    import tritonclient.http as httpclient
+
+    _, addresses, _ = server
+    client = httpclient.InferenceServerClient(f"{addresses.host}:{addresses.http_port}")
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+    inputs = {i["name"] for i in client.get_model_metadata(MODEL)["inputs"]}
+    assert {"text_input", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream"} <= inputs
+    with urllib.request.urlopen(addresses.metrics, timeout=10) as response:
+        assert b"nv_inference_request_success" in response.read()
+
+
+def test_generation_equals_the_engines_greedy_output(server, reference):
+    _, addresses, _ = server
+    status, body = generate(addresses, {"text_input": "def main():", "max_tokens": 12})
+    assert status == 200, body
+    assert body["text_output"] == reference("def main():", 12)
+
+
+def test_streaming_yields_the_same_text_token_by_token(server, reference):
+    _, addresses, _ = server
+    pieces = stream_grpc(addresses, "The quick brown fox", 10)
+    assert "".join(pieces) == reference("The quick brown fox", 10)
+    assert len(pieces) >= 1
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"text_input": "", "max_tokens": 4}, "text_input is empty"),
+    ({"text_input": "hi", "max_tokens": 65}, "max_tokens must be between 1 and 64"),
+    ({"text_input": "hi", "temperature": -1.0}, "temperature must be >= 0"),
+    ({"text_input": "hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({"text_input": "x" * 250, "max_tokens": 16}, "exceeds the context limit of 256 tokens"),
+])
+def test_bad_requests_are_rejected_and_the_server_keeps_serving(server, reference, body, message):
+    _, addresses, _ = server
+    status, answer = generate(addresses, body)
+    assert status == 400 and message in answer["error"], answer
+    status, answer = generate(addresses, {"text_input": "ok", "max_tokens": 3})
+    assert status == 200 and answer["text_output"] == reference("ok", 3)
+
+
+def test_sampling_is_seeded(server):
+    _, addresses, _ = server
+    body = {"text_input": "Once", "max_tokens": 8, "temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 7}
+    first, second = generate(addresses, body), generate(addresses, body)
+    assert first[0] == second[0] == 200 and first[1]["text_output"] == second[1]["text_output"]
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_complete_answer(server, reference):
+    _, addresses, _ = server
+    prompts = [(f"request {i}: " + "ab" * (i % 5), 4 + i % 7) for i in range(16)]
+    answers: dict[int, tuple[int, dict]] = {}
+
+    def ask(i):
+        answers[i] = generate(addresses, {"text_input": prompts[i][0], "max_tokens": prompts[i][1]})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, (prompt, max_tokens) in enumerate(prompts):
+        status, body = answers[i]
+        assert status == 200 and body["text_output"] == reference(prompt, max_tokens), (i, body)
+
+
+def test_a_tampered_repository_is_refused_and_never_ready(package, env, tmp_path):
+    copy = tmp_path / "model_repository"
+    shutil.copytree(package, copy)
+    tokenizer = copy / MODEL / "1" / "engine" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes() + b" ")
+    log = tmp_path / "server.log"
+    with triton_server(copy, env, log, wait_ready=False) as (_proc, addresses):
+        for _ in range(200):
+            if "refusing to load" in log.read_text(errors="replace"):
+                break
+            threading.Event().wait(0.1)
+        assert http_status(f"{addresses.http}/v2/models/{MODEL}/ready") != 200
+        assert http_status(f"{addresses.http}/v2/health/ready") != 200
+    text = log.read_text(errors="replace")
+    assert "refusing to load" in text and "sha256 mismatch: engine/tokenizer.json" in text
+
+
+def test_server_shuts_down_cleanly_on_sigterm(package, env, tmp_path):
+    with triton_server(package, env, tmp_path / "server.log") as (proc, _):
+        pass
+    assert proc.returncode == 0
+    assert stop(proc) == 0
+
+
+def test_kiln_serve_a_registered_version_by_alias(tmp_path, env, reference):
+    """The user's path: run, promote to staging, `kiln serve models:/NAME@staging`, generate, stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.serving.server import free_port
+    from tests.conftest import ROOT, TINY_RECIPE, run_kiln
+
+    run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
+    run_kiln("promote", MODEL, "1", "--to", "staging", artifacts=tmp_path, check=True)
+    ports = [str(free_port()) for _ in range(3)]
+    env_vars = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", f"models:/{MODEL}@staging", "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT, text=True,
+                            env={**env_vars, "KILN_ARTIFACTS": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("{"):
+                break
+        info = json.loads(lines[-1])
+        assert info["models"] == [MODEL] and "Triton package sha256 verified" in "".join(lines)
+        req = urllib.request.Request(f"{info['http']}/v2/models/{MODEL}/generate",
+                                     data=json.dumps({"text_input": "hello", "max_tokens": 6}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=60) as response:
+            assert json.loads(response.read())["text_output"] == reference("hello", 6)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
