@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.locking import file_lock
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -19,13 +20,8 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         yield
         return
     db = Path(tracking_uri[len(SQLITE_PREFIX):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".kiln-lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(db.with_name(db.name + ".kiln-lock")):
+        yield
 
 
 def client_for(tracking_uri: str):

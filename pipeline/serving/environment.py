@@ -12,8 +12,6 @@ every inference with an empty tensor.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -22,9 +20,10 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from pipeline.errors import MissingDependency
+from pipeline.locking import file_lock
 
 PACKAGES = ("numpy==1.26.4", "onnxruntime==1.32.0", "tokenizers==0.23.3", "nvidia-pytriton==0.7.0")
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -71,21 +70,10 @@ def default_location() -> Path:
     return base / f"triton-env-py{PY}-{key}"
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_environment(location: Path | None = None, log: Callable[[str], None] = print) -> ServingEnvironment:
     """The cached environment, created if missing or unfinished (one creator at a time)."""
     env = ServingEnvironment(location or default_location())
-    with _lock(env.root):
+    with file_lock(env.root.with_name(env.root.name + ".lock")):
         if (env.root / READY).is_file():
             return env
         shutil.rmtree(env.root, ignore_errors=True)  # an unfinished earlier attempt

@@ -28,7 +28,7 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
     assert run.data.params["quantize.group_size"] == "32"
     assert run.data.metrics["engine_ppl"] == pytest.approx(tiny_run["metrics"]["engine_ppl"])
     top = {a.path for a in c.list_artifacts(mv.run_id)}
-    assert {"engine", "validation", "manifests", "recipe.yaml"} <= top
+    assert {"engine", "validation", "manifests", "recipe.yaml", "triton"} <= top
     engine_files = {a.path for a in c.list_artifacts(mv.run_id, "engine")}
     assert {"engine/engine.onnx", "engine/manifest.json", "engine/tokenizer.json"} <= engine_files
 
@@ -38,7 +38,7 @@ def test_plan_after_a_run_reuses_every_stage(tiny_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     actions = {line.split("│")[1].strip(): line.split("│")[2].strip()
                for line in proc.stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip()}
-    assert actions == {s: "reuse" for s in ("source", "quantize", "export", "build", "validate", "register")}, proc.stdout
+    assert actions == {s: "reuse" for s in ("source", "quantize", "export", "build", "validate", "package", "register")}, proc.stdout
 
 
 def test_deleted_store_is_noticed_and_registration_redone(tiny_run, tmp_path):
