@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from pipeline.artifacts import verify
 from pipeline.console import fail, make_console
 from pipeline.errors import KilnError
 from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry
+from pipeline.settings import Settings
 
 
 def local_repository(path: Path) -> Path:
@@ -48,13 +50,12 @@ def serve(
     console = make_console()
     try:
         if Path(target).exists():
-            repository, log_dir = local_repository(Path(target)), Path(target).resolve().parent
+            repository = local_repository(Path(target))
         else:
             registry = open_registry(tracking_uri, artifacts)
             mv = resolve(registry.client, VersionRef.parse(target))
             repository = fetch_triton_repository(registry.client, registry.tracking_uri, mv,
                                                  registry.workdir / f"{mv.name}-v{mv.version}-triton")
-            log_dir = repository.parent
             console.print(f"{mv.name} version {mv.version}: Triton package sha256 verified")
         env = ensure_environment(log=console.print)
     except KilnError as e:
@@ -64,7 +65,8 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    log_file = log_dir / "tritonserver.log"
+    # never inside the package: it must stay exactly what its manifest lists
+    log_file = Settings.from_env(artifacts).artifacts_root / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     try:
         with triton_server(repository, env, log_file, host=host, ports=(http_port, grpc_port, metrics_port)) as (proc, a):
