@@ -62,7 +62,7 @@ class TritonPythonModel:
 
         serving = json.loads((version_dir / "serving.json").read_text())
         engine_dir = version_dir / "engine"
-        self.lm = kiln_runtime.load_ort_engine(engine_dir, serving["session_options"], serving.get("threads"))
+        self.lm = kiln_runtime.load_ort_engine(engine_dir, serving["session_options"])
         self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
         self.eos_ids = set(serving["eos_token_ids"])
         self.limits = kiln_generation.Limits(**serving["limits"])

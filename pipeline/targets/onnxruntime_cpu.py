@@ -3,8 +3,8 @@ later load runs exactly what was validated.
 
 `build.graph: fused` (default) first rewrites the exported graph into the ONNX Runtime-specific
 fused decoder (`modeling/llama_onnx_fused.py`) from the exported graph's own tensors, then checks
-the fused engine against the exported graph on the same tokens (logits within tolerance, identical
-greedy tokens) before anything uses it. `portable` optimizes the exported graph as it is.
+that graph against the exported one on the same tokens with fp32 int4 compute (logits within
+tolerance, identical greedy tokens) before ONNX Runtime optimizes it into the engine. `portable` optimizes the exported graph as it is.
 """
 
 from __future__ import annotations
