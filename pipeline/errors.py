@@ -66,3 +66,9 @@ class RegistryError(KilnError):
     """The model registry has no such model, version or alias, or cannot do what was asked."""
 
     exit_code = 8
+
+
+class EngineMismatch(KilnError):
+    """A hardware-specific engine (TensorRT plan) was built for another GPU or library version."""
+
+    exit_code = 10

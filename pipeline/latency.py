@@ -58,8 +58,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         ttfts.append(ttft)
         steps.append(step_times)
     summary = LatencySummary.from_runs(ttfts, steps)
+    extra = {}
+    if spec["backend"] == "engine" and spec["engine_meta"].get("hardware"):
+        from pipeline.targets.gpu import process_gpu_memory_mb
+
+        extra["gpu_memory_mb"] = process_gpu_memory_mb()
     return {
         **summary.__dict__,
+        **extra,
         "peak_rss_mb": peak_rss_mb(),
         "decode_ms": [round(t * 1e3, 4) for run in steps for t in run],  # every decode step, for the report's plot
         "generated_ids": tokens,

@@ -17,7 +17,7 @@ from pipeline.quantization import is_ignored
 from pipeline.recipe import Recipe
 from pipeline.runner import RunContext, StageSpec
 from pipeline.stages import STAGES, register, source, validate
-from pipeline.targets import unavailable_reason
+from pipeline.targets import recipe_problems, unavailable_reason
 
 
 def effective_recipe_text(recipe: Recipe) -> str:
@@ -56,6 +56,9 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
     text = recipe.validation.eval_text
     if text.file is not None and not text.file.is_file():
         problems.append(RecipeError([f"validate.eval_text.file: {str(text.file)!r} does not exist"]))
+    target_problems = recipe_problems(recipe)
+    if target_problems:
+        problems.append(RecipeError(target_problems))
     reason = unavailable_reason(recipe.build.target)
     if reason:
         problems.append(MissingDependency(f"build.target: {reason}"))

@@ -217,6 +217,60 @@ class ExportConfig(Section):
 # --------------------------------------------------------------------------- build
 
 
+class MinOptMax(Section):
+    """One dynamic axis of a TensorRT optimization profile: the engine accepts min..max and is tuned for opt."""
+
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "MinOptMax":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max (got {self.min}, {self.opt}, {self.max})")
+        return self
+
+
+class TensorRtConfig(Section):
+    """`build.target: tensorrt` only. TensorRT builds a strongly typed network: the precision is
+    written into the graph Kiln hands it (TensorRT 11 removed the fp16/bf16 builder flags), with
+    RMSNorm statistics and softmax kept in fp32; int4 weights go in as blocked signed-int4
+    `DequantizeLinear` nodes, zero points folded into a small exact correction matmul (TensorRT
+    accepts no zero points; see modeling/tensorrt_graph.py).
+
+    ```yaml
+    build:
+      target: tensorrt
+      graph: portable
+      max_sequence_length: 2048     # prompt + generated tokens; the profile's KV axis ends here
+      tensorrt:
+        precision: fp16             # fp32 | fp16
+        workspace_gib: 4
+        builder_optimization_level: 3   # 0..5
+        timing_cache: true          # kept per GPU and TensorRT version under the stage cache
+        # one optimization profile serves prefill and decode:
+        batch: {min: 1, opt: 1, max: 8}
+        new_tokens: {min: 1, opt: 1, max: 512}      # input_ids length of one call (the prompt, then 1);
+                                                    #   null: max = min(512, max_sequence_length)
+        past_tokens: {min: 0, opt: 256, max: 2047}  # KV cache length, max + new_tokens.min <= max_sequence_length;
+                                                    #   null: 0 .. max_sequence_length - 1, opt half of it (<= 256)
+    ```
+    """
+
+    precision: Literal["fp32", "fp16"] = "fp16"
+    workspace_gib: float = Field(4.0, gt=0)
+    builder_optimization_level: int = Field(3, ge=0, le=5)
+    timing_cache: bool = True
+    batch: MinOptMax = MinOptMax(min=1, opt=1, max=8)
+    new_tokens: MinOptMax | None = None
+    past_tokens: MinOptMax | None = None
+
+    def resolved(self, max_sequence_length: int) -> "TensorRtConfig":
+        new = self.new_tokens or MinOptMax(min=1, opt=1, max=min(512, max_sequence_length))
+        past = self.past_tokens or MinOptMax(min=0, opt=min(256, max_sequence_length // 2), max=max_sequence_length - new.min)
+        return self.model_copy(update={"new_tokens": new, "past_tokens": past})
+
+
 class BuildConfig(Section):
     """One engine for one target per recipe (upstream stages are shared through the cache).
 
@@ -224,20 +278,43 @@ class BuildConfig(Section):
     build:
       target: onnxruntime-cpu     # onnxruntime-cpu | onnxruntime-cuda | tensorrt
       graph: fused                # fused: ONNX Runtime contrib ops (GroupQueryAttention, skip RMSNorm, packed
-                                  #   int4 matmuls), KV cache in place; portable: the exported opset-21 graph as is
-      max_sequence_length: 2048   # fused graph: KV buffer and rotary table length (prompt + generated tokens)
-      optimization_level: all     # basic | extended | all
-      int4_compute: fp32          # fp32: exact dequantized math; int8: faster, ~0.5% matmul error
+                                  #   int4 matmuls), KV cache in place; portable: the exported opset-21 graph as is.
+                                  #   Default: fused on onnxruntime-cpu, portable elsewhere (the fused graph is CPU-only)
+      max_sequence_length: 2048   # KV buffer and rotary table length (prompt + generated tokens)
+      optimization_level: all     # basic | extended | all (ONNX Runtime targets)
+      int4_compute: fp32          # fp32: exact dequantized math; int8: faster, ~0.5% matmul error (onnxruntime-cpu)
       threads: null               # ONNX Runtime intra-op threads; null = all cores
+      tensorrt: {...}             # see TensorRtConfig
     ```
     """
 
     target: Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"] = "onnxruntime-cpu"
-    graph: Literal["fused", "portable"] = "fused"
+    graph: Literal["fused", "portable"] | None = None
     max_sequence_length: int = Field(2048, ge=16)
     optimization_level: Literal["basic", "extended", "all"] = "all"
     int4_compute: Literal["fp32", "int8"] = "fp32"
     threads: int | None = Field(None, ge=1)
+    tensorrt: TensorRtConfig | None = None
+
+    @model_validator(mode="after")
+    def _per_target(self) -> "BuildConfig":
+        # frozen sections: set resolved defaults through object.__setattr__
+        if self.graph is None:
+            object.__setattr__(self, "graph", "fused" if self.target == "onnxruntime-cpu" else "portable")
+        if self.graph == "fused" and self.target != "onnxruntime-cpu":
+            raise ValueError(f"graph: fused is built for onnxruntime-cpu only (fp32 GroupQueryAttention on CPU); "
+                             f"target {self.target} allows: portable")
+        if self.target == "tensorrt":
+            object.__setattr__(self, "tensorrt", (self.tensorrt or TensorRtConfig()).resolved(self.max_sequence_length))
+            if self.tensorrt.new_tokens.max > self.max_sequence_length:
+                raise ValueError(f"tensorrt.new_tokens.max ({self.tensorrt.new_tokens.max}) exceeds max_sequence_length "
+                                 f"({self.max_sequence_length})")
+            if self.tensorrt.past_tokens.max + self.tensorrt.new_tokens.min > self.max_sequence_length:
+                raise ValueError(f"tensorrt.past_tokens.max ({self.tensorrt.past_tokens.max}) + new_tokens.min "
+                                 f"({self.tensorrt.new_tokens.min}) exceeds max_sequence_length ({self.max_sequence_length})")
+        elif self.tensorrt is not None:
+            raise ValueError(f"tensorrt: settings for target tensorrt, but target is {self.target}")
+        return self
 
 
 # --------------------------------------------------------------------------- validate
@@ -260,6 +337,7 @@ class GatesConfig(Section):
     min_tokens_per_s: float | None = Field(None, gt=0)
     max_ttft_ms: float | None = Field(None, gt=0)
     max_peak_rss_mb: float | None = Field(None, gt=0)
+    max_gpu_memory_mb: float | None = Field(None, gt=0)  # GPU targets only
 
 
 class ValidateConfig(Section):

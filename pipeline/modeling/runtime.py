@@ -44,9 +44,11 @@ class OrtCausalLM:
         self.past_names = [i.name for i in past]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        # fp16 graphs (modeling/tensorrt_graph) keep their KV cache in fp16
+        self.kv_dtype = np.float16 if past[0].type == "tensor(float16)" else np.float32
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return [empty] * len(self.past_names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -151,7 +153,7 @@ class TorchCausalLM:
 
 
 def make_ort_session(model_path, *, threads: int | None = None, optimization: str = "all",
-                     int4_compute: str = "fp32", optimized_output=None):
+                     int4_compute: str = "fp32", optimized_output=None, providers=("CPUExecutionProvider",)):
     """The one place ONNX Runtime session options are chosen; `build` records the same options."""
     import onnxruntime as ort
 
@@ -173,7 +175,7 @@ def make_ort_session(model_path, *, threads: int | None = None, optimization: st
         so.optimized_model_filepath = str(optimized_output)
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized_output.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), so, providers=list(providers))
 
 
 def greedy_decode(lm: CausalLM, prompt: np.ndarray, new_tokens: int, clock) -> tuple[list[int], float, list[float]]:
@@ -198,7 +200,8 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
 
     opts = session_options
     session = make_ort_session(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads=threads or opts["threads"],
-                               optimization=opts["optimization_level"], int4_compute=opts["int4_compute"])
+                               optimization=opts["optimization_level"], int4_compute=opts["int4_compute"],
+                               providers=opts.get("providers", ["CPUExecutionProvider"]))
     if opts.get("graph") == "fused":
         return FusedOrtCausalLM(session, opts["max_sequence_length"])
     return OrtCausalLM(session)

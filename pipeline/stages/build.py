@@ -17,7 +17,7 @@ from pipeline.targets import get_target
 
 def run(cfg: BuildConfig, exported: OnnxModel, *, ctx: StageContext) -> Engine:
     target = get_target(cfg.target)
-    meta = target.build(exported, ctx.out_dir, cfg, ctx.log)
+    meta = target.build(exported, ctx.out_dir, cfg, ctx.log, shared_cache=ctx.run.cache_root / "shared" / cfg.target)
     for name in RUNTIME_FILES:
         if exported.file(name).is_file():
             shutil.copy2(exported.file(name), ctx.out_dir / name)

@@ -20,6 +20,7 @@ from pipeline.hashing import sha256_bytes
 from pipeline.recipe import RegisterConfig
 from pipeline.registry.store import client_for, ensure_experiment, ensure_registered_model, store_lock
 from pipeline.runner import StageContext
+from pipeline.targets.gpu import gpu_tags
 
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "mlflow", "numpy")
 
@@ -93,6 +94,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 "kiln.quant_method": str(quantized.meta.get("method")),
                 "kiln.target": engine.meta["target"],
                 "kiln.hardware": hardware(),
+                **gpu_tags(engine.meta),
                 "kiln.git_commit": git_commit(repo_dir),
                 "kiln.code_version": ctx.run.code_version,
                 "kiln.validation_passed": str(report.meta["passed"]).lower(),

@@ -31,6 +31,7 @@ GATES = {
     "min_tokens_per_s": ("tokens_per_s", ">=", "tokens/s"),
     "max_ttft_ms": ("ttft_ms", "<=", "time to first token (ms)"),
     "max_peak_rss_mb": ("peak_rss_mb", "<=", "peak RSS (MB)"),
+    "max_gpu_memory_mb": ("gpu_memory_mb", "<=", "GPU memory (MB)"),
 }
 
 
@@ -90,7 +91,9 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
     src = meta.get("source_latency") or {}
     for key, label in (("tokens_per_s", "tokens/s (decode)"), ("ttft_ms", "time to first token (ms)"),
                        ("decode_p50_ms", "per-token p50 (ms)"), ("decode_p95_ms", "per-token p95 (ms)"),
-                       ("peak_rss_mb", "peak RSS (MB)")):
+                       ("peak_rss_mb", "peak RSS (MB)"), ("gpu_memory_mb", "GPU memory held (MB)")):
+        if key not in metrics:
+            continue
         lines.append(f"| {label} | {src[key]:.2f} | {metrics[key]:.2f} |" if key in src else f"| {label} | | {metrics[key]:.2f} |")
     lines += ["", "## Gates", ""]
     lines += [f"- {'✓' if g['passed'] else '✗'} {g['gate']}: {g['value']:.4g} {g['op']} {g['limit']:g}" for g in gates] or ["- (none)"]
@@ -150,6 +153,8 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         "next_token_agreement": agreement(src_pred, eng_pred),
         **{k: eng_lat[k] for k in ("ttft_ms", "decode_p50_ms", "decode_p95_ms", "tokens_per_s", "peak_rss_mb")},
     }
+    if eng_lat.get("gpu_memory_mb") is not None:  # GPU targets: memory the engine's process holds on the GPU
+        metrics["gpu_memory_mb"] = eng_lat["gpu_memory_mb"]
     if src_lat:
         metrics |= {f"source_{k}": src_lat[k] for k in ("tokens_per_s", "ttft_ms", "peak_rss_mb")}
         metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]

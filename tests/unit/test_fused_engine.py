@@ -14,7 +14,7 @@ from pipeline.modeling.runtime import FusedOrtCausalLM, SequenceTooLong, greedy_
 from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
 from pipeline.stages.validate import score
-from pipeline.targets.onnxruntime_cpu import OnnxRuntimeCpu, compare_decoders
+from pipeline.targets.onnxruntime_ep import OnnxRuntime, compare_decoders
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def engines(tiny_run, tmp_path_factory):
     built = {}
     for graph in ("portable", "fused"):
         out = tmp_path_factory.mktemp(graph)
-        meta = OnnxRuntimeCpu().build(exported, out, BuildConfig(graph=graph, max_sequence_length=64), lambda _m: None)
-        built[graph] = SimpleNamespace(path=out, meta=meta, lm=OnnxRuntimeCpu().load(out, meta))
+        meta = OnnxRuntime("onnxruntime-cpu").build(exported, out, BuildConfig(graph=graph, max_sequence_length=64), lambda _m: None)
+        built[graph] = SimpleNamespace(path=out, meta=meta, lm=OnnxRuntime("onnxruntime-cpu").load(out, meta))
     return built
 
 

@@ -1,5 +1,7 @@
-"""ONNX Runtime on CPU: the offline-optimized graph plus the session options used, saved so every
-later load runs exactly what was validated.
+"""ONNX Runtime targets, `onnxruntime-cpu` and `onnxruntime-cuda` (CUDA execution provider): the
+offline-optimized graph plus the session options and providers used, saved so every later load runs
+exactly what was validated. ONNX Runtime's saved optimized graph is only valid with the execution
+provider that optimized it, so each target optimizes with its own.
 
 `build.graph: fused` (default) first rewrites the exported graph into the ONNX Runtime-specific
 fused decoder (`modeling/llama_onnx_fused.py`) from the exported graph's own tensors, then checks
@@ -19,6 +21,9 @@ import numpy as np
 
 from pipeline.errors import StageFailed
 from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, load_ort_engine, make_ort_session
+
+# CPU stays listed after CUDA: ONNX Runtime places shape arithmetic there whatever the device.
+PROVIDERS = {"onnxruntime-cpu": ["CPUExecutionProvider"], "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 ENGINE_FILE = "engine.onnx"
 # Fused vs exported graph, same weights: fp32 reordering noise only. Relative to the largest logit.
@@ -92,14 +97,17 @@ def check_fusion(exported, fused_file: Path, max_positions: int, threads: int) -
     return check
 
 
-class OnnxRuntimeCpu:
-    name = "onnxruntime-cpu"
+class OnnxRuntime:
+    def __init__(self, name: str):
+        self.name = name
+        self.providers = PROVIDERS[name]
 
-    def build(self, exported, out_dir: Path, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    def build(self, exported, out_dir: Path, cfg: Any, log: Callable[[str], None], shared_cache: Path | None = None) -> dict[str, Any]:
         import onnxruntime
 
         engine = out_dir / ENGINE_FILE
         options = {
+            "providers": self.providers,
             "graph": cfg.graph,
             "max_sequence_length": cfg.max_sequence_length,
             "optimization_level": cfg.optimization_level,
@@ -115,20 +123,26 @@ class OnnxRuntimeCpu:
                 check = check_fusion(exported, graph_file, cfg.max_sequence_length, options["threads"])
                 log(f"fused vs exported graph (fp32 compute): max |Δlogits| {check['max_rel_logit_diff']:.1e} of max |logit|, "
                     f"greedy tokens {'equal' if check['greedy_tokens_equal'] else 'DIFFERENT'}")
-            make_ort_session(graph_file, threads=options["threads"], optimization=cfg.optimization_level,
-                             int4_compute=cfg.int4_compute, optimized_output=engine)
+            session = make_ort_session(graph_file, threads=options["threads"], optimization=cfg.optimization_level,
+                                       int4_compute=cfg.int4_compute, optimized_output=engine, providers=self.providers)
+            if session.get_providers()[0] != self.providers[0]:
+                raise StageFailed("build", f"ONNX Runtime did not enable {self.providers[0]} (session providers: "
+                                           f"{session.get_providers()})")
         counts = op_counts(engine)
         log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
             f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")
         # Loading the saved graph again must not re-run the (hardware-specific) level-3 passes.
         load_options = {**options, "optimization_level": "disable"}
         (out_dir / "session_options.json").write_text(json.dumps(
-            {"build": options, "load": load_options, "providers": ["CPUExecutionProvider"],
-             "onnxruntime_version": onnxruntime.__version__}, indent=2))
+            {"build": options, "load": load_options, "onnxruntime_version": onnxruntime.__version__}, indent=2))
         meta = {"model_file": ENGINE_FILE, "op_counts": counts, "session_options": load_options,
                 "onnxruntime_version": onnxruntime.__version__}
         if check is not None:
             meta["fusion_check"] = check
+        if self.name == "onnxruntime-cuda":
+            from pipeline.targets.gpu import device_facts
+
+            meta["hardware"] = device_facts()
         return meta
 
     def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
