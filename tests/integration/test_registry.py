@@ -165,6 +165,7 @@ def test_concurrent_runs_both_register(tiny_run, tmp_path):
 def test_kiln_ui_serves_versions_and_artifacts(tiny_run):
     """`kiln ui` on the embedded store: the registry and a version's report figure over HTTP."""
     import os
+    import threading
     import time
     import urllib.request
 
@@ -180,15 +181,22 @@ def test_kiln_ui_serves_versions_and_artifacts(tiny_run):
         with urllib.request.urlopen(url + path, timeout=10) as r:
             return r.read()
 
+    # What a user waits for is the printed URL: read it (the server's own log shares the pipe)
+    # before asking anything, so the checks never race kiln's own health wait.
+    lines: list[str] = []
+
+    def read_output() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "kiln ui did not start"
-            try:
-                get("/health")
-                break
-            except OSError:
-                time.sleep(0.5)
+        while not any(line.startswith(f"MLflow UI: {url}") for line in list(lines)):
+            assert proc.poll() is None and time.monotonic() < deadline, f"kiln ui did not start: {''.join(lines)[-2000:]}"
+            time.sleep(0.2)
+        get("/health")
         models = json.loads(get("/ajax-api/2.0/mlflow/registered-models/search"))
         assert MODEL in [m["name"] for m in models["registered_models"]]
         run_id = tiny_run["registered"]["run_id"]
@@ -198,5 +206,6 @@ def test_kiln_ui_serves_versions_and_artifacts(tiny_run):
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=60)
-    assert f"MLflow UI: {url}" in out
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
+    assert proc.returncode == 0, "".join(lines)[-2000:]
