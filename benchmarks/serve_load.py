@@ -24,6 +24,7 @@ from rich.table import Table
 
 from pipeline.serving.commands import local_repository
 from pipeline.serving.environment import ensure_environment
+from pipeline.serving.grpc_inputs import streaming_request
 from pipeline.serving.server import triton_server
 
 PROMPTS = ["What is Python?", "Explain a for loop.", "Write a haiku about compilers.", "List three sorting algorithms.",
@@ -50,11 +51,7 @@ def client_loop(address: str, model: str, jobs: list[tuple[str, int]], results: 
             if final is not None and final.bool_param:
                 done.set()
 
-        inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
-                  grpcclient.InferInput("stream", [1], "BOOL")]
-        inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-        inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-        inputs[2].set_data_from_numpy(np.array([True]))
+        inputs = streaming_request(prompt, max_tokens)
         client.start_stream(callback=callback)
         start = time.perf_counter()
         client.async_stream_infer(model, inputs, enable_empty_final_response=True)

@@ -31,6 +31,19 @@ KEEP_FP32_IO = ("logits",)
 RMS_CHAIN = ("ReduceMean", "Add", "Sqrt", "Div")  # after the Pow, in order
 
 
+def consumers_of(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def has_zero_point(node) -> bool:
+    return node.op_type == "DequantizeLinear" and len(node.input) > 2 and bool(node.input[2])
+
+
 def topological_sort(graph) -> None:
     """Producers before consumers (the converter and the fold append nodes at the end)."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
@@ -55,12 +68,9 @@ def fold_zero_points(model) -> int:
     how many. Each must feed only MatMuls as their weight (Kiln's exported linears do)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(graph)
     folded = 0
-    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2]]:
+    for dq in [n for n in graph.node if has_zero_point(n)]:
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         codes_t, scales_t, zeros_t = (inits[name] for name in dq.input[:3])
         if codes_t.data_type != TensorProto.UINT4 or attrs.get("axis") != 0 or not attrs.get("block_size"):
@@ -105,10 +115,7 @@ def fold_zero_points(model) -> int:
 
 def rms_statistics_nodes(graph) -> list[str]:
     """Names of the nodes of every RMSNorm statistics chain, found by following each Pow's consumers."""
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(graph)
     names = []
     for pow_node in (n for n in graph.node if n.op_type == "Pow"):
         chain, node = [pow_node.name], pow_node
@@ -129,10 +136,7 @@ def drop_cast_round_trips(graph) -> int:
     def cast_to(node):
         return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
 
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(graph)
     graph_outputs = {o.name for o in graph.output}
     rewired, dropped = 0, set()
     for down in [n for n in graph.node if n.op_type == "Cast" and cast_to(n) == TensorProto.FLOAT16]:

@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.errors import EngineMismatch, StageFailed
 from pipeline.hashing import sha256_file
 from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session, positions_and_mask
+from pipeline.modeling.tensorrt_graph import has_zero_point, write_tensorrt_graph
 from pipeline.targets.gpu import check_engine_compatible, device_facts
 
 PLAN_FILE = "engine.plan"
@@ -72,8 +73,7 @@ def zero_point_layers(model_file: Path) -> list[str]:
     """DequantizeLinear nodes that carry a zero point (TensorRT accepts none)."""
     import onnx
 
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2]]
+    return [n.name for n in onnx.load(str(model_file), load_external_data=False).graph.node if has_zero_point(n)]
 
 
 def timing_cache_name(hardware: dict[str, Any]) -> str:
@@ -118,8 +118,6 @@ class TensorRt:
         logger = capturing_logger(log)
         shapes = profile_shapes(graph_inputs(exported.model_file), trt_cfg)
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-            from pipeline.modeling.tensorrt_graph import write_tensorrt_graph
-
             graph_file = Path(tmp) / "tensorrt_input.onnx"
             folded = write_tensorrt_graph(exported.model_file, trt_cfg.precision, graph_file)
             left = zero_point_layers(graph_file)

@@ -13,6 +13,7 @@ import pytest
 from pipeline.artifacts import read_manifest
 from pipeline.modeling.runtime import greedy_decode
 from pipeline.serving.environment import ensure_environment
+from pipeline.serving.grpc_inputs import streaming_request
 from pipeline.serving.server import http_status, stop, triton_server
 from pipeline.targets import get_target
 
@@ -86,11 +87,7 @@ def stream_grpc(addresses, prompt: str, max_tokens: int) -> list[str]:
             done.set()
 
     client = grpcclient.InferenceServerClient(addresses.grpc)
-    inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
-              grpcclient.InferInput("stream", [1], "BOOL")]
-    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-    inputs[2].set_data_from_numpy(np.array([True]))
+    inputs = streaming_request(prompt, max_tokens)
     client.start_stream(callback=callback)
     client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
     assert done.wait(60), "no final response"
