@@ -36,9 +36,8 @@ from pipeline.latency import measure_in_subprocess
 from pipeline.metrics import eval_windows, perplexity
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import TorchCausalLM, greedy_decode
-from pipeline.plan import stages_for
+from pipeline.plan import run_stages
 from pipeline.recipe import load_recipe
-from pipeline.runner import Runner
 from pipeline.stages.validate import score
 from pipeline.targets import get_target
 
@@ -57,8 +56,7 @@ def build_engines(recipe_path: Path, variants: list[str], overrides: list[str], 
     engines, source = {}, None
     for variant in variants:
         recipe = load_recipe(recipe_path, [*overrides, *VARIANTS[variant]])
-        specs = [s for s in stages_for(recipe, ctx, console.print, Path.cwd()) if s.name in ("source", "quantize", "export", "build")]
-        done = {o.name: o.artifact for o in Runner(ctx, specs).run()}
+        done = run_stages(recipe, ctx, ("source", "quantize", "export", "build"), console.print, Path.cwd())
         source, engines[variant] = done["source"], done["build"]
     return recipe, source, engines, ctx.settings.artifacts_root
 

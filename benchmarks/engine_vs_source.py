@@ -21,9 +21,8 @@ from pipeline.cli import make_run_context, quiet_libraries
 from pipeline.corpus import load_text
 from pipeline.latency import measure_in_subprocess
 from pipeline.modeling.hf import load_tokenizer
-from pipeline.plan import stages_for
+from pipeline.plan import run_stages
 from pipeline.recipe import load_recipe
-from pipeline.runner import Runner
 
 METRICS = (("tokens_per_s", "decode tokens/s", "higher"), ("ttft_ms", "time to first token (ms)", "lower"),
            ("decode_p50_ms", "per-token p50 (ms)", "lower"), ("decode_p95_ms", "per-token p95 (ms)", "lower"),
@@ -42,8 +41,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     ctx = make_run_context(None, console)
     quiet_libraries()
-    specs = [s for s in stages_for(recipe, ctx, console.print, Path.cwd()) if s.name in ("source", "quantize", "export", "build")]
-    done = {o.name: o.artifact for o in Runner(ctx, specs).run()}
+    done = run_stages(recipe, ctx, ("source", "quantize", "export", "build"), console.print, Path.cwd())
     source, engine = done["source"], done["build"]
 
     ids = load_tokenizer(engine.path)(load_text(recipe.validation.eval_text, "eval", "validate.eval_text"))["input_ids"]

@@ -26,9 +26,8 @@ from pipeline.metrics import agreement, eval_windows, perplexity
 from pipeline.modeling.hf import load_tokenizer
 from pipeline.modeling.runtime import OrtCausalLM, greedy_decode, make_ort_session
 from pipeline.modeling.tensorrt_graph import write_tensorrt_graph
-from pipeline.plan import stages_for
+from pipeline.plan import run_stages
 from pipeline.recipe import load_recipe
-from pipeline.runner import Runner
 from pipeline.stages.validate import score
 
 
@@ -43,8 +42,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     ctx = make_run_context(None, console)
     quiet_libraries()
-    specs = [s for s in stages_for(recipe, ctx, console.print, Path.cwd()) if s.name in ("source", "quantize", "export")]
-    exported = {o.name: o.artifact for o in Runner(ctx, specs).run()}["export"]
+    exported = run_stages(recipe, ctx, ("source", "quantize", "export"), console.print, Path.cwd())["export"]
 
     cfg = recipe.validation
     ids = load_tokenizer(exported.path)(load_text(cfg.eval_text, "eval", "validate.eval_text"))["input_ids"][: cfg.max_eval_tokens]

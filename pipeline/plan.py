@@ -8,14 +8,23 @@ from typing import Callable
 
 import yaml
 
-from pipeline.artifacts import Engine, OnnxModel, QuantizedWeights, Registration, SourceCheckpoint, TritonRepository, ValidationReport
+from pipeline.artifacts import (
+    Artifact,
+    Engine,
+    OnnxModel,
+    QuantizedWeights,
+    Registration,
+    SourceCheckpoint,
+    TritonRepository,
+    ValidationReport,
+)
 from pipeline.corpus import text_fingerprint
 from pipeline.errors import KilnError, MissingDependency, RecipeError
 from pipeline.hashing import sha256_bytes
 from pipeline.modeling.shapes import LlamaDims, from_gguf, from_hf_config, group_size_problems
 from pipeline.quantization import is_ignored
 from pipeline.recipe import Recipe
-from pipeline.runner import RunContext, StageSpec
+from pipeline.runner import RunContext, Runner, StageSpec
 from pipeline.stages import STAGES, register, source, validate
 from pipeline.targets import recipe_problems, unavailable_reason
 
@@ -63,6 +72,14 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
     if reason:
         problems.append(MissingDependency(f"build.target: {reason}"))
     return problems
+
+
+def run_stages(recipe: Recipe, ctx: RunContext, names: tuple[str, ...], warn: Callable[[str], None],
+               repo_dir: Path) -> dict[str, Artifact]:
+    """Build (or reuse from the cache) only the named stages of a recipe, by name: how benchmarks get
+    a source, export or engine without validating or registering."""
+    specs = [s for s in stages_for(recipe, ctx, warn, repo_dir) if s.name in names]
+    return {o.name: o.artifact for o in Runner(ctx, specs).run()}
 
 
 def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], repo_dir: Path) -> list[StageSpec]:

@@ -105,8 +105,8 @@ def fold_zero_points(model) -> int:
                 helper.make_node("Add", [mm.output[0], f"{mm.name}/offset_out"], [out], name=f"{mm.name}/add_offset"),
             ])
         folded += 1
-    still_used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in still_used or t.name in {o.name for o in graph.output}]
+    still_used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     topological_sort(graph)

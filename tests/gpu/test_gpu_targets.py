@@ -18,10 +18,12 @@ pytestmark = pytest.mark.gpu
 
 
 def gpu_run(target: str, artifacts, *extra: str) -> dict:
+    """The tiny recipe on a GPU target; the run summary plus the CLI's stdout."""
     overrides = [f"build.target={target}", "package=", *extra]
-    run_kiln("run", str(TINY_RECIPE), *[a for o in overrides for a in ("--set", o)], artifacts=artifacts, check=True)
+    proc = run_kiln("run", str(TINY_RECIPE), *[a for o in overrides for a in ("--set", o)], artifacts=artifacts, check=True)
     summary = json.loads((artifacts / "last_run.json").read_text())
     summary["paths"] = {s["stage"]: s["path"] for s in summary["stages"]}
+    summary["stdout"] = proc.stdout
     return summary
 
 
@@ -55,9 +57,8 @@ def test_tensorrt_engine_refused_on_another_gpu_and_timing_cache_reused(tmp_path
     caches = list((tmp_path / "cache" / "shared" / "tensorrt").glob("*.timing"))
     assert len(caches) == 1 and caches[0].stat().st_size > 0
     # another profile means another engine; the timing cache measured above is reused
-    proc = run_kiln("run", str(TINY_RECIPE), "--set", "build.target=tensorrt", "--set", "package=",
-                    "--set", "build.tensorrt.batch={min: 1, opt: 2, max: 4}", artifacts=tmp_path, check=True)
-    assert "timing cache" in proc.stdout and "reused" in proc.stdout
+    rebuilt = gpu_run("tensorrt", tmp_path, "build.tensorrt.batch={min: 1, opt: 2, max: 4}")
+    assert "timing cache" in rebuilt["stdout"] and "reused" in rebuilt["stdout"]
 
 
 @skip_unless("onnxruntime-cuda")
