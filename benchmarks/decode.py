@@ -5,7 +5,8 @@
         --engines portable-fp32 fused-fp32 portable-int8 fused-int8 --rounds 3
 
 Peers: the PyTorch fp32 source (eager), onnxruntime-genai's model builder int4 of the same
-checkpoint (left out, and said so, when its environment is missing), and each Kiln engine variant
+checkpoint (left out, and said so, when its environment is missing) with the Kiln engines' thread
+count and again with its own default threads (speed only), and each Kiln engine variant
 of the recipe (`--engines`), all from the recipe's one set of quantized weights: `portable-*` (the
 exported opset-21 graph, ORT-optimized), `fused-*` (the ORT-specific graph with
 GroupQueryAttention, KV cache in place), each with fp32 (exact dequantized math) or int8
@@ -121,7 +122,12 @@ def main() -> None:
         peers["PyTorch fp32 eager"] = {"kind": "kiln", "spec": {**common, "backend": "torch", "model_dir": str(source.model_dir)}}
     genai_note = None
     if args.genai_python.is_file():
-        peers["onnxruntime-genai int4"] = {"kind": "genai", "model": genai_model(args.genai_python, source, root, console)}
+        model = genai_model(args.genai_python, source, root, console)
+        peers["onnxruntime-genai int4"] = {"kind": "genai", "model": model, "threads": threads}
+        # What a user gets without setting threads: onnxruntime-genai's own default (one intra-op
+        # thread on the 2-core machine here). Same model, so its accuracy columns are copied.
+        peers["onnxruntime-genai int4, default threads"] = {"kind": "genai", "model": model, "threads": None,
+                                                           "same_model_as": "onnxruntime-genai int4"}
     else:
         genai_note = f"onnxruntime-genai left out: no environment at {args.genai_python} (bash benchmarks/setup_genai_env.sh makes it)"
     for variant, engine in engines.items():
@@ -136,11 +142,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for name, peer in peers.items():
-            if peer["kind"] == "genai":
-                scored = run_genai(args.genai_python, "ppl", peer["model"], {"windows": [w.tolist() for w in windows]}, tmp)
+            if "same_model_as" in peer:
+                peer.update({k: peers[peer["same_model_as"]][k] for k in ("ppl", "predictions", "greedy")})
+            elif peer["kind"] == "genai":
+                scored = run_genai(args.genai_python, "ppl", peer["model"], {"windows": [w.tolist() for w in windows], "threads": threads}, tmp)
                 peer["ppl"], peer["predictions"] = scored["ppl"], np.asarray(scored["predictions"])
                 peer["greedy"] = run_genai(args.genai_python, "greedy", peer["model"],
-                                           {"prompts": prompts, "new_tokens": args.new_tokens}, tmp)["tokens"]
+                                           {"prompts": prompts, "new_tokens": args.new_tokens, "threads": threads}, tmp)["tokens"]
             else:
                 lm = (get_target(peer["engine"].target).load(peer["engine"].path, dict(peer["engine"].meta)) if "engine" in peer
                       else TorchCausalLM(load_causal_lm(source.model_dir)))
@@ -152,7 +160,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {name: [] for name in peers}
         for r in range(args.rounds):
             for name, peer in peers.items():
-                result = (run_genai(args.genai_python, "measure", peer["model"], common, tmp) if peer["kind"] == "genai"
+                result = (run_genai(args.genai_python, "measure", peer["model"], {**common, "threads": peer["threads"]}, tmp)
+                          if peer["kind"] == "genai"
                           else measure_in_subprocess(peer["spec"], tmp, name.replace(" ", "_")))
                 runs[name].append(result)
             console.print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {runs[n][-1]['tokens_per_s']:.1f} tok/s" for n in peers))
@@ -178,6 +187,9 @@ def main() -> None:
     console.print(f"ref = {reference_name}. top-1 = ref: share of held-out positions where the peer's most likely next token is "
                   f"the reference's. greedy = ref: test prompts whose {args.new_tokens} greedy tokens equal the reference's "
                   "(else the first differing position).")
+    for name in (n for n in peers if n.startswith("Kiln")):
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[name], runs[fastest_peer])]
+        console.print(f"{name} ÷ {fastest_peer}, round by round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     if genai_note:
         console.print(genai_note)
 

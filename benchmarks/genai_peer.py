@@ -61,10 +61,19 @@ def greedy_generator(model, prompt: list[int], new_tokens: int):
     return generate
 
 
-def measure(model_dir: Path, spec: dict) -> dict:
+def load_model(model_dir: Path, threads: int | None):
+    """The builder's model with the Kiln engines' intra-op thread count (its default counts every core
+    of the machine, not the cores this process may run on)."""
     import onnxruntime_genai as og
 
-    generate = greedy_generator(og.Model(str(model_dir)), list(spec["prompt_ids"]), spec["new_tokens"])
+    config = og.Config(str(model_dir))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def measure(model_dir: Path, spec: dict) -> dict:
+    generate = greedy_generator(load_model(model_dir, spec.get("threads")), list(spec["prompt_ids"]), spec["new_tokens"])
     for _ in range(spec["warmup"]):
         generate()
     tokens, ttft, steps = generate()
@@ -79,7 +88,10 @@ def perplexity(model_dir: Path, spec: dict) -> dict:
     import onnxruntime as ort
 
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]
-    session = ort.InferenceSession(str(model_dir / config["decoder"]["filename"]), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if spec.get("threads"):
+        options.intra_op_num_threads = spec["threads"]
+    session = ort.InferenceSession(str(model_dir / config["decoder"]["filename"]), options, providers=["CPUExecutionProvider"])
     kv_heads, head_dim = config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]
     names = {i.name for i in session.get_inputs()}
     nll, count, preds = 0.0, 0, []
@@ -101,9 +113,7 @@ def perplexity(model_dir: Path, spec: dict) -> dict:
 
 
 def greedy(model_dir: Path, spec: dict) -> dict:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
+    model = load_model(model_dir, spec.get("threads"))
     return {"tokens": [greedy_generator(model, list(p), spec["new_tokens"])()[0] for p in spec["prompts"]]}
 
 

@@ -54,16 +54,24 @@ def evaluate_gates(gates: GatesConfig, metrics: dict[str, float]) -> list[dict[s
         limit = getattr(gates, field)
         if limit is None:
             continue
-        value = metrics[metric]
-        ok = value <= limit if op == "<=" else value >= limit
+        # A gate never passes on a number nobody measured (e.g. a driver that reports no per-process
+        # GPU memory): it fails and says so.
+        value = metrics.get(metric)
+        ok = value is not None and (value <= limit if op == "<=" else value >= limit)
         results.append({"gate": field, "metric": metric, "label": label, "value": value, "op": op,
                          "limit": limit, "passed": bool(ok)})
     return results
 
 
+def describe_gate(g: dict[str, Any]) -> str:
+    if g["value"] is None:
+        return f"{g['gate']}: {g['label']} was not measured on this machine (limit {g['op']} {g['limit']:g})"
+    verb = g["op"] if g["passed"] else f"is not {g['op']}"
+    return f"{g['gate']}: {g['label']} {g['value']:.4g} {verb} {g['limit']:g}"
+
+
 def gate_failures(report: ValidationReport) -> list[str]:
-    return [f"{g['gate']}: {g['label']} {g['value']:.4g} is not {g['op']} {g['limit']:g}"
-            for g in report.meta["gates"] if not g["passed"]]
+    return [describe_gate(g) for g in report.meta["gates"] if not g["passed"]]
 
 
 def enforce(on_failure: str, warn):
@@ -96,7 +104,7 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
             continue
         lines.append(f"| {label} | {src[key]:.2f} | {metrics[key]:.2f} |" if key in src else f"| {label} | | {metrics[key]:.2f} |")
     lines += ["", "## Gates", ""]
-    lines += [f"- {'✓' if g['passed'] else '✗'} {g['gate']}: {g['value']:.4g} {g['op']} {g['limit']:g}" for g in gates] or ["- (none)"]
+    lines += [f"- {'✓' if g['passed'] else '✗'} {describe_gate(g)}" for g in gates] or ["- (none)"]
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +175,7 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
             "engine_generated_ids": eng_lat["generated_ids"], "source_generated_ids": src_lat and src_lat["generated_ids"]}
     for g in gates:
         mark = "[green]✓[/green]" if g["passed"] else "[red]✗[/red]"
-        ctx.log(f"{mark} {g['gate']}: {g['value']:.4g} {g['op']} {g['limit']:g}")
+        ctx.log(f"{mark} {describe_gate(g)}")
     write_json_atomic(ctx.out_dir / "validation.json", {"metrics": metrics, "gates": gates, **meta})
     (ctx.out_dir / "report.md").write_text(render_markdown(metrics, gates, meta) + "\n![latency and accuracy](latency_accuracy.png)\n")
     plot_latency_accuracy(ctx.out_dir / "latency_accuracy.png", metrics, eng_lat, src_lat)

@@ -37,23 +37,24 @@ def nvidia_gpu_present() -> bool:
 def unavailable_reason(name: str) -> str | None:
     req = REQUIREMENTS[name]
     missing_pkgs = [pip for mod, pip in zip(req.packages, req.pip_names) if importlib.util.find_spec(mod) is None]
+    why_not = "not installed here"
     if name == "onnxruntime-cuda" and not missing_pkgs:
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            missing_pkgs = ["onnxruntime-gpu (the installed onnxruntime has no CUDAExecutionProvider)"]
+            missing_pkgs, why_not = ["onnxruntime-gpu"], "the installed onnxruntime has no CUDAExecutionProvider"
     if name == "tensorrt" and not missing_pkgs and nvidia_gpu_present():
         import torch
 
         if not torch.cuda.is_available():
-            missing_pkgs = [f"torch with CUDA (the installed torch {torch.__version__} cannot use the GPU)"]
+            missing_pkgs, why_not = ["torch with CUDA"], f"the installed torch {torch.__version__} cannot use the GPU"
     missing = []
     if req.needs_nvidia_gpu and not nvidia_gpu_present():
         missing.append("an NVIDIA GPU")
     if missing_pkgs:
         missing.append("the " + ", ".join(missing_pkgs) + " package" + ("s" if len(missing_pkgs) > 1 else ""))
     if missing:
-        has = "this machine has neither" if len(missing) == 2 else "not installed here" if missing_pkgs else "this machine has none"
+        has = "this machine has neither" if len(missing) == 2 else why_not if missing_pkgs else "this machine has none"
         return f"target {name} needs " + " and ".join(missing) + f"; {has}"
     return None
 

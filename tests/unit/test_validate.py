@@ -42,6 +42,16 @@ def test_gates_compare_in_the_right_direction():
                                      "min_tokens_per_s: tokens/s 50 is not >= 60"]
 
 
+def test_gate_on_an_unmeasured_metric_fails_and_says_so():
+    # A GPU whose driver reports no per-process memory leaves gpu_memory_mb out of the metrics.
+    gates = evaluate_gates(GatesConfig(max_ppl_increase_pct=10, min_next_token_agreement=None, max_gpu_memory_mb=4096),
+                           {"ppl_increase_pct": 5.0})
+    assert [(g["gate"], g["value"], g["passed"]) for g in gates] == [("max_ppl_increase_pct", 5.0, True),
+                                                                     ("max_gpu_memory_mb", None, False)]
+    assert gate_failures(ValidationReport(path=None, meta={"gates": gates})) == [
+        "max_gpu_memory_mb: GPU memory (MB) was not measured on this machine (limit <= 4096)"]
+
+
 def test_failed_gate_exits_4_names_gate_value_limit_and_keeps_report(tiny_run):
     artifacts = tiny_run["artifacts"]
     proc = run_kiln("run", str(TINY_RECIPE), "--set", "validate.gates.min_tokens_per_s=1e12", artifacts=artifacts)
