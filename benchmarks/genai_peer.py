@@ -62,8 +62,8 @@ def greedy_generator(model, prompt: list[int], new_tokens: int):
 
 
 def load_model(model_dir: Path, threads: int | None):
-    """The builder's model with the Kiln engines' intra-op thread count (its default counts every core
-    of the machine, not the cores this process may run on)."""
+    """The builder's model with the Kiln engines' intra-op thread count. Left to itself it ran one
+    thread on the 2-core machine here and oversubscribed two pinned cores of a 16-core one."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
