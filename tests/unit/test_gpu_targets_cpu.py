@@ -74,6 +74,19 @@ def test_kiln_check_names_what_tensorrt_needs(tmp_path):
     assert unavailable_reason("tensorrt") == "target tensorrt needs an NVIDIA GPU and the tensorrt package; this machine has neither"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_onnxruntime_cuda_on_a_gpu_machine_names_the_missing_provider(monkeypatch):
+    # The message a GPU machine with the CPU build of onnxruntime prints (seen on a lent H200).
+    import onnxruntime
+
+    import pipeline.targets as targets
+
+    monkeypatch.setattr(targets, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert targets.unavailable_reason("onnxruntime-cuda") == (
+        "target onnxruntime-cuda needs the onnxruntime-gpu package; the installed onnxruntime has no CUDAExecutionProvider")
+
+
 def test_profile_covers_every_input_of_the_exported_graph(tiny_run):
     inputs = graph_inputs(tiny_run["paths"]["export"] / "model.onnx")
     shapes = profile_shapes(inputs, load_recipe(TINY_RECIPE, TRT).build.tensorrt)
