@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +20,10 @@ from pipeline.artifacts import (
 from pipeline.corpus import text_fingerprint
 from pipeline.errors import KilnError, MissingDependency, RecipeError
 from pipeline.hashing import sha256_bytes
-from pipeline.modeling.shapes import LlamaDims, from_gguf, from_hf_config, group_size_problems
+from pipeline.modeling.decoder import DecoderSpec, UnsupportedModel, check_positions, spec_from_folder, spec_from_gguf
+from pipeline.modeling.shapes import group_size_problems
 from pipeline.quantization import is_ignored
-from pipeline.recipe import Recipe
+from pipeline.recipe import SOURCE_KINDS, Recipe
 from pipeline.runner import RunContext, Runner, StageSpec
 from pipeline.stages import STAGES, register, source, validate
 from pipeline.targets import recipe_problems, unavailable_reason
@@ -34,34 +34,46 @@ def effective_recipe_text(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False)
 
 
-def source_dims(recipe: Recipe) -> LlamaDims | None:
-    """Layer sizes from config.json, GGUF metadata or the random spec; None when unknown (hub)."""
+def source_spec(recipe: Recipe) -> DecoderSpec | None:
+    """The decoder description from config.json, GGUF metadata or the random spec; None when
+    unknown before running (hub ids). A checkpoint Kiln cannot describe is a recipe error naming
+    `source.path` and the supported architectures."""
+    from pipeline.modeling.decoder import describe, tiny_config
+
     src = recipe.source
-    if src.random_llama is not None:
-        r = src.random_llama
-        return LlamaDims(r.hidden_size, r.intermediate_size, r.num_attention_heads, r.hidden_size // r.num_attention_heads)
-    if src.path is None:
-        return None
-    path = source.resolve_path(src.path)
-    if path.is_file() and path.suffix == ".gguf":
-        return from_gguf(path)
-    config = path / "config.json"
-    return from_hf_config(json.loads(config.read_text())) if config.is_file() else None
+    try:
+        if src.random_model is not None:
+            return describe(tiny_config(src.random_model.family, src.random_model.config_kwargs()))
+        if src.path is None:
+            return None
+        path = source.resolve_path(src.path)
+        if path.is_file() and path.suffix == ".gguf":
+            return spec_from_gguf(path)
+        if path.is_dir():
+            return spec_from_folder(path)
+        raise UnsupportedModel(f"{path} is neither a checkpoint folder nor a .gguf file")
+    except UnsupportedModel as e:
+        raise RecipeError([f"source.{'random_model' if src.random_model is not None else 'path'}: {e}"]) from None
 
 
 def static_problems(recipe: Recipe) -> list[KilnError]:
     """Everything `kiln check` can tell without loading a model or touching a GPU."""
     problems: list[KilnError] = []
     try:
-        dims = source_dims(recipe)
+        spec = source_spec(recipe)
     except RecipeError as e:
         problems.append(e)
-        dims = None
+        spec = None
     q = recipe.quantize
-    if dims is not None and q.method != "none":
-        shape_problems = group_size_problems(dims, q.group_size, lambda layer: is_ignored(layer, q.ignore))
+    if spec is not None and q.method != "none":
+        shape_problems = group_size_problems(spec, q.group_size, lambda layer: is_ignored(layer, q.ignore))
         if shape_problems:
             problems.append(RecipeError(shape_problems))
+    if spec is not None:
+        spec_problems = [p for p in (check_positions(spec, recipe.build.max_sequence_length), fused_graph_problem(spec, recipe))
+                         if p]
+        if spec_problems:
+            problems.append(RecipeError(spec_problems))
     text = recipe.validation.eval_text
     if text.file is not None and not text.file.is_file():
         problems.append(RecipeError([f"validate.eval_text.file: {str(text.file)!r} does not exist"]))
@@ -72,6 +84,12 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
     if reason:
         problems.append(MissingDependency(f"build.target: {reason}"))
     return problems
+
+
+def fused_graph_problem(spec: DecoderSpec, recipe: Recipe) -> str | None:
+    from pipeline.targets.onnxruntime_ep import fused_graph_refusal
+
+    return fused_graph_refusal(spec) if recipe.build.graph == "fused" else None
 
 
 def run_stages(recipe: Recipe, ctx: RunContext, names: tuple[str, ...], warn: Callable[[str], None],
@@ -91,7 +109,7 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
     specs = [
         StageSpec("source", STAGES["source"], SourceCheckpoint, recipe.source,
                   key_extra={"origin": source.origin_fingerprint(recipe.source)},
-                  backend=next(k for k in ("path", "hub_id", "random_llama") if getattr(recipe.source, k) is not None)),
+                  backend=next(k for k in SOURCE_KINDS if getattr(recipe.source, k) is not None)),
         StageSpec("quantize", STAGES["quantize"], QuantizedWeights, q, ("source",),
                   key_extra={"calibration_file": text_fingerprint(q.calibration.text)},
                   backend="none" if q.method == "none" else

@@ -15,7 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import RecipeError
+from pipeline.modeling.decoder import FAMILIES
 
+FAMILY_NAMES = tuple(FAMILIES)
+SOURCE_KINDS = ("path", "hub_id", "random_model")
 TARGET_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 # method -> backends that implement it; the first is the default (`backend: auto`).
 METHOD_BACKENDS = {"none": ("kiln",), "rtn": ("kiln",), "gptq": ("llm-compressor",), "awq": ("llm-compressor",)}
@@ -58,34 +61,46 @@ class TextConfig(Section):
 # --------------------------------------------------------------------------- source
 
 
-class RandomLlamaConfig(Section):
-    """A tiny randomly initialised Llama with a byte-level tokenizer, for fast tests.
+class RandomModelConfig(Section):
+    """A tiny randomly initialised model of one supported family with a byte-level tokenizer, for
+    fast tests. The family's own features (sliding window, soft-capping, q/k norms, fused
+    projections, ...) are switched on by its row in `pipeline/modeling/decoder.py`; `config` passes
+    further keys to the family's transformers config.
 
     ```yaml
     source:
-      random_llama: {hidden_size: 64, num_hidden_layers: 2, seed: 0}
+      random_model: {family: qwen2, hidden_size: 64, num_hidden_layers: 2, seed: 0}
     ```
     """
 
-    hidden_size: int = Field(64, ge=16)
-    intermediate_size: int = Field(128, ge=16)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    num_key_value_heads: int = Field(2, ge=1)
-    max_position_embeddings: int = Field(1024, ge=64)
+    family: Literal[FAMILY_NAMES] = "llama"  # type: ignore[valid-type]
+    # null: the family's tiny default (hidden 64, 2 layers, 4 heads of 16, 2 KV heads; Phi-3: 2 heads of 32)
+    hidden_size: int | None = Field(None, ge=16)
+    intermediate_size: int | None = Field(None, ge=16)
+    num_hidden_layers: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    max_position_embeddings: int | None = Field(None, ge=64)
+    config: dict[str, Any] = {}
     seed: int = 0
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "RandomLlamaConfig":
-        if self.hidden_size % self.num_attention_heads:
+    def _heads_divide(self) -> "RandomModelConfig":
+        if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads and self.num_key_value_heads and self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         return self
 
+    def config_kwargs(self) -> dict[str, Any]:
+        """The transformers config keys this section sets (on top of the family's tiny defaults)."""
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings")
+        return {**{k: getattr(self, k) for k in keys if getattr(self, k) is not None}, **self.config}
+
 
 class SourceConfig(Section):
-    """Where the checkpoint comes from: exactly one of `path`, `hub_id`, `random_llama`.
+    """Where the checkpoint comes from: exactly one of `path`, `hub_id`, `random_model`.
 
     ```yaml
     source:
@@ -100,15 +115,15 @@ class SourceConfig(Section):
     path: str | None = None
     hub_id: str | None = None
     revision: str | None = None
-    random_llama: RandomLlamaConfig | None = None
+    random_model: RandomModelConfig | None = None
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SourceConfig":
-        given = [k for k in ("path", "hub_id", "random_llama") if getattr(self, k) is not None]
+        given = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of path, hub_id, random_llama (got {', '.join(given) or 'none'})"
+                f"give exactly one of {', '.join(SOURCE_KINDS)} (got {', '.join(given) or 'none'})"
             )
         if self.revision is not None and self.hub_id is None:
             raise ValueError("`revision` only applies to `hub_id`")

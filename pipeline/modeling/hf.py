@@ -7,18 +7,16 @@ unless the recipe opts in. Heavy imports (torch, transformers) stay inside funct
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import KilnError
+from pipeline.modeling.decoder import UnsupportedModel, architecture_of, read_json
 
 if TYPE_CHECKING:
     import torch
 
-# The ONNX graph writer covers this family; others are refused at source time, not deep in export.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # What a checkpoint folder may carry into the cache: configs, safetensors, tokenizer files.
 CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
@@ -43,10 +41,10 @@ def check_safetensors_only(folder: Path) -> None:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise SourceError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
-    return json.loads(path.read_text())
+    try:
+        return read_json(folder / "config.json")
+    except UnsupportedModel as e:
+        raise SourceError(str(e)) from None
 
 
 def check_config(config: dict[str, Any], trust_remote_code: bool) -> None:
@@ -55,12 +53,10 @@ def check_config(config: dict[str, Any], trust_remote_code: bool) -> None:
             "this checkpoint ships its own modelling code (config.json has `auto_map`). Kiln does not "
             "run downloaded code unless the recipe sets `source.trust_remote_code: true`."
         )
-    archs = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise SourceError(
-            f"architecture {archs or '(none)'} is not supported by Kiln's exporter; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    try:
+        architecture_of(config, "config.json")
+    except UnsupportedModel as e:
+        raise SourceError(str(e)) from None
 
 
 def copy_checkpoint(src: Path, dst: Path) -> list[str]:
@@ -97,9 +93,12 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False) -> "torch.nn.M
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.modeling.decoder import spec_from_folder
+
     check_safetensors_only(folder)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+        attn_implementation=spec_from_folder(folder).reference_attention,
     )
     return model.eval()
 
@@ -146,32 +145,26 @@ def byte_level_tokenizer():
     )
 
 
-def make_random_llama(spec: Any, out_dir: Path) -> None:
-    """Write a tiny random Llama checkpoint (safetensors) with a byte-level tokenizer."""
+def make_random_model(spec: Any, out_dir: Path) -> None:
+    """Write a tiny random model of `spec.family` (safetensors) with a byte-level tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+
+    from pipeline.modeling.decoder import tiny_config
 
     tokenizer = byte_level_tokenizer()
     vocab = -(-len(tokenizer) // 8) * 8
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    token_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = tiny_config(spec.family, {"vocab_size": vocab, "tie_word_embeddings": False, **token_ids, **spec.config_kwargs()})
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).eval()
-    # Random init gives near-uniform logits; a larger init scale makes quantization error visible.
+    model = getattr(transformers, config.architectures[0])(config).eval()
+    # Random init gives near-uniform logits; a larger init scale makes quantization error visible,
+    # and perturbed norm weights and biases make a wrong norm placement or offset visible too.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

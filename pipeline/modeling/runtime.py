@@ -36,7 +36,7 @@ def positions_and_mask(batch: int, past: int, seq: int) -> tuple[np.ndarray, np.
 
 
 class OrtCausalLM:
-    """Drives an exported/built Kiln ONNX graph (names from `llama_onnx.io_names`)."""
+    """Drives an exported/built Kiln ONNX graph (the portable graph of `decoder_graph`)."""
 
     def __init__(self, session):
         self.session = session
@@ -67,7 +67,7 @@ class OrtCausalLM:
 
 
 class FusedOrtCausalLM:
-    """Drives the ONNX Runtime-specific fused graph (`llama_onnx_fused`): each sequence batch gets
+    """Drives the ONNX Runtime-specific fused graph (`decoder_graph.FusedOps`): each sequence batch gets
     KV buffers of `max_sequence_length` positions, bound with IO binding as both past and present
     of every layer, so a decode step copies nothing but the new token's keys and values (written in
     place by GroupQueryAttention) and the logits. Rows of a batch may have different lengths."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.modeling.llama_onnx import int_tensor
+from pipeline.modeling.onnx_graph import int_tensor
 
 KEEP_FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Softmax")
 KEEP_FP32_IO = ("logits",)

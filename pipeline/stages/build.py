@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 
 from pipeline.artifacts import Engine, OnnxModel
+from pipeline.errors import StageFailed
+from pipeline.modeling.decoder import DecoderSpec, check_positions
 from pipeline.recipe import BuildConfig
 from pipeline.runner import StageContext
 from pipeline.stages.export import RUNTIME_FILES
@@ -16,6 +18,10 @@ from pipeline.targets import get_target
 
 
 def run(cfg: BuildConfig, exported: OnnxModel, *, ctx: StageContext) -> Engine:
+    # `kiln check` says this before any work for local sources; a hub source is first seen here
+    too_long = check_positions(DecoderSpec.from_dict(exported.meta["decoder"]), cfg.max_sequence_length)
+    if too_long:
+        raise StageFailed("build", too_long)
     target = get_target(cfg.target)
     meta = target.build(exported, ctx.out_dir, cfg, ctx.log, shared_cache=ctx.run.cache_root / "shared" / cfg.target)
     for name in RUNTIME_FILES:

@@ -1,7 +1,7 @@
 """export: the source checkpoint + the quantizer's codes -> ONNX (opset 21) with KV cache, verified.
 
-Kiln writes the graph itself (`modeling/llama_onnx.py`); docs/decisions.md records the measurement
-behind that choice. After writing, every output (logits and each present key/value) is compared
+Kiln writes the graph itself (`modeling/decoder_graph.py`, from the checkpoint's `DecoderSpec`);
+docs/decisions.md records the measurement behind that choice. After writing, every output (logits and each present key/value) is compared
 with PyTorch running the same dequantized weights, at shapes unlike any the writer assumed.
 """
 
@@ -14,9 +14,11 @@ import numpy as np
 
 from pipeline.artifacts import OnnxModel, QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.errors import KilnError
+from pipeline.modeling.decoder import describe, hf_config, rotary_tables
+from pipeline.modeling.decoder_graph import portable_graph
 from pipeline.modeling.hf import SafetensorsWeights, read_config
-from pipeline.modeling.llama_onnx import LlamaShape, build_llama_graph
 from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session
+from pipeline.modeling.weights import CheckpointWeights
 from pipeline.quantization.format import QuantizedLinear, load_quantized
 from pipeline.quantization.reference import load_overrides, quantized_reference
 from pipeline.recipe import ExportConfig, ExportVerifyConfig
@@ -32,34 +34,22 @@ class ExportMismatch(KilnError):
     exit_code = 3
 
 
-def rotary_tables(model_dir: Path) -> tuple[np.ndarray, float]:
-    """inv_freq and attention scaling from transformers' own rotary init (covers llama3/yarn scaling)."""
-    from transformers import AutoConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    config = AutoConfig.from_pretrained(model_dir)
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type in ("dynamic", "longrope"):
-        raise KilnError(f"rope_type {rope_type!r} changes with sequence length; Kiln's exporter supports static RoPE only")
-    rotary = LlamaRotaryEmbedding(config=config)
-    return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
-
-
 def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], overrides: Path | None, out_file: Path) -> dict:
     import onnx
 
-    config = read_config(source.model_dir)
-    shape = LlamaShape.from_config(config)
-    weights = SafetensorsWeights(source.model_dir, overrides)
-    inv_freq, scaling = rotary_tables(source.model_dir)
-    model = build_llama_graph(shape, weights.__getitem__, weights.__contains__, quantized, inv_freq, scaling)
+    config = hf_config(read_config(source.model_dir), str(source.model_dir / "config.json"))
+    spec = describe(config)
+    rope = rotary_tables(config, spec)
+    weights = CheckpointWeights(spec, SafetensorsWeights(source.model_dir, overrides), quantized)
+    model = portable_graph(spec, weights, rope)
     onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out_file.name + ".data", size_threshold=1024)
     onnx.checker.check_model(str(out_file))
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"nodes": len(model.graph.node), "op_counts": ops, "shape": shape.__dict__, "rope_attention_scaling": scaling}
+    return {"nodes": len(model.graph.node), "op_counts": ops, "decoder": spec.to_dict(),
+            "rope_attention_scaling": {key: scaling for key, (_, scaling) in rope.items()}}
 
 
 def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], overrides: Path | None = None):
@@ -71,9 +61,8 @@ def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) ->
     import torch
     from transformers import DynamicCache
 
-    cfg = torch_model.config
+    shape = describe(torch_model.config)
     rng = np.random.default_rng(v.seed)
-    shape = LlamaShape.from_config(cfg.to_dict())
     past = [rng.standard_normal((v.batch, shape.num_kv_heads, v.past_len, shape.head_dim)).astype(np.float32)
             for _ in range(2 * shape.num_layers)]
     ids = rng.integers(0, shape.vocab_size, size=(v.batch, v.seq_len)).astype(np.int64)
@@ -81,7 +70,9 @@ def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) ->
     lm = OrtCausalLM(make_ort_session(onnx_file, optimization="basic"))
     ort_logits, ort_state = lm.forward(ids, DecodeState(past, v.past_len))
 
-    cache = DynamicCache(config=cfg)
+    # Every layer keeps its whole past here (a sliding layer's cache in transformers keeps only the
+    # window, which the mask makes equivalent), so each present output can be compared whole.
+    cache = DynamicCache()
     for i in range(shape.num_layers):
         cache.update(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1]), i)
     total = v.past_len + v.seq_len

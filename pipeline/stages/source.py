@@ -1,7 +1,7 @@
 """source: resolve the checkpoint into an ordinary, safe HF folder (`model/`) with its tokenizer.
 
 Accepts a local HF folder (safetensors only), a GGUF file (dequantized to fp32 with transformers +
-gguf), a hub id (when online), or a tiny random Llama for tests.
+gguf), a hub id (when online), or a tiny random model of a supported family for tests.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.artifacts import SourceCheckpoint
 from pipeline.errors import RecipeError
 from pipeline.hashing import sha256_file
+from pipeline.modeling.decoder import UnsupportedModel, spec_from_folder
 from pipeline.modeling.hf import (
     CHECKPOINT_PATTERNS,
     SourceError,
@@ -22,7 +23,7 @@ from pipeline.modeling.hf import (
     copy_checkpoint,
     gguf_to_checkpoint,
     load_tokenizer,
-    make_random_llama,
+    make_random_model,
     read_config,
 )
 from pipeline.recipe import SourceConfig
@@ -86,10 +87,10 @@ def _download(cfg: SourceConfig, dest: Path, offline: bool) -> dict[str, Any]:
 def run(cfg: SourceConfig, *, ctx: StageContext) -> SourceCheckpoint:
     model_dir = ctx.out_dir / "model"
     origin: dict[str, Any]
-    if cfg.random_llama is not None:
-        ctx.log("writing a tiny random Llama with a byte-level tokenizer")
-        make_random_llama(cfg.random_llama, model_dir)
-        origin = {"kind": "random_llama", **cfg.random_llama.model_dump()}
+    if cfg.random_model is not None:
+        ctx.log(f"writing a tiny random {cfg.random_model.family} model with a byte-level tokenizer")
+        make_random_model(cfg.random_model, model_dir)
+        origin = {"kind": "random_model", **cfg.random_model.model_dump()}
     elif cfg.hub_id is not None:
         origin = _download(cfg, ctx.out_dir, ctx.run.settings.hf_offline)
         download = Path(origin.pop("local"))
@@ -113,10 +114,14 @@ def run(cfg: SourceConfig, *, ctx: StageContext) -> SourceCheckpoint:
     config = read_config(model_dir)
     check_config(config, cfg.trust_remote_code)
     check_safetensors_only(model_dir)
+    try:  # the description every later stage reads: a config Kiln cannot describe fails here
+        spec = spec_from_folder(model_dir)
+    except UnsupportedModel as e:
+        raise SourceError(str(e)) from None
     tokenizer = load_tokenizer(model_dir)  # fail here, not in validation, if the tokenizer is broken
-    ctx.log(f"{config['architectures'][0]}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, vocab {len(tokenizer)}")
+    ctx.log(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {len(tokenizer)}")
     return SourceCheckpoint(
         path=ctx.out_dir,
-        meta={"origin": origin, "architecture": config["architectures"][0], "model_type": config.get("model_type")},
+        meta={"origin": origin, "architecture": spec.architecture, "model_type": spec.model_type},
     )
 

@@ -4,7 +4,7 @@ exactly what was validated. ONNX Runtime's saved optimized graph is only valid w
 provider that optimized it, so each target optimizes with its own.
 
 `build.graph: fused` (default) first rewrites the exported graph into the ONNX Runtime-specific
-fused decoder (`modeling/llama_onnx_fused.py`) from the exported graph's own tensors, then checks
+fused decoder (`modeling/decoder_graph.py`, `FusedOps`) from the exported graph's own tensors, then checks
 that graph against the exported one on the same tokens with fp32 int4 compute (logits within
 tolerance, identical greedy tokens) before ONNX Runtime optimizes it into the engine. `portable` optimizes the exported graph as it is.
 """
@@ -43,23 +43,39 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def exported_spec(exported):
+    from pipeline.modeling.decoder import DecoderSpec
+
+    return DecoderSpec.from_dict(exported.meta["decoder"])
+
+
+def fused_graph_refusal(spec) -> str | None:
+    """Why ONNX Runtime's CPU GroupQueryAttention cannot run this decoder, or None (both limits measured:
+    "head_size shall be a multiple of 16", "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8")."""
+    if spec.head_dim % 16:
+        return (f"build.graph: fused needs head_dim divisible by 16 (ONNX Runtime's GroupQueryAttention on CPU); "
+                f"this model has {spec.head_dim}; allowed for it: portable")
+    if (spec.rotary_dim // 2) % 8:
+        return (f"build.graph: fused needs half the rotary dimensions to be a multiple of 8 (ONNX Runtime's GroupQueryAttention); "
+                f"this model rotates {spec.rotary_dim} of {spec.head_dim}; allowed for it: portable")
+    return None
+
+
 def write_fused_graph(exported, max_positions: int, out_file: Path) -> None:
     import onnx
 
-    from pipeline.modeling.llama_onnx import LlamaShape
-    from pipeline.modeling.llama_onnx_fused import build_fused_llama_graph, weights_from_onnx
+    from pipeline.modeling.decoder_graph import fused_graph
+    from pipeline.modeling.weights import OnnxWeights
 
-    shape = LlamaShape(**exported.meta["shape"])
-    if shape.head_dim % 16:
-        # ONNX Runtime's CPU GroupQueryAttention with rotary refuses other head sizes (measured: "head_size
-        # shall be a multiple of 16").
-        raise StageFailed("build", f"build.graph: fused needs head_dim divisible by 16 (ONNX Runtime's GroupQueryAttention "
-                                   f"on CPU); this model has {shape.head_dim}. Use build.graph: portable")
-    weight, has_weight, quantized, inv_freq = weights_from_onnx(onnx.load(str(exported.model_file)))
-    model = build_fused_llama_graph(shape, weight, has_weight, quantized, inv_freq,
-                                    exported.meta.get("rope_attention_scaling", 1.0), max_positions)
-    onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out_file.name + ".data", size_threshold=1024)
+    spec = exported_spec(exported)
+    refusal = fused_graph_refusal(spec)
+    if refusal:
+        raise StageFailed("build", refusal)
+    weights = OnnxWeights(spec, onnx.load(str(exported.model_file)))
+    scaling = exported.meta["rope_attention_scaling"]
+    rope = {key: (weights.rope(key), scaling[key]) for key in sorted(set(spec.layer_rope))}
+    onnx.save_model(fused_graph(spec, weights, rope, max_positions), str(out_file), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=out_file.name + ".data", size_threshold=1024)
 
 
 def compare_decoders(reference, candidate, vocab: int, prompt_len: int = 24, steps: int = 8, batch: int = 2, seed: int = 0) -> dict[str, Any]:
@@ -90,7 +106,7 @@ def check_fusion(exported, fused_file: Path, max_positions: int, threads: int) -
     trade against the source instead."""
     reference = OrtCausalLM(make_ort_session(exported.model_file, threads=threads))
     fused = FusedOrtCausalLM(make_ort_session(fused_file, threads=threads), max_positions)
-    check = compare_decoders(reference, fused, exported.meta["shape"]["vocab_size"])
+    check = compare_decoders(reference, fused, exported_spec(exported).vocab_size)
     if not check["greedy_tokens_equal"] or check["max_rel_logit_diff"] > FUSION_RTOL:
         raise StageFailed("build", f"the fused graph does not compute what the exported graph computes: {check} "
                                    f"(limit {FUSION_RTOL} relative); build.graph: portable skips the fusion")

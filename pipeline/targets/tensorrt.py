@@ -173,7 +173,7 @@ class TensorRt:
         from pipeline.targets.onnxruntime_ep import compare_decoders
 
         reference = OrtCausalLM(make_ort_session(exported.model_file))
-        check = compare_decoders(reference, self.load(engine_dir, meta), exported.meta["shape"]["vocab_size"])
+        check = compare_decoders(reference, self.load(engine_dir, meta), exported.meta["decoder"]["vocab_size"])
         if check["max_rel_logit_diff"] > CHECK_RTOL[precision]:
             raise StageFailed("build", f"the TensorRT engine does not compute what the exported graph computes: {check} "
                                        f"(limit {CHECK_RTOL[precision]} relative at {precision})")

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.artifacts import OnnxModel, read_manifest
 from pipeline.metrics import perplexity
-from pipeline.modeling.llama_onnx_fused import weights_from_onnx
+from pipeline.modeling.decoder import DecoderSpec
 from pipeline.modeling.runtime import FusedOrtCausalLM, SequenceTooLong, greedy_decode
+from pipeline.modeling.weights import OnnxWeights
 from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
 from pipeline.stages.validate import score
@@ -30,7 +31,8 @@ def engines(tiny_run, tmp_path_factory):
 
 
 def test_fused_graph_reads_back_the_exported_codes_unchanged(tiny_run):
-    _, _, quantized, _ = weights_from_onnx(onnx.load(str(tiny_run["paths"]["export"] / "model.onnx")))
+    spec = DecoderSpec.from_dict(read_manifest(tiny_run["paths"]["export"])["meta"]["decoder"])
+    quantized = OnnxWeights(spec, onnx.load(str(tiny_run["paths"]["export"] / "model.onnx"))).quantized_layers()
     original = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")
     assert set(quantized) == set(original)
     for name, layer in original.items():

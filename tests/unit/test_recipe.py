@@ -68,7 +68,7 @@ def test_source_needs_exactly_one_origin(tmp_path):
     doc = base_doc()
     doc["source"]["hub_id"] = "org/model"
     (problem,) = problems_of(tmp_path, doc)
-    assert problem == "source: give exactly one of path, hub_id, random_llama (got hub_id, random_llama)"
+    assert problem == "source: give exactly one of path, hub_id, random_model (got hub_id, random_model)"
 
 
 def test_validate_section_is_read_from_its_yaml_name(tmp_path):
