@@ -386,7 +386,10 @@ def tiny_config(family: str, overrides: dict[str, Any]):
     kwargs = {**TINY, **ARCHITECTURES[arch].tiny, **overrides, "architectures": [arch]}
     if "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & set(overrides):
         kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
-    return AutoConfig.for_model(model_type, **kwargs)
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except Exception as e:  # transformers validates rope and head layouts with many exception types
+        raise UnsupportedModel(f"transformers rejects this {family} config ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def rotary_tables(config, spec: DecoderSpec) -> dict[str, tuple[Any, float]]:

@@ -26,6 +26,55 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.modeling.onnx_graph import int_tensor
 
+# TensorRT's documented ONNX support for the operators Kiln's graphs use: op -> the tensor types the
+# parser takes for it, and the input whose type that is. Read from onnx-tensorrt's docs/operators.md
+# on its 10.1-GA branch (commit 96e7811, the newest in the stored copy), which covers opset 9 to 20;
+# DequantizeLinear's documented restriction is "`x_zero_point` must be zero" (hence the fold
+# above), and ReduceMean/ReduceSum/Slice/Unsqueeze need their axes as initializers or constants.
+TENSORRT_DOC = "onnx-tensorrt docs/operators.md, 10.1-GA branch (commit 96e7811)"
+_FLOAT = ("FLOAT", "FLOAT16", "BFLOAT16")
+_NUMERIC = (*_FLOAT, "INT32", "INT64")
+TENSORRT_OPS: dict[str, tuple[tuple[str, ...], int]] = {
+    **{op: (_NUMERIC, 0) for op in ("Add", "Sub", "Mul", "Div", "Neg", "Greater", "LessOrEqual", "Range", "ReduceMean", "ReduceSum")},
+    **{op: ((*_NUMERIC, "BOOL"), 0) for op in ("Concat", "Gather", "Identity", "Reshape", "Shape", "Split", "Tile", "Transpose",
+                                                "Unsqueeze", "Expand", "Slice")},
+    **{op: (_FLOAT, 0) for op in ("Cos", "Sin", "MatMul", "Pow", "Sigmoid", "Softmax", "Sqrt", "Tanh")},
+    "Gelu": ((*_NUMERIC, "INT8"), 0),
+    "Cast": ((*_NUMERIC, "UINT8", "BOOL"), 0),
+    "And": (("BOOL",), 0),
+    "Where": ((*_NUMERIC, "BOOL"), 1),
+    "DequantizeLinear": (("INT8", "FLOAT8E4M3FN", "INT4"), 0),
+}
+AXES_AS_CONSTANT = ("ReduceMean", "ReduceSum", "Slice", "Unsqueeze")
+
+
+def tensorrt_unsupported(model) -> list[str]:
+    """Every node of `model` that TensorRT's documented ONNX support (TENSORRT_OPS) does not cover:
+    op type, input type, a zero point, or axes computed at run time. Empty means the graph uses only
+    what the parser documents (not that an engine builds: nothing here has run TensorRT)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    constants = {t.name for t in model.graph.initializer}
+    problems = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in TENSORRT_OPS:
+            problems.append(f"{node.name}: {node.domain or 'ai.onnx'}.{node.op_type} is not in {TENSORRT_DOC}")
+            continue
+        allowed, index = TENSORRT_OPS[node.op_type]
+        dtype = TensorProto.DataType.Name(types.get(node.input[index], 0))
+        if dtype not in allowed:
+            problems.append(f"{node.name}: {node.op_type} input {node.input[index]!r} is {dtype}; documented: {', '.join(allowed)}")
+        if has_zero_point(node):
+            problems.append(f"{node.name}: DequantizeLinear with a zero point (TensorRT documents: x_zero_point must be zero)")
+        if node.op_type in AXES_AS_CONSTANT and len(node.input) > 1 and node.input[-1] and node.input[-1] not in constants:
+            problems.append(f"{node.name}: {node.op_type} axes {node.input[-1]!r} are computed, not an initializer")
+    return problems
+
+
 KEEP_FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Softmax")
 KEEP_FP32_IO = ("logits",)
 RMS_CHAIN = ("ReduceMean", "Add", "Sqrt", "Div")  # after the Pow, in order

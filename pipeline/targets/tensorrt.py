@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.errors import EngineMismatch, StageFailed
 from pipeline.hashing import sha256_file
 from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session, positions_and_mask
-from pipeline.modeling.tensorrt_graph import has_zero_point, write_tensorrt_graph
+from pipeline.modeling.tensorrt_graph import TENSORRT_DOC, has_zero_point, tensorrt_unsupported, write_tensorrt_graph
 from pipeline.targets.gpu import check_engine_compatible, device_facts
 
 PLAN_FILE = "engine.plan"
@@ -111,6 +111,7 @@ class TensorRt:
     name = "tensorrt"
 
     def build(self, exported, out_dir: Path, cfg: Any, log: Callable[[str], None], shared_cache: Path | None = None) -> dict[str, Any]:
+        import onnx
         import tensorrt as trt
 
         trt_cfg = cfg.tensorrt
@@ -123,6 +124,10 @@ class TensorRt:
             left = zero_point_layers(graph_file)
             if left:
                 raise StageFailed("build", f"zero points left after folding: {left[:3]}")
+            undocumented = tensorrt_unsupported(onnx.load(str(graph_file), load_external_data=False))
+            if undocumented:
+                raise StageFailed("build", f"{len(undocumented)} nodes use what {TENSORRT_DOC} does not document: "
+                                           + "; ".join(undocumented[:5]))
             log(f"TensorRT input graph: {trt_cfg.precision}, zero points folded in {folded} layers")
             builder = trt.Builder(logger)
             network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

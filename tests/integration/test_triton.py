@@ -6,6 +6,7 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,16 +42,15 @@ def server(package, env, tmp_path_factory):
         yield proc, addresses, log
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_run):
+def engine_greedy_text(engine_dir, package_dir, model: str):
     """The engine's own greedy continuation, outside Triton: token ids up to EOS, decoded."""
     from tokenizers import Tokenizer
 
-    engine_dir = tiny_run["paths"]["build"]
+    engine_dir = Path(engine_dir)
     meta = read_manifest(engine_dir)["meta"]
     lm = get_target(meta["target"]).load(engine_dir, meta)
     tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
-    eos = json.loads((tiny_run["paths"]["package"] / "model_repository" / MODEL / "1" / "serving.json").read_text())["eos_token_ids"]
+    eos = json.loads((Path(package_dir) / "model_repository" / model / "1" / "serving.json").read_text())["eos_token_ids"]
 
     def complete(prompt: str, max_tokens: int) -> str:
         ids, _, _ = greedy_decode(lm, np.asarray(tokenizer.encode(prompt).ids, dtype=np.int64), max_tokens, lambda: 0.0)
@@ -59,6 +59,11 @@ def reference(tiny_run):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     return complete
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run):
+    return engine_greedy_text(tiny_run["paths"]["build"], tiny_run["paths"]["package"], MODEL)
 
 
 def generate(addresses, body: dict) -> tuple[int, dict]:
@@ -186,23 +191,22 @@ def test_server_shuts_down_cleanly_on_sigterm(package, env, tmp_path):
     assert stop(proc) == 0
 
 
-def test_kiln_serve_a_registered_version_by_alias(tmp_path, env, reference):
-    """The user's path: run, promote to staging, `kiln serve models:/NAME@staging`, generate, stop."""
+def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """`kiln serve TARGET` as a user runs it: wait for its address line, generate once over HTTP, stop
+    it with SIGTERM (exit 0). Returns the generated text and everything `kiln serve` printed."""
     import os
     import signal
     import subprocess
     import sys
 
     from pipeline.serving.server import free_port
-    from tests.conftest import ROOT, TINY_RECIPE, run_kiln
+    from tests.conftest import ROOT
 
-    run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
-    run_kiln("promote", MODEL, "1", "--to", "staging", artifacts=tmp_path, check=True)
     ports = [str(free_port()) for _ in range(3)]
     env_vars = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", f"models:/{MODEL}@staging", "--http-port", ports[0],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", target, "--http-port", ports[0],
                              "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT, text=True,
-                            env={**env_vars, "KILN_ARTIFACTS": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**env_vars, "KILN_ARTIFACTS": str(artifacts)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         lines = []
         for line in proc.stdout:
@@ -210,12 +214,39 @@ def test_kiln_serve_a_registered_version_by_alias(tmp_path, env, reference):
             if line.startswith("{"):
                 break
         info = json.loads(lines[-1])
-        assert info["models"] == [MODEL] and "Triton package sha256 verified" in "".join(lines)
-        req = urllib.request.Request(f"{info['http']}/v2/models/{MODEL}/generate",
-                                     data=json.dumps({"text_input": "hello", "max_tokens": 6}).encode(), method="POST")
+        assert info["models"] == [model], lines
+        req = urllib.request.Request(f"{info['http']}/v2/models/{model}/generate",
+                                     data=json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=60) as response:
-            assert json.loads(response.read())["text_output"] == reference("hello", 6)
+            text = json.loads(response.read())["text_output"]
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, rest
+    return text, "".join(lines) + rest
+
+
+def test_kiln_serve_a_registered_version_by_alias(tmp_path, env, reference):
+    """The user's path: run, promote to staging, `kiln serve models:/NAME@staging`, generate, stop."""
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
+    run_kiln("promote", MODEL, "1", "--to", "staging", artifacts=tmp_path, check=True)
+    text, printed = kiln_serve_generate(f"models:/{MODEL}@staging", MODEL, tmp_path, "hello", 6)
+    assert "Triton package sha256 verified" in printed
+    assert text == reference("hello", 6)
+
+
+def test_kiln_serve_a_non_llama_family(tmp_path, env):
+    """Gemma 2 (post norms, soft-capping, GELU, sliding window) built end to end by `kiln run` and
+    served: Triton's answer is the engine's own greedy continuation."""
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    name = "tiny-gemma2-int4"
+    run_kiln("run", str(TINY_RECIPE), "--set", "source.random_model.family=gemma2", "--set", f"register.model_name={name}",
+             artifacts=tmp_path, check=True)
+    summary = json.loads((tmp_path / "last_run.json").read_text())
+    paths = {s["stage"]: s["path"] for s in summary["stages"]}
+    assert read_manifest(paths["source"])["meta"]["architecture"] == "Gemma2ForCausalLM"
+    text, _ = kiln_serve_generate(paths["package"], name, tmp_path, "def main():", 8)
+    assert text == engine_greedy_text(paths["build"], paths["package"], name)("def main():", 8)

@@ -216,3 +216,24 @@ def test_fused_graph_refused_for_head_sizes_onnx_runtime_cannot_run(tmp_path):
                             for m in messages), messages
     assert check_messages(tmp_path, source, graph="portable") == []
 
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_graph_uses_only_what_tensorrt_documents(family, precision, tmp_path):
+    """The graph the tensorrt target hands TensorRT, for every family, against onnx-tensorrt's
+    documented operator support (op types, input types, zero points, constant axes), read from the
+    written file as the target's pre-flight reads it."""
+    import onnx
+
+    from pipeline.modeling.tensorrt_graph import tensorrt_unsupported, write_tensorrt_graph
+
+    assert tensorrt_unsupported(onnx.load(str(family.exported.model_file)))  # zero points: the check can fail
+    out = tmp_path / "tensorrt_input.onnx"
+    assert write_tensorrt_graph(family.exported.model_file, precision, out) == 7 * family.spec.num_layers  # fused modules split
+    assert tensorrt_unsupported(onnx.load(str(out), load_external_data=False)) == []
+
+
+def test_a_random_model_config_transformers_rejects_is_a_recipe_error(tmp_path):
+    """Phi-3's longrope factors must match its rotary dims; a head layout that breaks them is refused cleanly."""
+    messages = check_messages(tmp_path, {"random_model": {"family": "phi3", "hidden_size": 64, "num_attention_heads": 4}})
+    assert any(m.startswith("source.random_model: transformers rejects this phi3 config") for m in messages), messages
