@@ -67,6 +67,7 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
     q = recipe.quantize
     if spec is not None and q.method != "none":
         shape_problems = group_size_problems(spec, q.group_size, lambda layer: is_ignored(layer, q.ignore))
+        shape_problems += unmatched_ignore_patterns(spec, q.ignore)
         if shape_problems:
             problems.append(RecipeError(shape_problems))
     if spec is not None:
@@ -84,6 +85,16 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
     if reason:
         problems.append(MissingDependency(f"build.target: {reason}"))
     return problems
+
+
+def unmatched_ignore_patterns(spec: DecoderSpec, ignore: tuple[str, ...]) -> list[str]:
+    """An `ignore` pattern that names no Linear layer of this family (say `q_proj` for Phi-3, whose
+    q/k/v are one `qkv_proj`) would silently quantize what the user meant to keep in float."""
+    layers = [name for i in range(spec.num_layers) for name in spec.quantizable_layers(i)]
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    return [f"quantize.ignore: {pattern!r} matches no Linear layer of {spec.architecture}; its layers are named "
+            f"{', '.join(kinds)} (a pattern is a layer name or a dotted suffix, e.g. mlp.down_proj)"
+            for pattern in ignore if not any(is_ignored(name, (pattern,)) for name in layers)]
 
 
 def fused_graph_problem(spec: DecoderSpec, recipe: Recipe) -> str | None:

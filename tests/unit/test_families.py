@@ -155,7 +155,7 @@ def checkpoint_folder(tmp_path, config) -> str:
     return str(folder)
 
 
-def check_messages(tmp_path, source: dict, **build) -> list[str]:
+def check_messages(tmp_path, source: dict, quantize: dict | None = None, **build) -> list[str]:
     """`kiln check`'s problems (in process) for the tiny recipe with another source; each must be a
     recipe error (exit 2)."""
     from pipeline.errors import RecipeError
@@ -164,6 +164,7 @@ def check_messages(tmp_path, source: dict, **build) -> list[str]:
     doc = yaml.safe_load(TINY_RECIPE.read_text())
     doc["source"] = source
     doc["build"].update(build)
+    doc["quantize"].update(quantize or {})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(doc))
     problems = static_problems(load_recipe(path))
@@ -237,3 +238,55 @@ def test_a_random_model_config_transformers_rejects_is_a_recipe_error(tmp_path):
     """Phi-3's longrope factors must match its rotary dims; a head layout that breaks them is refused cleanly."""
     messages = check_messages(tmp_path, {"random_model": {"family": "phi3", "hidden_size": 64, "num_attention_heads": 4}})
     assert any(m.startswith("source.random_model: transformers rejects this phi3 config") for m in messages), messages
+
+
+def test_an_ignore_pattern_the_family_does_not_have_is_refused(tmp_path):
+    """Phi-3 has no q_proj (its q/k/v are one qkv_proj): ignoring `q_proj` would keep nothing in float."""
+    source = {"random_model": {"family": "phi3"}}
+    assert check_messages(tmp_path, source) == []
+    messages = check_messages(tmp_path, source, {"ignore": ["lm_head", "self_attn.q_proj", "self_attn.qkv_proj"]})
+    assert len(messages) == 1 and messages[0].startswith("quantize.ignore: 'self_attn.q_proj' matches no Linear layer of Phi3ForCausalLM")
+    assert "qkv_proj" in messages[0]
+
+
+# --------------------------------------------------------------------------- GGUF sources of other families
+
+# What a GGUF file's metadata carries for each family as transformers reads it: no rope scaling,
+# partial rotary or sliding window keys from this writer, so the tiny models leave those off.
+GGUF_FAMILIES = {"llama": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+                 "qwen2": {"use_sliding_window": False},
+                 "qwen3": {"head_dim": 128},  # transformers' Qwen3 GGUF reader takes head_dim from its default (128)
+                 "phi3": {"sliding_window": None, "partial_rotary_factor": 1.0,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}}
+
+
+@pytest.mark.parametrize("family_name", list(GGUF_FAMILIES))
+def test_gguf_source_of_another_family(family_name, tmp_path):
+    """A GGUF file of the family (written with the gguf package) is described from its metadata as
+    the HF folder is, and dequantizes to the same tensors."""
+    import dataclasses
+
+    from safetensors.numpy import load_file
+
+    from pipeline.modeling.decoder import spec_from_gguf
+    from pipeline.modeling.hf import gguf_to_checkpoint
+    from tests.gguf_files import write_gguf
+
+    make_random_model(RandomModelConfig(family=family_name, config=GGUF_FAMILIES[family_name]), tmp_path / "hf")
+    write_gguf(tmp_path / "hf", tmp_path / "model.gguf")
+    from_gguf, from_folder = spec_from_gguf(tmp_path / "model.gguf"), spec_from_folder(tmp_path / "hf")
+    assert from_gguf.norm_eps == pytest.approx(from_folder.norm_eps, rel=1e-6)  # GGUF stores it as float32
+    assert dataclasses.replace(from_gguf, norm_eps=from_folder.norm_eps) == from_folder
+    gguf_to_checkpoint(tmp_path / "model.gguf", tmp_path / "back")
+    original, back = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(original) == set(back) and all(np.array_equal(original[k], back[k]) for k in original)
+
+
+def test_a_truncated_gguf_is_a_clean_recipe_error(tmp_path):
+    from tests.gguf_files import write_gguf
+
+    make_random_model(RandomModelConfig(family="qwen2", config=GGUF_FAMILIES["qwen2"]), tmp_path / "hf")
+    write_gguf(tmp_path / "hf", tmp_path / "full.gguf")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "full.gguf").read_bytes()[:300])
+    messages = check_messages(tmp_path, {"path": str(tmp_path / "cut.gguf")})
+    assert len(messages) == 1 and messages[0].startswith(f"source.path: {tmp_path / 'cut.gguf'}: cannot read its GGUF metadata"), messages
