@@ -15,7 +15,7 @@ its features on for the parity tests. The graph writers are not edited.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -85,7 +85,6 @@ class DecoderSpec:
     rope_type: str = "default"
     # positions up to which the rotary tables are exact (longrope and dynamic NTK change with length)
     max_exact_positions: int | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -152,8 +151,7 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class Family:
-    """One row: `describe(hf_config, common)` returns the fields that differ from the common
-    reading; `tiny` is a transformers config (kwargs) that switches the family's features on, for
+    """One row: `describe(hf_config)` returns the fields that differ from the common reading; `tiny` is a transformers config (kwargs) that switches the family's features on, for
     random test models."""
 
     name: str
@@ -172,10 +170,6 @@ def _sliding_everywhere(c) -> dict[str, Any]:
 def _llama(c) -> dict[str, Any]:
     return {"qkv_bias": bool(getattr(c, "attention_bias", False)), "o_bias": bool(getattr(c, "attention_bias", False)),
             "mlp_bias": bool(getattr(c, "mlp_bias", False))}
-
-
-def _mistral(c) -> dict[str, Any]:
-    return _sliding_everywhere(c)
 
 
 def _qwen2(c) -> dict[str, Any]:
@@ -234,7 +228,7 @@ ARCHITECTURES: dict[str, Family] = {
                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                  "original_max_position_embeddings": 256}},
                                "pre-norm RMSNorm, SiLU MLP, GQA, llama3 rope scaling"),
-    "MistralForCausalLM": Family("mistral", _mistral, {"sliding_window": 8}, "sliding window on every layer"),
+    "MistralForCausalLM": Family("mistral", _sliding_everywhere, {"sliding_window": 8}, "sliding window on every layer"),
     "Qwen2ForCausalLM": Family("qwen2", _qwen2, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
                                "q/k/v bias, sliding window from layer max_window_layers on"),
     "Qwen3ForCausalLM": Family("qwen3", _qwen3, {}, "q/k RMSNorm per head"),
@@ -298,6 +292,13 @@ def architecture_of(raw: Any, where: str) -> str:
 def describe(config, architecture: str | None = None) -> DecoderSpec:
     """The spec of a transformers config object (any supported family)."""
     architecture = architecture or next(a for a in (config.architectures or []) if a in ARCHITECTURES)
+    try:
+        return _describe(config, architecture)
+    except (AttributeError, KeyError, TypeError) as e:  # a config of another shape than the family's (e.g. multimodal)
+        raise UnsupportedModel(f"{architecture}: the config does not read as this family's ({type(e).__name__}: {e})") from None
+
+
+def _describe(config, architecture: str) -> DecoderSpec:
     c = config
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
