@@ -246,7 +246,7 @@ def test_kiln_serve_a_non_llama_family(tmp_path, env):
     run_kiln("run", str(TINY_RECIPE), "--set", "source.random_model.family=gemma2", "--set", f"register.model_name={name}",
              artifacts=tmp_path, check=True)
     summary = json.loads((tmp_path / "last_run.json").read_text())
-    paths = {s["stage"]: s["path"] for s in summary["stages"]}
+    paths = {s["stage"]: Path(s["path"]) for s in summary["stages"]}
     assert read_manifest(paths["source"])["meta"]["architecture"] == "Gemma2ForCausalLM"
-    text, _ = kiln_serve_generate(paths["package"], name, tmp_path, "def main():", 8)
+    text, _ = kiln_serve_generate(str(paths["package"]), name, tmp_path, "def main():", 8)
     assert text == engine_greedy_text(paths["build"], paths["package"], name)("def main():", 8)
