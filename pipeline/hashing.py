@@ -52,3 +52,66 @@ def code_version() -> str:
         h.update(p.relative_to(pkg).as_posix().encode())
         h.update(p.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a `pipeline.*` module (a package's `__init__.py`), or None."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return PACKAGE_ROOT / "__init__.py"
+    rel = Path(*parts)
+    for candidate in (PACKAGE_ROOT / rel.with_suffix(".py"), PACKAGE_ROOT / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """Every `pipeline.*` module a file imports anywhere (function-level imports are code it runs
+    too). Parent packages' `__init__.py` files that Python runs on the way are not followed: they are
+    registries (`pipeline/stages/__init__.py` lists every stage), not code the importing stage runs."""
+    import ast
+
+    names: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from pipeline.x import submodule`
+    return {name for name in names if name.split(".")[0] == "pipeline" and _module_file(name) is not None}
+
+
+def module_closure(module: str) -> list[Path]:
+    """The source files of `module` and every `pipeline.*` module it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or _module_file(name) is None:
+            continue
+        seen.add(name)
+        todo.extend(_imported_modules(_module_file(name), name) - seen)
+    return sorted(_module_file(name) for name in seen)
+
+
+def code_digest(module: str) -> str:
+    """What a stage's cache key uses for its code: a digest of its module's own import closure inside
+    `pipeline/` (plus the package version), so an edit elsewhere (the CLI, serving) rebuilds nothing.
+    A module that copies source files instead of importing them names them in `CODE_FILES`."""
+    import importlib
+
+    from pipeline import __version__
+
+    extra = [PACKAGE_ROOT / rel for rel in getattr(importlib.import_module(module), "CODE_FILES", ())]
+    h = hashlib.sha256()
+    for p in sorted(set(module_closure(module)) | set(extra)):
+        h.update(p.relative_to(PACKAGE_ROOT).as_posix().encode())
+        h.update(p.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ from pipeline.artifacts import (
 )
 from pipeline.corpus import text_fingerprint
 from pipeline.errors import KilnError, MissingDependency, RecipeError
-from pipeline.hashing import sha256_bytes
+from pipeline.hashing import code_digest, sha256_bytes
 from pipeline.modeling.decoder import DecoderSpec, UnsupportedModel, check_positions, spec_from_folder, spec_from_gguf
 from pipeline.modeling.shapes import group_size_problems
 from pipeline.quantization import is_ignored
@@ -142,4 +143,6 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
                   Registration, recipe.registration, upstream,
                   key_extra={"tracking_uri": tracking_uri, "recipe_sha256": sha256_bytes(recipe_text.encode())},
                   backend=f"mlflow {tracking_uri}", still_valid=register.still_registered))
-    return specs
+    # Each stage is keyed on the code it runs (its module's import closure), so an edit to the CLI or
+    # the serving code rebuilds no quantization.
+    return [dataclasses.replace(s, code=code_digest(s.run.__module__)) for s in specs]

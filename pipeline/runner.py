@@ -73,6 +73,9 @@ class StageSpec:
     still_valid: Callable[[Artifact], bool] | None = None
     # Called on the artifact (built or reused) before the next stage, e.g. to enforce quality gates.
     check: Callable[[Artifact], None] | None = None
+    # Digest of the code this stage runs (`hashing.code_digest` of its module); None: the run's
+    # whole code version.
+    code: str | None = None
 
     def config_json(self) -> Any:
         dump = getattr(self.config, "model_dump", None)
@@ -171,7 +174,7 @@ class Runner:
             if any(i not in known for i in spec.inputs):
                 rows.append(PlanRow(spec.name, "build", None, None, spec.backend))
                 continue
-            key = stage_key(spec, {i: known[i] for i in spec.inputs}, self.ctx.code_version)
+            key = stage_key(spec, {i: known[i] for i in spec.inputs}, spec.code or self.ctx.code_version)
             cached = self._load_cached(spec, key)
             if cached is not None:
                 known[spec.name] = cached
@@ -186,7 +189,7 @@ class Runner:
         console = self.ctx.console
         for spec in self.specs:
             inputs = {i: done[i] for i in spec.inputs}
-            key = stage_key(spec, inputs, self.ctx.code_version)
+            key = stage_key(spec, inputs, spec.code or self.ctx.code_version)
             t0 = time.perf_counter()
             artifact = self._load_cached(spec, key)
             if artifact is not None:

@@ -38,7 +38,14 @@ F32 = np.float32
 def write_decoder(spec: DecoderSpec, weights, ops) -> None:
     """The decoder, once, in terms of `ops` (see the module docstring)."""
     g = ops.g
-    residual = g.op("Gather", [g.init("model.embed_tokens.weight", weights.tensor("model.embed_tokens.weight")), "input_ids"], axis=0)
+    head = weights.head()
+    if head.tied:
+        # One copy of the table, stored as the head's [hidden, vocab] weight: the embedding gathers
+        # its columns (exact; the head matmul is what reads the whole table every step).
+        columns = g.op("Gather", [ops.weight_input(head), "input_ids"], axis=1)  # [hidden, batch, seq]
+        residual = g.op("Transpose", [columns], perm=[1, 2, 0])
+    else:
+        residual = g.op("Gather", [g.init("model.embed_tokens.weight", weights.tensor("model.embed_tokens.weight")), "input_ids"], axis=0)
     if spec.embedding_multiplier != 1.0:
         residual = g.op("Mul", [residual, g.const(spec.embedding_multiplier, F32)])
     first_norm = spec.norm_weight(0, "attn_in")
@@ -49,7 +56,7 @@ def write_decoder(spec: DecoderSpec, weights, ops) -> None:
         h = mlp_block(spec, weights, ops, i, x)
         next_norm = spec.norm_weight(i + 1, "attn_in") if i + 1 < spec.num_layers else "model.norm.weight"
         x, residual = ops.add_norm(h, residual, next_norm, weights, f"model.layers.{i}/next_in")
-    logits = ops.linear(x, weights.head())
+    logits = ops.linear(x, head)
     if spec.logit_divisor != 1.0:
         logits = g.op("Div", [logits, g.const(spec.logit_divisor, F32)])
     if spec.final_softcap:
@@ -102,11 +109,16 @@ class CommonOps:
     def __init__(self, spec: DecoderSpec, rope: dict[str, tuple[np.ndarray, float]]):
         self.g = GraphBuilder()
         self.spec, self.rope = spec, rope
+        self._weights: dict[str, str] = {}
 
     def weight_input(self, layer: Linear) -> str:
-        if layer.quantized is not None:
-            return dequantized_weight(self.g, layer.name, [layer.quantized])
-        return self.g.init(f"{layer.name}.weight_t", np.ascontiguousarray(layer.weight.T, dtype=F32))
+        """The [in, out] weight of a layer, written once however often it is read."""
+        if layer.name not in self._weights:
+            if layer.quantized is not None:
+                self._weights[layer.name] = dequantized_weight(self.g, layer.name, [layer.quantized])
+            else:
+                self._weights[layer.name] = self.g.init(f"{layer.name}.weight_t", np.ascontiguousarray(layer.weight.T, dtype=F32))
+        return self._weights[layer.name]
 
     def linear(self, x: str, layer: Linear) -> str:
         y = self.g.op("MatMul", [x, self.weight_input(layer)], name=f"{layer.name}/MatMul")

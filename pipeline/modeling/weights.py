@@ -31,6 +31,8 @@ class Linear:
     quantized: QuantizedLinear | None
     weight: np.ndarray | None
     bias: np.ndarray | None
+    # the head of a tied checkpoint, kept in float: its weight is the embedding table (stored once)
+    tied: bool = False
 
     @property
     def out_features(self) -> int:
@@ -63,7 +65,7 @@ class CheckpointWeights:
     def head(self) -> Linear:
         if "lm_head" in self.quantized or "lm_head.weight" in self.tensors:
             return self._linear("lm_head", None, "lm_head")
-        return Linear("lm_head", None, self.tensor("model.embed_tokens.weight"), None)  # tied
+        return Linear("lm_head", None, self.tensor("model.embed_tokens.weight"), None, tied=True)
 
     def _linear(self, module: str, rows: tuple[int, int] | None, name: str) -> Linear:
         a, b = rows or (0, None)
@@ -95,7 +97,10 @@ class OnnxWeights:
         return self._linear(self.spec.linear_name(layer, name))
 
     def head(self) -> Linear:
-        return self._linear("lm_head")
+        head = self._linear("lm_head")
+        # a tied float head is the graph's only copy of the embedding table
+        tied = head.quantized is None and "model.embed_tokens.weight" not in self.inits
+        return Linear(head.name, head.quantized, head.weight, head.bias, tied=tied)
 
     def quantized_layers(self) -> dict[str, QuantizedLinear]:
         return {name: self._quantized(name) for name in self.block_size}

@@ -15,6 +15,7 @@ environment). The repository is a standard one: `tritonserver --model-repository
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
 from pipeline.runner import StageContext
 from pipeline.serving import generation
+
+# Copied into the package as files (not imported here): part of this stage's code for its cache key.
+CODE_FILES = ("serving/triton_model.py",)
 
 INPUTS = [  # name, Triton type, dims, optional
     ("text_input", "TYPE_STRING", "[ 1 ]", False),
@@ -35,6 +39,13 @@ INPUTS = [  # name, Triton type, dims, optional
     ("stop", "TYPE_STRING", "[ -1 ]", True),
     ("stream", "TYPE_BOOL", "[ 1 ]", True),
 ]
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def config_pbtxt(name: str, cfg: PackageConfig) -> str:
@@ -71,10 +82,12 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     version_dir.mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(config_pbtxt(cfg.model_name, cfg))
     # triton_model.py imports Triton's own module, so it is copied as a file, never imported here
-    shutil.copy2(Path(generation.__file__).with_name("triton_model.py"), version_dir / "model.py")
+    shutil.copy2(Path(generation.__file__).parent.parent / CODE_FILES[0], version_dir / "model.py")
     shutil.copy2(runtime.__file__, version_dir / "kiln_runtime.py")
     shutil.copy2(generation.__file__, version_dir / "kiln_generation.py")
-    shutil.copytree(engine.path, version_dir / "engine", ignore=shutil.ignore_patterns("manifest.json"))
+    # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
+    # and immutable once written), a copy only across filesystems.
+    shutil.copytree(engine.path, version_dir / "engine", ignore=shutil.ignore_patterns("manifest.json"), copy_function=link_or_copy)
     limits = {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens}
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {

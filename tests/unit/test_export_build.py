@@ -103,3 +103,28 @@ def test_engine_and_export_agree(tiny_run):
 def test_gpu_targets_fail_clearly_without_gpu(target):
     reason = unavailable_reason(target)
     assert reason.startswith(f"target {target} needs an NVIDIA GPU")
+
+
+def test_package_links_the_engine_files_instead_of_copying(tiny_run):
+    """Each engine byte is written once: the package's engine files are hard links to the build entry."""
+    import os
+
+    build = tiny_run["paths"]["build"]
+    packaged = next((tiny_run["paths"]["package"] / "model_repository").glob("*/1/engine"))
+    files = [p for p in build.iterdir() if p.is_file() and p.name != "manifest.json"]
+    assert files and all(os.path.samefile(p, packaged / p.name) for p in files)
+
+
+def test_package_falls_back_to_a_copy_where_links_fail(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.stages.package import link_or_copy
+
+    (tmp_path / "a").write_text("engine")
+
+    def no_link(*_args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    link_or_copy(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (tmp_path / "b").read_text() == "engine" and not os.path.samefile(tmp_path / "a", tmp_path / "b")

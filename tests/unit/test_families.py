@@ -290,3 +290,23 @@ def test_a_truncated_gguf_is_a_clean_recipe_error(tmp_path):
     (tmp_path / "cut.gguf").write_bytes((tmp_path / "full.gguf").read_bytes()[:300])
     messages = check_messages(tmp_path, {"path": str(tmp_path / "cut.gguf")})
     assert len(messages) == 1 and messages[0].startswith(f"source.path: {tmp_path / 'cut.gguf'}: cannot read its GGUF metadata"), messages
+
+
+def test_a_tied_head_is_stored_once(tmp_path):
+    """A tied checkpoint's embedding table is written once in the export and in the fused engine."""
+    import onnx
+
+    make_random_model(RandomModelConfig(family="qwen2", config={"tie_word_embeddings": True}), tmp_path / "source" / "model")
+    source = SourceCheckpoint(path=tmp_path / "source")
+    spec = spec_from_folder(source.model_dir)
+    assert spec.tie_word_embeddings
+    layers = {n: quantize_rtn(m.weight.detach().numpy(), 4, GROUP, False) for n, m in linear_modules(load_causal_lm(source.model_dir)).items()}
+    exported = export(source, layers, tmp_path / "export")
+    results = verify_against_torch(exported.model_file, reference_model(source, layers), ExportVerifyConfig())
+    assert all(r["passed"] for r in results)
+    (tmp_path / "fused").mkdir()
+    meta = OnnxRuntime("onnxruntime-cpu").build(exported, tmp_path / "fused", BuildConfig(max_sequence_length=64), lambda _m: None)
+    for graph in (exported.model_file, tmp_path / "fused" / meta["model_file"]):
+        tables = [t.name for t in onnx.load(str(graph)).graph.initializer
+                  if sorted(t.dims) == sorted([spec.vocab_size, spec.hidden_size])]
+        assert len(tables) == 1, (graph, tables)

@@ -168,3 +168,40 @@ def test_damaged_cache_entry_is_set_aside_and_rebuilt(tmp_path):
     assert calls == ["a", "b", "a"]
     damaged = list((tmp_path / "artifacts" / "cache" / "a").glob(".damaged-*"))
     assert len(damaged) == 1 and (damaged[0] / "manifest.json").is_file()
+
+
+def stage_keys(tmp_path) -> dict[str, str]:
+    from pipeline.plan import stages_for
+    from pipeline.recipe import load_recipe
+    from tests.conftest import ROOT, TINY_RECIPE
+
+    specs = stages_for(load_recipe(TINY_RECIPE), make_ctx(tmp_path), lambda _m: None, ROOT)
+    return {s.name: s.code for s in specs}
+
+
+def test_a_stage_is_keyed_on_the_code_it_runs_not_the_whole_package(tmp_path, monkeypatch):
+    """Editing the serving code changes the package stage's key and no build stage's; editing the
+    quantizer changes quantize's and not source's."""
+    from pipeline import hashing
+
+    before = stage_keys(tmp_path)
+    real = hashing.Path.read_bytes
+    edited = {"serving/generation.py"}
+
+    def read_bytes(path):
+        data = real(path)
+        rel = path.relative_to(hashing.PACKAGE_ROOT).as_posix() if path.is_relative_to(hashing.PACKAGE_ROOT) else ""
+        return data + b"\n# edited\n" if rel in edited else data
+
+    monkeypatch.setattr(hashing.Path, "read_bytes", read_bytes)
+    after = stage_keys(tmp_path)
+    assert {n for n in before if before[n] != after[n]} == {"package"}
+    edited.clear()
+    edited.add("quantization/rtn.py")
+    after = stage_keys(tmp_path)
+    changed = {n for n in before if before[n] != after[n]}
+    assert "quantize" in changed and "source" not in changed and "package" not in changed
+    edited.clear()
+    edited.add("serving/triton_model.py")  # copied into the package as a file, never imported
+    after = stage_keys(tmp_path)
+    assert {n for n in before if before[n] != after[n]} == {"package"}
