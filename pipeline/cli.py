@@ -125,8 +125,9 @@ def summary_markdown(s: dict, outcomes) -> str:
     report = next(o for o in outcomes if o.name == "validate").artifact.path / "report.md"
     lines = [f"## Kiln: {s['recipe']} ({'gates passed' if s['validation_passed'] else 'gates missed'})", "",
              f"Registered **{r['model_name']}** version **{r['version']}** (run `{r['run_id']}`) on `{s['target']}`.", "",
-             "| stage | status | seconds |", "|---|---|---|",
-             *(f"| {st['stage']} | {st['status']} | {st['seconds']:.1f} |" for st in s["stages"]), "",
+             "| stage | status | seconds | peak RSS MB | disk MB |", "|---|---|---|---|---|",
+             *(f"| {st['stage']} | {st['status']} | {st['seconds']:.1f} | {mb(st['resources'].get('peak_rss_mb'))} | "
+               f"{mb(st['resources'].get('disk_written_mb'))} |" for st in s["stages"]), "",
              report.read_text().replace("# Validation report", "### Validation report").split("![")[0]]
     promote = f"kiln promote {r['model_name']} {r['version']} --to staging"
     return "\n".join(lines + ["", f"Next: `{promote}`"])
@@ -150,6 +151,17 @@ def print_plan(console: Console, rows) -> None:
     console.print(table)
 
 
+def stage_resources(path: Path) -> dict:
+    """What building a stage's entry cost (recorded by the runner; for a reused stage, when it was built)."""
+    from pipeline.artifacts import read_manifest
+
+    return read_manifest(path).get("resources") or {}
+
+
+def mb(value) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def build_summary(name: str, outcomes, seconds: float) -> dict:
     by_name = {o.name: o for o in outcomes}
     metrics = dict(by_name["validate"].artifact.meta["metrics"])
@@ -158,7 +170,7 @@ def build_summary(name: str, outcomes, seconds: float) -> dict:
         "recipe": name,
         "seconds": round(seconds, 2),
         "stages": [{"stage": o.name, "status": o.status, "seconds": round(o.seconds, 2), "key": o.key,
-                    "path": str(o.artifact.path)} for o in outcomes],
+                    "path": str(o.artifact.path), "resources": stage_resources(o.artifact.path)} for o in outcomes],
         "metrics": metrics,
         "target": by_name["build"].artifact.meta["target"],
         "validation_passed": by_name["validate"].artifact.meta["passed"],
@@ -172,8 +184,14 @@ def print_summary(console: Console, s: dict) -> None:
     stages.add_column("stage")
     stages.add_column("status")
     stages.add_column("time (s)", justify="right")
+    stages.add_column("peak RSS MB (children)", justify="right")
+    stages.add_column("disk MB (linked)", justify="right")
     for st in s["stages"]:
-        stages.add_row(st["stage"], st["status"], f"{st['seconds']:.1f}")
+        r = st["resources"]
+        children = f" ({mb(r['children_peak_rss_mb'])})" if r.get("children_peak_rss_mb") else ""
+        linked = f" ({mb(r['disk_linked_mb'])})" if r.get("disk_linked_mb") else ""
+        stages.add_row(st["stage"], st["status"], f"{st['seconds']:.1f}", mb(r.get("peak_rss_mb")) + children,
+                       (mb(r["disk_written_mb"]) if "disk_written_mb" in r else "-") + linked)
     console.print(stages)
 
     m = s["metrics"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,19 +17,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StageFailed
+from pipeline.memory import peak_rss_mb
 from pipeline.metrics import LatencySummary
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process. On Linux, VmHWM: ru_maxrss is carried across
-    fork+exec, so it would report the parent's size at fork time instead of this model's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:

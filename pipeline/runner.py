@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.artifacts import MANIFEST, Artifact, publish_dir, read_manifest, verify, write_manifest
 from pipeline.errors import IntegrityError, KilnError, StageFailed
 from pipeline.hashing import sha256_json
+from pipeline.memory import StagePeak, disk_usage_mb
 from pipeline.settings import Settings
 
 
@@ -220,8 +221,10 @@ class Runner:
         sctx = StageContext(run=self.ctx, stage=spec.name, out_dir=tmp)
         t0 = time.perf_counter()
         try:
-            produced = spec.run(spec.config, *[inputs[i] for i in spec.inputs], ctx=sctx)
+            with StagePeak() as peak:
+                produced = spec.run(spec.config, *[inputs[i] for i in spec.inputs], ctx=sctx)
             seconds = time.perf_counter() - t0
+            disk = disk_usage_mb(tmp)
             manifest = write_manifest(
                 tmp,
                 {
@@ -232,6 +235,9 @@ class Runner:
                     "inputs": {n: {"digest": a.digest, "path": str(a.path)} for n, a in inputs.items()},
                     "code_version": self.ctx.code_version,
                     "seconds": round(seconds, 3),
+                    # what building it cost: this process's peak during the stage, its children's, and disk
+                    "resources": {**peak.result, "disk_written_mb": round(disk["written"], 2),
+                                  "disk_linked_mb": round(disk["linked"], 2)},
                     "created_unix": time.time(),
                     "meta": dict(produced.meta),
                 },

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.artifacts import QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
-from pipeline.latency import peak_rss_mb
+from pipeline.memory import peak_rss_mb
 from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, load_tokenizer
 from pipeline.modeling.shapes import group_size_problem
 from pipeline.quantization import NEEDS_CALIBRATION, RESCALES_FLOAT_MODEL, get_quantizer, is_ignored

@@ -111,7 +111,11 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                     if key in quantized.meta:
                         metrics[f"quant.{key}"] = float(quantized.meta[key])
                 for name, artifact in upstream.items():
-                    metrics[f"stage_seconds.{name}"] = float(json.loads((artifact.path / "manifest.json").read_text())["seconds"])
+                    manifest = json.loads((artifact.path / "manifest.json").read_text())
+                    metrics[f"stage_seconds.{name}"] = float(manifest["seconds"])
+                    for key, value in (manifest.get("resources") or {}).items():
+                        if value is not None:  # what building the stage cost: peak RSS, disk
+                            metrics[f"stage_{key}.{name}"] = float(value)
                 params = [Param(k, v[:6000]) for k, v in flatten(recipe_doc).items()]
                 for i in range(0, len(params), 100):
                     client.log_batch(run_id, params=params[i : i + 100])

@@ -27,6 +27,9 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
     run = c.get_run(mv.run_id)
     assert run.data.params["quantize.group_size"] == "32"
     assert run.data.metrics["engine_ppl"] == pytest.approx(tiny_run["metrics"]["engine_ppl"])
+    for stage in ("source", "quantize", "export", "build", "validate", "package"):  # what each stage cost
+        assert run.data.metrics[f"stage_peak_rss_mb.{stage}"] > 0 and f"stage_disk_written_mb.{stage}" in run.data.metrics
+    assert run.data.metrics["stage_children_peak_rss_mb.validate"] > 0  # the latency runs' own processes
     top = {a.path for a in c.list_artifacts(mv.run_id)}
     assert {"engine", "validation", "manifests", "recipe.yaml", "triton"} <= top
     engine_files = {a.path for a in c.list_artifacts(mv.run_id, "engine")}

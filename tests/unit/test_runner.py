@@ -205,3 +205,14 @@ def test_a_stage_is_keyed_on_the_code_it_runs_not_the_whole_package(tmp_path, mo
     edited.add("serving/triton_model.py")  # copied into the package as a file, never imported
     after = stage_keys(tmp_path)
     assert {n for n in before if before[n] != after[n]} == {"package"}
+
+
+def test_each_built_stage_records_its_peak_memory_and_disk(tmp_path):
+    from pipeline.artifacts import read_manifest
+
+    out = Runner(make_ctx(tmp_path), specs([])).run()
+    for outcome in out:
+        resources = read_manifest(outcome.artifact.path)["resources"]
+        assert resources["peak_rss_mb"] > 0
+        written = sum(p.stat().st_size for p in outcome.artifact.path.iterdir() if p.name != "manifest.json") / 1e6
+        assert resources["disk_written_mb"] == pytest.approx(written, abs=0.01) and resources["disk_linked_mb"] == 0
