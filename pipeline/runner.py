@@ -153,9 +153,10 @@ class Runner:
         folder = self._final_dir(spec, key)
         if not (folder / MANIFEST).is_file():
             return None
-        # Cheap check on reuse (files present, nothing extra); full sha256 before serve/promote.
+        # Every file's sha256 before reuse: a flipped byte in a cached engine must never be reused,
+        # packaged or registered (the cost on the SmolLM2 demo is in docs/decisions.md).
         try:
-            manifest = verify(folder, full=False)
+            manifest = verify(folder, full=True)
         except IntegrityError as e:
             # Damaged by hand or by a crash of something else: keep it for inspection, rebuild.
             aside = folder.with_name(f".damaged-{key}-{int(time.time())}")

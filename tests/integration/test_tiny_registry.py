@@ -1,6 +1,7 @@
 """The tiny recipe through the real CLI into the embedded MLflow store."""
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -58,3 +59,23 @@ def test_deleted_store_is_noticed_and_registration_redone(tiny_run, tmp_path):
     # A sqlite store keeps its run artifacts beside itself, never in the directory kiln ran from.
     assert (tmp_path / "mlruns").is_dir()
     assert not (ROOT / "mlruns").exists()
+
+
+def test_a_tampered_cache_entry_is_set_aside_and_rebuilt(tmp_path):
+    """One flipped byte in a cached engine: the re-run notices (sha256), keeps the damaged entry for
+    inspection, rebuilds it, and the package (which links the engine's files) is rebuilt too."""
+    run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
+    summary = json.loads((tmp_path / "last_run.json").read_text())
+    build = next(s for s in summary["stages"] if s["stage"] == "build")
+    engine = next(p for p in sorted(Path(build["path"]).glob("engine.onnx*")) if p.stat().st_size > 1024)
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    proc = run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    statuses = {s["stage"]: s["status"] for s in json.loads((tmp_path / "last_run.json").read_text())["stages"]}
+    assert statuses["build"] == "built" and statuses["package"] == "built" and statuses["export"] == "reused"
+    assert "failed its manifest" in proc.stdout and "sha256 mismatch" in proc.stdout
+    assert list((tmp_path / "cache" / "build").glob(".damaged-*"))
+    assert run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)  # and the rebuilt entry is whole
+    assert all(s["status"] == "reused" for s in json.loads((tmp_path / "last_run.json").read_text())["stages"])
