@@ -11,12 +11,14 @@ exactly this, so export never re-quantizes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 FORMAT = "kiln-intq-v1"
+HEADER_KEY = "kiln"
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,17 @@ def save_quantized(path: Path, layers: dict[str, QuantizedLinear], meta: dict[st
     header = {"format": FORMAT, **meta}
     if any_layer is not None:
         header |= {"bits": str(any_layer.bits), "group_size": str(any_layer.group_size)}
-    save_file(tensors, str(path), metadata=header)
+    # One metadata key holding sorted JSON: safetensors writes its metadata map in hash order, which
+    # changed between identical runs (and with it the bytes and every downstream cache key).
+    save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
 
 
 def load_quantized(path: Path) -> dict[str, QuantizedLinear]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
-        header = f.metadata() or {}
+        raw = f.metadata() or {}
+        header = json.loads(raw[HEADER_KEY]) if HEADER_KEY in raw else raw
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} file (format={header.get('format')!r})")
         keys = set(f.keys())
