@@ -27,7 +27,8 @@ METHOD_BACKENDS = {"none": ("kiln",), "rtn": ("kiln",), "gptq": ("llm-compressor
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are immutable after load."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # inf and nan are never a meaningful limit or size: refused for every float field
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- text corpora
@@ -347,7 +348,7 @@ class LatencyConfig(Section):
 class GatesConfig(Section):
     """Limits a build must meet. `null` disables a gate."""
 
-    max_ppl_increase_pct: float | None = 10.0
+    max_ppl_increase_pct: float | None = Field(10.0, ge=0)
     min_next_token_agreement: float | None = Field(None, ge=0, le=1)
     min_tokens_per_s: float | None = Field(None, gt=0)
     max_ttft_ms: float | None = Field(None, gt=0)
@@ -532,13 +533,13 @@ def format_validation_error(err: ValidationError) -> list[str]:
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             expected = expected.replace(" or ", ", ").replace("'", "")
-            problems.append(f"{path}: {value!r} is not one of {expected}")
+            problems.append(f"{path}: {shorten(repr(value))} is not one of {expected}")
         elif kind == "missing":
             problems.append(f"{path}: required key is missing")
         elif kind == "value_error":
             problems.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            problems.append(f"{path}: {e['msg']} (got {value!r})")
+            problems.append(f"{path}: {e['msg']} (got {shorten(repr(value))})")
     return problems
 
 
@@ -566,19 +567,95 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return doc
 
 
+# A recipe is a short hand-written file: these bounds keep `kiln check` fast on anything else
+# (a YAML alias bomb, a generated file of a million keys) and say what was refused.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+MAX_YAML_VALUES = 100_000
+MAX_PROBLEMS = 50
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 20] + f"... ({len(text)} characters)"
+
+
+def expanded_size(doc: Any, limit: int) -> int:
+    """How many values `doc` holds once YAML aliases are expanded (shared objects counted each time
+    they appear), stopping early past `limit`."""
+    memo: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) in memo:
+            return memo[id(node)]
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        memo[id(node)] = total
+        return total
+
+    return size(doc)
+
+
+def parse_yaml_text(path: Path) -> Any:
+    """The YAML document of a recipe file, refusing (with the reason) anything a recipe is not."""
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError([f"the file is {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes"], source=str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"], source=str(path)) from None
+    try:
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise RecipeError([f"{aliases} YAML aliases; a recipe may use at most {MAX_YAML_ALIASES}"], source=str(path))
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError([f"not valid YAML: {shorten(str(e), 400)}"], source=str(path)) from None
+    if expanded_size(doc, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise RecipeError([f"the YAML expands to more than {MAX_YAML_VALUES} values (aliases included); a recipe is far smaller"],
+                          source=str(path))
+    return doc
+
+
+def cross_field_problems(recipe: Recipe) -> list[str]:
+    """Limits between sections, checked once each section is valid on its own: every token count a
+    stage will run must fit the engine's context."""
+    context = recipe.build.max_sequence_length
+    v, problems = recipe.validation, []
+    latency = v.latency.prompt_tokens + v.latency.new_tokens
+    if latency > context:
+        problems.append(f"validate.latency: prompt_tokens + new_tokens = {latency} exceeds build.max_sequence_length {context}")
+    if v.window > context:
+        problems.append(f"validate.window: {v.window} exceeds build.max_sequence_length {context}")
+    if v.window > v.max_eval_tokens:
+        problems.append(f"validate.window: {v.window} exceeds validate.max_eval_tokens {v.max_eval_tokens}")
+    pkg = recipe.package
+    if pkg is not None and pkg.max_tokens_cap >= context:
+        problems.append(f"package.max_tokens_cap: {pkg.max_tokens_cap} leaves no room for a prompt in build.max_sequence_length "
+                        f"{context}; allowed: up to {context - 1}")
+    return problems
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"file not found: {path}"], source=str(path))
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError([f"not valid YAML: {e}"], source=str(path)) from None
+    doc = parse_yaml_text(path) or {}
     if not isinstance(doc, dict):
         raise RecipeError(["the top level must be a mapping of sections"], source=str(path))
     doc = apply_overrides(doc, overrides or [])
     try:
-        return Recipe.model_validate(doc)
+        recipe = Recipe.model_validate(doc)
     except ValidationError as e:
-        raise RecipeError(format_validation_error(e), source=str(path)) from None
-
+        problems = format_validation_error(e)
+        if len(problems) > MAX_PROBLEMS:
+            problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
+        raise RecipeError(problems, source=str(path)) from None
+    problems = cross_field_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source=str(path))
+    return recipe
