@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import StageFailed
 from pipeline.memory import peak_rss_mb
+from pipeline.processes import die_with_parent
 from pipeline.metrics import LatencySummary
 
 
@@ -63,8 +64,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 def measure_in_subprocess(spec: dict[str, Any], work_dir: Path, label: str) -> dict[str, Any]:
     spec_file = work_dir / f"latency_{label}_spec.json"
     spec_file.write_text(json.dumps(spec))
+    # a killed `kiln run` must not leave a latency run behind
     proc = subprocess.run([sys.executable, "-m", "pipeline.latency", "--spec", str(spec_file)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, preexec_fn=die_with_parent)
     spec_file.unlink()
     if proc.returncode != 0:
         raise StageFailed("validate", f"latency measurement of {label} failed:\n{proc.stderr[-2000:]}")

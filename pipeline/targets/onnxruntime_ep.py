@@ -131,7 +131,8 @@ class OnnxRuntime:
             "threads": cfg.threads or default_threads(),
         }
         check = None
-        with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        # inside the stage's own temporary folder, which the runner removes after a kill
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             graph_file = exported.model_file
             if cfg.graph == "fused":
                 graph_file = Path(tmp) / "fused.onnx"

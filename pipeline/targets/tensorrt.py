@@ -118,7 +118,8 @@ class TensorRt:
         hardware = device_facts()
         logger = capturing_logger(log)
         shapes = profile_shapes(graph_inputs(exported.model_file), trt_cfg)
-        with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        # inside the stage's own temporary folder, which the runner removes after a kill
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             graph_file = Path(tmp) / "tensorrt_input.onnx"
             folded = write_tensorrt_graph(exported.model_file, trt_cfg.precision, graph_file)
             left = zero_point_layers(graph_file)
