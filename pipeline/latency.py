@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.errors import StageFailed
 from pipeline.memory import peak_rss_mb
-from pipeline.processes import die_with_parent
 from pipeline.metrics import LatencySummary
+from pipeline.processes import die_with_parent
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
