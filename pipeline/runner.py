@@ -46,6 +46,7 @@ class StageContext:
     run: RunContext
     stage: str
     out_dir: Path
+    key: str = ""  # this build's cache key (register tags the model version with it)
 
     def log(self, message: str) -> None:
         self.run.console.print(f"  [dim]{self.stage}:[/dim] {message}")
@@ -219,7 +220,7 @@ class Runner:
         tmp = stage_dir / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        sctx = StageContext(run=self.ctx, stage=spec.name, out_dir=tmp)
+        sctx = StageContext(run=self.ctx, stage=spec.name, out_dir=tmp, key=key)
         t0 = time.perf_counter()
         try:
             with StagePeak() as peak:

@@ -84,6 +84,15 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
         with store_lock(tracking_uri):  # one writer at a time on an embedded sqlite store
             client = client_for(tracking_uri)
             exp_id = ensure_experiment(client, cfg.experiment, artifact_location)
+            earlier = version_for_key(client, cfg.model_name, ctx.key)
+            if earlier is not None:
+                # this very build was registered already (a run killed before it could record that,
+                # or a concurrent run of the same recipe): one build, one version
+                ctx.log(f"{cfg.model_name} version {earlier.version} already registers this build (stage key {ctx.key}); reusing it")
+                record = {"model_name": cfg.model_name, "version": str(earlier.version), "run_id": earlier.run_id,
+                          "experiment_id": exp_id, "tracking_uri": tracking_uri}
+                write_json_atomic(ctx.out_dir / "registration.json", record)
+                return Registration(path=ctx.out_dir, meta=record)
             recipe_sha = sha256_bytes(recipe_text.encode())
             lineage = {
                 "kiln.recipe_name": recipe_doc["name"],
@@ -138,7 +147,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
 
             ensure_registered_model(client, cfg.model_name)
             version = client.create_model_version(
-                cfg.model_name, source=f"{mlrun.info.artifact_uri}/engine", run_id=run_id, tags=lineage,
+                cfg.model_name, source=f"{mlrun.info.artifact_uri}/engine", run_id=run_id, tags={**lineage, KEY_TAG: ctx.key},
                 description=f"{recipe_doc['name']}: {quantized.meta.get('method')} on {engine.meta['target']}",
             )
             ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")
@@ -148,6 +157,25 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
             return Registration(path=ctx.out_dir, meta=record)
 
     return run
+
+
+KEY_TAG = "kiln.register_key"
+
+
+def version_for_key(client, model_name: str, key: str):
+    """The version already registered for this register-stage key (its run finished), or None."""
+    from mlflow.exceptions import MlflowException
+
+    if not key:
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:  # no such model yet
+        return None
+    for mv in versions:
+        if mv.tags.get(KEY_TAG) == key and client.get_run(mv.run_id).info.status == "FINISHED":
+            return mv
+    return None
 
 
 def still_registered(registration: Artifact) -> bool:

@@ -81,3 +81,34 @@ def test_sigkill_during_validate_kills_the_latency_child(tmp_path):
         raise AssertionError("the latency child outlived its killed parent")
     run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
     assert json.loads((tmp_path / "last_run.json").read_text())["registered"]["version"] == "1"
+
+
+def test_a_run_killed_after_registering_registers_nothing_new_when_rerun(tmp_path):
+    """SIGKILL right after MLflow created the version, before Kiln recorded it: the re-run finds the
+    version made for this build (its register key) and reuses it."""
+    from mlflow import MlflowClient
+
+    killed_run(tmp_path, "pipeline.stages.register", "write_json_atomic")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert len(client.search_model_versions("name = 'tiny-llama-int4'")) == 1
+    proc = run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
+    assert "already registers this build" in proc.stdout
+    assert len(client.search_model_versions("name = 'tiny-llama-int4'")) == 1
+    assert json.loads((tmp_path / "last_run.json").read_text())["registered"]["version"] == "1"
+
+
+def test_two_concurrent_runs_of_one_recipe_register_one_version_and_both_say_which(tmp_path):
+    import re
+
+    from mlflow import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"KILN_ARTIFACTS": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(TINY_RECIPE)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    said = [re.findall(r"MLflow: tiny-llama-int4 version (\d+)", " ".join(out.split())) for out in outputs]
+    assert said == [["1"], ["1"]], outputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'tiny-llama-int4'")) == 1
