@@ -16,17 +16,30 @@ import typer
 
 from pipeline.artifacts import verify
 from pipeline.console import fail, make_console
-from pipeline.errors import KilnError
+from pipeline.errors import IntegrityError, KilnError
 from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry
 from pipeline.settings import Settings
 
 
+def package_root(path: Path) -> Path | None:
+    """The Kiln package folder (`manifest.json` beside `model_repository/`) that `path` is or lies in:
+    the package itself, its model repository, a model folder or a version folder."""
+    for folder in (path, *path.parents):
+        if (folder / "model_repository").is_dir() and (folder / "manifest.json").is_file():
+            return folder
+    return None
+
+
 def local_repository(path: Path) -> Path:
-    """A package stage folder (checked against its manifest) or a bare model repository."""
-    if (path / "model_repository").is_dir():
-        verify(path, full=True)
-        return path / "model_repository"
-    return path
+    """The model repository to serve, after the whole package it belongs to (config.pbtxt, model.py,
+    engine, tokenizer) passed its sha256 manifest, whichever of its folders was named."""
+    root = package_root(path.resolve())
+    if root is None:
+        raise IntegrityError(f"{path} is not inside a Kiln package (a folder with manifest.json beside model_repository/); "
+                             "kiln serve only serves what a manifest covers: give the package folder, e.g. "
+                             "artifacts/cache/package/<key>, or a registry reference models:/NAME@ALIAS")
+    verify(root, full=True)
+    return root / "model_repository"
 
 
 def serve(
