@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.errors import KilnError
 from pipeline.locking import file_lock
 
 SQLITE_PREFIX = "sqlite:///"
@@ -24,10 +25,39 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
+class StoreMoved(KilnError):
+    """An embedded store whose recorded artifact locations are in another folder: it was copied or
+    moved, and writing or verifying through it would touch the original's files."""
+
+    exit_code = 6
+
+
 def client_for(tracking_uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        check_not_moved(client, Path(tracking_uri[len(SQLITE_PREFIX):]))
+    return client
+
+
+def check_not_moved(client, db: Path) -> None:
+    """MLflow records absolute `file://` artifact locations in the database. An embedded store whose
+    experiments point outside its own folder is refused, naming where they point, rather than
+    registering into, reading from or promoting the original's files."""
+    if not db.is_file():
+        return  # a new store: MLflow creates it where it is
+    home = db.resolve().parent
+    for exp in client.search_experiments():
+        location = exp.artifact_location or ""
+        if not location.startswith("file://"):
+            continue
+        path = Path(location.removeprefix("file://"))
+        if home not in (path, *path.parents):
+            raise StoreMoved(f"the MLflow store {db} was copied or moved: its experiment {exp.name!r} keeps artifacts in "
+                             f"{path}, outside {home}. Kiln will not write to or verify the original's files through it: "
+                             f"use the store in its original folder ({path.parent}), or start a fresh artifacts folder "
+                             "(the cache of built stages can be copied on its own, without mlflow.db and mlruns/)")
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:

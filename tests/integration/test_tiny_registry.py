@@ -93,3 +93,23 @@ def test_identical_runs_write_identical_bytes(tiny_run, tmp_path):
         again = read_manifest(Path(second[stage]["path"]))
         assert first["files"] == again["files"], stage
         assert tiny_run["paths"][stage].name == Path(second[stage]["path"]).name  # same key
+
+
+def test_a_copied_store_is_refused_and_the_original_stays_promotable(tmp_path):
+    """The embedded store records absolute artifact paths: a copy of the artifacts folder must not
+    promote (or register into) the original's files. The copy, tampered, is refused naming the
+    original; the original is promoted as usual."""
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    run_kiln("run", str(TINY_RECIPE), artifacts=original, check=True)
+    shutil.copytree(original, copy)
+    engine = next((copy / "mlruns").rglob("engine/engine.onnx"))
+    engine.write_bytes(engine.read_bytes() + b"tampered")
+    for args in (("promote", "tiny-llama-int4", "1", "--to", "staging"), ("models", "show", "tiny-llama-int4"),
+                 ("run", str(TINY_RECIPE))):
+        refused = run_kiln(*args, artifacts=copy)
+        text = " ".join(refused.stdout.split())
+        assert refused.returncode == 6, (args, refused.stdout + refused.stderr)
+        assert f"keeps artifacts in {original / 'mlruns'}" in text and "Traceback" not in refused.stdout + refused.stderr
+    run_kiln("promote", "tiny-llama-int4", "1", "--to", "staging", artifacts=original, check=True)
