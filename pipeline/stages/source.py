@@ -105,14 +105,17 @@ def run(cfg: SourceConfig, *, ctx: StageContext) -> SourceCheckpoint:
             origin = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
         elif path.is_dir():
             check_safetensors_only(path)
-            check_config(read_config(path), cfg.trust_remote_code)
+            check_config(read_config(path))
             copy_checkpoint(path, model_dir)
             origin = {"kind": "hf_folder", "path": str(path)}
         else:
             raise SourceError(f"source.path {cfg.path!r} is neither a checkpoint folder nor a .gguf file")
 
-    config = read_config(model_dir)
-    check_config(config, cfg.trust_remote_code)
+    remote_code = check_config(read_config(model_dir))
+    if remote_code:
+        ctx.log(f"config.json names its own modelling code ({'; '.join(remote_code)}); Kiln never runs it: "
+                "transformers' stock class is the reference every check compares against")
+        origin["remote_code_ignored"] = remote_code
     check_safetensors_only(model_dir)
     try:  # the description every later stage reads: a config Kiln cannot describe fails here
         spec = spec_from_folder(model_dir)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from rich.console import Console
 
 from pipeline.corpus import builtin_paragraphs, load_text, read_user_file
@@ -32,16 +33,17 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
         source.run(cfg, ctx=stage_ctx(tmp_path / "x"))
 
 
-def test_remote_code_refused_unless_opted_in():
+def test_remote_code_is_never_run(tmp_path):
+    """A checkpoint's own modelling code is ignored (and said so); asking for it is a recipe error."""
     config = {"architectures": ["LlamaForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}
-    with pytest.raises(SourceError, match="trust_remote_code: true"):
-        check_config(config, trust_remote_code=False)
-    check_config(config, trust_remote_code=True)
+    assert check_config(config) == ["AutoModelForCausalLM: modeling_x.X"]
+    with pytest.raises(ValidationError, match="Kiln never runs a checkpoint's own modelling code"):
+        SourceConfig(path=str(tmp_path), trust_remote_code=True)
 
 
 def test_unsupported_architecture_named():
     with pytest.raises(SourceError, match=r"\['GPT2LMHeadModel'\] is not supported.*LlamaForCausalLM"):
-        check_config({"architectures": ["GPT2LMHeadModel"]}, False)
+        check_config({"architectures": ["GPT2LMHeadModel"]})
 
 
 def test_hub_offline_error_says_what_to_do(tmp_path):
@@ -99,3 +101,19 @@ def test_local_folder_source_copies_safe_files_only(tiny_run, tmp_path):
     copied = {p.name for p in (ctx.out_dir / "model").iterdir()}
     assert "model.safetensors" in copied and "tokenizer.json" in copied and "training_args.bin" not in copied
     assert artifact.meta["origin"] == {"kind": "hf_folder", "path": str(folder.resolve())}
+
+
+def test_a_checkpoint_naming_its_own_code_is_built_with_the_stock_class(tmp_path):
+    from pipeline.modeling.hf import make_random_model
+    from pipeline.recipe import RandomModelConfig
+
+    folder = tmp_path / "ckpt"
+    make_random_model(RandomModelConfig(family="qwen2"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    artifact = source.run(SourceConfig(path=str(folder)), ctx=stage_ctx(tmp_path / "out"))
+    assert artifact.meta["origin"]["remote_code_ignored"] == ["AutoModelForCausalLM: modeling_evil.Evil"]
+    assert artifact.meta["architecture"] == "Qwen2ForCausalLM"
+    assert not (artifact.path / "model" / "modeling_evil.py").exists()  # .py files are never copied
