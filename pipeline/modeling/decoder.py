@@ -361,7 +361,15 @@ def read_json(path: Path) -> Any:
 
 
 def spec_from_gguf(path: Path) -> DecoderSpec:
-    """The spec from a GGUF file's metadata, through transformers' own GGUF reader (no tensors read)."""
+    """The spec from a GGUF file's metadata, through transformers' own GGUF reader (no tensors read).
+    The gguf package's reader looks at the header first: a truncated or foreign file is refused in
+    a fraction of a second, before transformers is imported."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as e:  # truncated files raise IndexError/ValueError/struct errors
+        raise UnsupportedModel(f"{path}: cannot read its GGUF metadata ({type(e).__name__}: {str(e)[:300]})") from None
     try:
         from transformers import AutoConfig
 
