@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -69,7 +70,8 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path, module: str) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _imported_modules(path: Path, module: str) -> frozenset[str]:
     """Every `pipeline.*` module a file imports anywhere (function-level imports are code it runs
     too). Parent packages' `__init__.py` files that Python runs on the way are not followed: they are
     registries (`pipeline/stages/__init__.py` lists every stage), not code the importing stage runs."""
@@ -86,7 +88,7 @@ def _imported_modules(path: Path, module: str) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{a.name}" for a in node.names)  # `from pipeline.x import submodule`
-    return {name for name in names if name.split(".")[0] == "pipeline" and _module_file(name) is not None}
+    return frozenset(name for name in names if name.split(".")[0] == "pipeline" and _module_file(name) is not None)
 
 
 def module_closure(module: str) -> list[Path]:

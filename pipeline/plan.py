@@ -21,7 +21,15 @@ from pipeline.artifacts import (
 from pipeline.corpus import text_fingerprint
 from pipeline.errors import KilnError, MissingDependency, RecipeError
 from pipeline.hashing import code_digest, sha256_bytes
-from pipeline.modeling.decoder import DecoderSpec, UnsupportedModel, check_positions, spec_from_folder, spec_from_gguf
+from pipeline.modeling.decoder import (
+    DecoderSpec,
+    UnsupportedModel,
+    check_positions,
+    describe,
+    spec_from_folder,
+    spec_from_gguf,
+    tiny_config,
+)
 from pipeline.modeling.shapes import group_size_problems
 from pipeline.quantization import is_ignored
 from pipeline.recipe import SOURCE_KINDS, Recipe
@@ -39,8 +47,6 @@ def source_spec(recipe: Recipe) -> DecoderSpec | None:
     """The decoder description from config.json, GGUF metadata or the random spec; None when
     unknown before running (hub ids). A checkpoint Kiln cannot describe is a recipe error naming
     `source.path` and the supported architectures."""
-    from pipeline.modeling.decoder import describe, tiny_config
-
     src = recipe.source
     try:
         if src.random_model is not None:

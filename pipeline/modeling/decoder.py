@@ -2,10 +2,11 @@
 
 Every graph Kiln writes (the portable opset-21 export, the fused ONNX Runtime graph, the copy
 TensorRT parses), the quantizer's layer list and `kiln check`'s group-size check read a
-`DecoderSpec`; nothing else reads `config.json`. The spec is filled from transformers' own config
-class for the checkpoint's `model_type` (so its defaults and derived fields, such as Qwen2's
-`layer_types` or Gemma 3's per-layer rope parameters, are transformers' own), by the family's row
-in `ARCHITECTURES`.
+`DecoderSpec`; nothing else reads a model's layout from `config.json` (the source stage reads only
+`architectures` and `auto_map` from it, to refuse or report before describing). The spec is
+filled from transformers' own config class for the checkpoint's `model_type` (so its defaults and
+derived fields, such as Qwen2's `layer_types` or Gemma 3's per-layer rope parameters, are
+transformers' own), by the family's row in `ARCHITECTURES`.
 
 Adding a family is a row: which HF names its norms carry and where they sit, what its config says
 about multipliers, soft-capping, windows and fused projections, and a tiny config that switches
