@@ -41,6 +41,13 @@ class SourceCheckpoint(Artifact):
     def model_dir(self) -> Path:
         return self.path / "model"
 
+    @property
+    def dtype(self) -> str:
+        """The checkpoint's precision: what the PyTorch reference computes in."""
+        from pipeline.modeling.hf import checkpoint_dtype
+
+        return self.meta.get("dtype") or checkpoint_dtype(self.model_dir)
+
 
 @dataclass(frozen=True)
 class QuantizedWeights(Artifact):
@@ -96,6 +103,11 @@ class TritonRepository(Artifact):
     @property
     def repository(self) -> Path:
         return self.path / "model_repository"
+
+    @property
+    def engine_dir(self) -> str:
+        """Where, relative to the package, the engine's files sit (the build entry's, hard-linked)."""
+        return f"model_repository/{self.meta['model_name']}/1/engine"
 
 
 @dataclass(frozen=True)

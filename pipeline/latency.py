@@ -36,7 +36,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        lm = TorchCausalLM(load_causal_lm(Path(spec["model_dir"])))
+        lm = TorchCausalLM(load_causal_lm(Path(spec["model_dir"]), spec.get("dtype", "float32")))
     from pipeline.modeling.runtime import greedy_decode
 
     for _ in range(spec["warmup"]):

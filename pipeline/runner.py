@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.artifacts import MANIFEST, Artifact, publish_dir, read_manifest, verify, write_manifest
 from pipeline.errors import IntegrityError, KilnError, StageFailed
 from pipeline.hashing import sha256_json
-from pipeline.memory import StagePeak, disk_usage_mb
+from pipeline.memory import CHILD_PEAK_KEY, StagePeak, disk_usage_mb
 from pipeline.settings import Settings
 
 
@@ -238,7 +238,8 @@ class Runner:
                     "code_version": self.ctx.code_version,
                     "seconds": round(seconds, 3),
                     # what building it cost: this process's peak during the stage, its children's, and disk
-                    "resources": {**peak.result, "disk_written_mb": round(disk["written"], 2),
+                    "resources": {**peak.result, CHILD_PEAK_KEY: produced.meta.get(CHILD_PEAK_KEY),
+                                  "disk_written_mb": round(disk["written"], 2),
                                   "disk_linked_mb": round(disk["linked"], 2)},
                     "created_unix": time.time(),
                     "meta": dict(produced.meta),

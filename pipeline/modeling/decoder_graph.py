@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from pipeline.modeling.decoder import DecoderSpec
-from pipeline.modeling.onnx_graph import IR_VERSION, OPSET, GraphBuilder, dequantized_weight
+from pipeline.modeling.onnx_graph import IR_VERSION, OPSET, ExternalData, GraphBuilder, dequantized_weight
 from pipeline.modeling.weights import Linear
 
 MS_DOMAIN = "com.microsoft"
@@ -106,8 +106,8 @@ def softcap(g: GraphBuilder, x: str, cap: float) -> str:
 
 
 class CommonOps:
-    def __init__(self, spec: DecoderSpec, rope: dict[str, tuple[np.ndarray, float]]):
-        self.g = GraphBuilder()
+    def __init__(self, spec: DecoderSpec, rope: dict[str, tuple[np.ndarray, float]], external: ExternalData | None = None):
+        self.g = GraphBuilder(external)
         self.spec, self.rope = spec, rope
         self._weights: dict[str, str] = {}
 
@@ -154,8 +154,8 @@ class CommonOps:
 class PortableOps(CommonOps):
     """Standard opset-21 operators."""
 
-    def __init__(self, spec, rope):
-        super().__init__(spec, rope)
+    def __init__(self, spec, rope, external: ExternalData | None = None):
+        super().__init__(spec, rope, external)
         self._rotary: dict[str, tuple[str, str]] = {}
         self._bias: dict[int | None, str] = {}
 
@@ -254,8 +254,8 @@ def packable(layers: list[Linear]) -> bool:
 class FusedOps(CommonOps):
     """ONNX Runtime contrib operators (see the module docstring)."""
 
-    def __init__(self, spec, rope, max_positions: int):
-        super().__init__(spec, rope)
+    def __init__(self, spec, rope, max_positions: int, external: ExternalData | None = None):
+        super().__init__(spec, rope, external)
         self.max_positions = max_positions
         self._caches: dict[str, tuple[str, str]] = {}
 
@@ -319,13 +319,15 @@ class FusedOps(CommonOps):
         return self.finish(inputs + kv_in, [self.logits_output()] + kv_out, graph_name, [(MS_DOMAIN, 1)])
 
 
-def portable_graph(spec: DecoderSpec, weights, rope: dict[str, tuple[np.ndarray, float]]) -> onnx.ModelProto:
-    ops = PortableOps(spec, rope)
+def portable_graph(spec: DecoderSpec, weights, rope: dict[str, tuple[np.ndarray, float]],
+                   external: ExternalData | None = None) -> onnx.ModelProto:
+    ops = PortableOps(spec, rope, external)
     write_decoder(spec, weights, ops)
     return ops.model(f"kiln_{spec.model_type}")
 
 
-def fused_graph(spec: DecoderSpec, weights, rope: dict[str, tuple[np.ndarray, float]], max_positions: int) -> onnx.ModelProto:
-    ops = FusedOps(spec, rope, max_positions)
+def fused_graph(spec: DecoderSpec, weights, rope: dict[str, tuple[np.ndarray, float]], max_positions: int,
+                external: ExternalData | None = None) -> onnx.ModelProto:
+    ops = FusedOps(spec, rope, max_positions, external)
     write_decoder(spec, weights, ops)
     return ops.model(f"kiln_{spec.model_type}_ort_fused")

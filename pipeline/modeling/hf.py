@@ -7,7 +7,9 @@ modelling code is never run (`trust_remote_code` is always off; docs/decisions.m
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,11 +60,14 @@ def check_config(config: dict[str, Any]) -> list[str]:
     return sorted(f"{k}: {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else [str(auto_map)]
 
 
-def copy_checkpoint(src: Path, dst: Path) -> list[str]:
-    """Copy the safe parts of a checkpoint folder (never pickle files)."""
+def copy_checkpoint(src: Path, dst: Path, weights: bool = True) -> list[str]:
+    """Copy the safe parts of a checkpoint folder (never pickle files); `weights=False` leaves out
+    the *.safetensors files."""
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for pattern in CHECKPOINT_PATTERNS:
+        if pattern == "*.safetensors" and not weights:
+            continue
         for p in sorted(src.glob(pattern)):
             if p.is_file():
                 shutil.copy2(p, dst / p.name)
@@ -70,25 +75,77 @@ def copy_checkpoint(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+MAX_HEADER_BYTES = 100_000_000
+# Names of the floating dtypes a recipe may ask for (`source.dtype`) and safetensors' names for them.
+DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header (names, dtypes, shapes, offsets), read without its tensors."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if size > MAX_HEADER_BYTES:  # safetensors' own limit; a larger one is a damaged or hostile file
+            raise SourceError(f"{file}: safetensors header of {size} bytes (at most {MAX_HEADER_BYTES})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise SourceError(f"{file} is not a safetensors file (its header is not JSON)") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_dtype(folder: Path) -> str:
+    """The floating dtype holding most of a checkpoint's bytes: what `source.dtype: auto` keeps and
+    what the PyTorch reference computes in."""
+    names = {v: k for k, v in DTYPES.items()}
+    weight: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        for info in safetensors_header(file).values():
+            if info["dtype"] in names:
+                start, end = info["data_offsets"]
+                weight[names[info["dtype"]]] = weight.get(names[info["dtype"]], 0) + end - start
+    return max(weight, key=weight.get) if weight else "float32"
+
+
 class SafetensorsWeights:
-    """Lazy numpy view of a checkpoint's *.safetensors shards (no torch, no pickle), with an
-    optional file of overrides (float tensors a quantizer changed) taking precedence."""
+    """Lazy float32 numpy view of a checkpoint's *.safetensors shards (no pickle), with an optional
+    file of overrides (float tensors a quantizer changed) taking precedence.
+
+    Each read opens its shard and closes it again: safetensors maps the file, and pages of a mapping
+    that stays open count in the process's resident memory, so a stage that walks a whole
+    checkpoint through one open handle would look (and, under pressure, be) as large as the file."""
 
     def __init__(self, folder: Path, overrides: Path | None = None):
-        from safetensors import safe_open
-
         files = sorted(folder.glob("*.safetensors")) + ([overrides] if overrides else [])
-        self._handles = [safe_open(str(p), framework="numpy") for p in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}  # later files win
+        self._where = {name: file for file in files for name in safetensors_header(file)}  # later files win
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def __iter__(self):
+        return iter(self._where)
+
+    def torch_tensor(self, name: str) -> "torch.Tensor":
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
     def __getitem__(self, name: str):
-        return self._where[name].get_tensor(name)
+        """As float32 (bf16 and fp16 widen exactly); integer tensors as they are."""
+        t = self.torch_tensor(name)
+        return (t.float() if t.is_floating_point() else t).numpy()
 
 
-def load_causal_lm(folder: Path) -> "torch.nn.Module":
+def model_class(config):
+    import transformers
+
+    return getattr(transformers, config.architectures[0])
+
+
+def load_causal_lm(folder: Path, dtype: str = "float32") -> "torch.nn.Module":
+    """transformers' stock class for the checkpoint, computing in `dtype` (`checkpoint_dtype` for the
+    checkpoint's own precision)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -96,10 +153,53 @@ def load_causal_lm(folder: Path) -> "torch.nn.Module":
 
     check_safetensors_only(folder)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+        folder, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False,
         attn_implementation=spec_from_folder(folder).reference_attention,
     )
     return model.eval()
+
+
+def empty_causal_lm(folder: Path) -> "torch.nn.Module":
+    """The checkpoint's model with every parameter on the meta device (no memory) and its buffers
+    (rotary frequencies) real: a skeleton whose tensors the caller assigns one by one."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from pipeline.modeling.decoder import spec_from_folder
+
+    check_safetensors_only(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    config._attn_implementation = spec_from_folder(folder).reference_attention
+    with init_empty_weights(include_buffers=False):
+        model = model_class(config)(config)
+    return model.eval()
+
+
+def convert_checkpoint(src: Path, dst: Path, dtype: str) -> None:
+    """Copy a checkpoint folder with its floating tensors cast to `dtype`, one shard at a time."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    copy_checkpoint(src, dst, weights=False)
+    target = getattr(torch, dtype)
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors = {k: (t.to(target) if (t := f.get_tensor(k)).is_floating_point() else t) for k in f.keys()}
+        save_file(tensors, str(dst / shard.name), metadata={"format": "pt"})
+        del tensors
+    index_file = dst / "model.safetensors.index.json"
+    if index_file.is_file():  # a sharded checkpoint's index states the total size
+        index = read_json(index_file)
+        index.setdefault("metadata", {})["total_size"] = sum(
+            end - start for shard in dst.glob("*.safetensors") for t in safetensors_header(shard).values()
+            for start, end in [t["data_offsets"]])
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+    config_file = dst / "config.json"
+    config = read_json(config_file)
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_tokenizer(folder: Path):
@@ -108,21 +208,21 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def gguf_to_checkpoint(gguf_file: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file into an ordinary fp32 safetensors checkpoint with its tokenizer."""
+def gguf_to_checkpoint(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> None:
+    """Dequantize a GGUF file into an ordinary safetensors checkpoint (`dtype`) with its tokenizer."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = gguf_file.parent, gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
     config = gguf_model.config
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the tensors are
     # already dequantized to fp32, so rebuild a plain model of the same class and copy them over.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = getattr(transformers, type(gguf_model).__name__)(config)
+    plain = getattr(transformers, type(gguf_model).__name__)(config).to(getattr(torch, dtype))
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -144,10 +244,9 @@ def byte_level_tokenizer():
     )
 
 
-def make_random_model(spec: Any, out_dir: Path) -> None:
-    """Write a tiny random model of `spec.family` (safetensors) with a byte-level tokenizer."""
+def make_random_model(spec: Any, out_dir: Path, dtype: str = "float32") -> None:
+    """Write a random model of `spec.family` (safetensors, `dtype`) with a byte-level tokenizer."""
     import torch
-    import transformers
 
     from pipeline.modeling.decoder import tiny_config
 
@@ -156,7 +255,13 @@ def make_random_model(spec: Any, out_dir: Path) -> None:
     token_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = tiny_config(spec.family, {"vocab_size": vocab, "tie_word_embeddings": False, **token_ids, **spec.config_kwargs()})
     torch.manual_seed(spec.seed)
-    model = getattr(transformers, config.architectures[0])(config).eval()
+    # built in `dtype` directly: a 3B model of real shapes would need 13 GB in float32 first
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = model_class(config)(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     # Random init gives near-uniform logits; a larger init scale makes quantization error visible,
     # and perturbed norm weights and biases make a wrong norm placement or offset visible too.
     with torch.no_grad():

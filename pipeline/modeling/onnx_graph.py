@@ -1,8 +1,11 @@
 """The small ONNX-building layer under Kiln's graph writers: unique node names, shared constants,
-int4 tensors in ONNX's packed layout, and blocked `DequantizeLinear` weights from the quantizer's
-own codes (so nothing is quantized twice)."""
+int4 tensors in ONNX's packed layout, blocked `DequantizeLinear` weights from the quantizer's own
+codes (so nothing is quantized twice), and initializers streamed to the external-data file as they
+are made (`ExternalData`), so a graph writer never holds a model's weights at all."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,10 +33,78 @@ def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> Tensor
     return numpy_helper.from_array(arr, name)
 
 
-class GraphBuilder:
-    """Just enough graph building to keep the model code readable: unique names, constants."""
+class ExternalData:
+    """The external-data file of a model being written: each initializer of at least `threshold`
+    bytes is appended to it when it is made and its proto keeps only the (location, offset,
+    length) reference, the layout `onnx.save_model(..., save_as_external_data=True)` writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_file: Path, threshold: int = 1024):
+        self.path = model_file.with_name(model_file.name + ".data")
+        self.threshold = threshold
+        self.offset = 0
+        self._file = open(self.path, "wb")
+
+    def store(self, tensor: TensorProto) -> TensorProto:
+        """The tensor to put in the graph: `tensor` itself when small, else a new proto holding only
+        the reference (protobuf keeps a message's bytes until the message itself is freed, so
+        clearing `raw_data` in place would keep every weight in memory until the graph is done)."""
+        data = tensor.raw_data
+        if len(data) < self.threshold:
+            return tensor
+        self._file.write(data)
+        ref = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            entry = ref.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(data)
+        return ref
+
+    def store_array(self, name: str, array: np.ndarray) -> TensorProto | None:
+        """A large numpy initializer written straight from its buffer (no bytes copy, no proto
+        holding the data); None when it is small enough to stay inside the graph."""
+        if array.nbytes < self.threshold:
+            return None
+        array = np.ascontiguousarray(array)
+        dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+        self._file.write(memoryview(array).cast("B"))
+        ref = TensorProto(name=name, data_type=dtype, dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+            entry = ref.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += array.nbytes
+        return ref
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ExternalData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_initializer(tensor: TensorProto, base_dir: Path | None) -> np.ndarray:
+    """An initializer's values, from the external-data file when it lives there; the proto itself
+    is left without its data (reading into a copy), so reading every tensor once holds none."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    return numpy_helper.to_array(copy, base_dir=str(base_dir))
+
+
+def save_streamed(model: onnx.ModelProto, model_file: Path) -> None:
+    """Save a model whose large initializers `ExternalData` already wrote beside it."""
+    onnx.save_model(model, str(model_file))
+
+
+class GraphBuilder:
+    """Just enough graph building to keep the model code readable: unique names, constants, and
+    (with `external`) initializers written to disk as they come."""
+
+    def __init__(self, external: ExternalData | None = None) -> None:
+        self.external = external
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
@@ -45,8 +116,14 @@ class GraphBuilder:
 
     def init(self, name: str, tensor: TensorProto | np.ndarray) -> str:
         if isinstance(tensor, np.ndarray):
+            stored = self.external.store_array(name, tensor) if self.external is not None else None
+            if stored is not None:
+                self.initializers.append(stored)
+                return name
             tensor = numpy_helper.from_array(tensor, name)
         tensor.name = name
+        if self.external is not None:
+            tensor = self.external.store(tensor)
         self.initializers.append(tensor)
         return name
 

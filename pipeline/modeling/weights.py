@@ -13,13 +13,15 @@ folded once by `CheckpointWeights` and stored folded in the exported graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from pipeline.modeling.decoder import DecoderSpec
+from pipeline.modeling.onnx_graph import read_initializer
 from pipeline.quantization.format import QuantizedLinear
 
 
@@ -78,14 +80,20 @@ class CheckpointWeights:
 
 
 class OnnxWeights:
-    def __init__(self, spec: DecoderSpec, model: onnx.ModelProto):
+    def __init__(self, spec: DecoderSpec, model: onnx.ModelProto | Path):
+        """`model`: a loaded graph, or an exported model file whose external data is read one
+        tensor at a time, when asked for."""
         self.spec = spec
+        self.base_dir = None
+        if isinstance(model, Path):
+            self.base_dir = model.parent
+            model = onnx.load(str(model), load_external_data=False)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.block_size = {n.name.removesuffix("/DequantizeLinear"): next(a.i for a in n.attribute if a.name == "block_size")
                            for n in model.graph.node if n.op_type == "DequantizeLinear"}
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
+        return read_initializer(self.inits[name], self.base_dir)
 
     def tensor(self, name: str) -> np.ndarray:
         return self.array(name)
@@ -110,9 +118,9 @@ class OnnxWeights:
         bits = 4 if codes.data_type in (TensorProto.INT4, TensorProto.UINT4) else 8
         zeros = self.inits.get(f"{name}.zeros")
         return QuantizedLinear(
-            codes=np.ascontiguousarray(numpy_helper.to_array(codes).T).astype(np.int8 if zeros is None else np.uint8),
+            codes=np.ascontiguousarray(read_initializer(codes, self.base_dir).T).astype(np.int8 if zeros is None else np.uint8),
             scales=np.ascontiguousarray(self.array(f"{name}.scales").T),
-            zeros=None if zeros is None else np.ascontiguousarray(numpy_helper.to_array(zeros).T).astype(np.uint8),
+            zeros=None if zeros is None else np.ascontiguousarray(read_initializer(zeros, self.base_dir).T).astype(np.uint8),
             bits=bits, group_size=self.block_size[name])
 
     def _linear(self, name: str) -> Linear:

@@ -1,47 +1,70 @@
 """Quantizer backends behind one small interface, chosen by `quantize.method` in the recipe.
 
-A quantizer gets the float model, the names of the Linear layers to quantize, the recipe section
-and (for calibration-based methods) token-id samples, and returns a `QuantizedLinear` (codes,
-scales, zero points) per layer. It may also change other float tensors of the model in place
-(AWQ rescales norms); the quantize stage records those as overrides. A method in
-`RESCALES_FLOAT_MODEL` leaves the rescaled float weights of the quantized layers in the model. Export and validation never depend on the method.
-`BACKEND_REQUIREMENTS` says, without importing anything, what each backend needs.
+A quantizer gets the source checkpoint folder, the names of the Linear layers to quantize, the
+recipe section, (for calibration-based methods) token-id samples and a progress callback, and
+returns a `QuantizerOutput`: a `QuantizedLinear` (codes, scales, zero points) per layer, the float
+tensors outside those layers it changed (AWQ rescales norms; the stage stores them as overrides) and,
+for a method in `RESCALES_FLOAT_MODEL`, the rescaled float weights its codes approximate. Each
+backend loads only what it needs: RTN reads one weight at a time from the safetensors files;
+llm-compressor's methods load the model once, in the checkpoint's precision. Export and validation
+never depend on the method. `BACKEND_REQUIREMENTS` says, without importing anything, what each
+backend needs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
 
 from pipeline.errors import MissingDependency
 from pipeline.quantization.format import QuantizedLinear
 from pipeline.quantization.rtn import quantize_rtn
 
 
+@dataclass
+class QuantizerOutput:
+    layers: dict[str, QuantizedLinear]
+    overrides: dict[str, np.ndarray] = field(default_factory=dict)
+    float_weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 class Quantizer(Protocol):
-    def __call__(self, model: Any, layers: list[str], cfg: Any, calibration: list[list[int]] | None,
-                 advance: Callable[[int], None]) -> dict[str, QuantizedLinear]: ...
+    def __call__(self, model_dir: Path, layers: list[str], cfg: Any, calibration: list[list[int]] | None,
+                 advance: Callable[[int], None]) -> QuantizerOutput: ...
 
 
-def rtn_quantizer(model, layers, cfg, calibration, advance):
-    modules = dict(model.named_modules())
+def rtn_quantizer(model_dir, layers, cfg, calibration, advance):
+    """Layer by layer from the checkpoint files: one float weight in memory at a time."""
+    from pipeline.modeling.hf import SafetensorsWeights
+
+    tensors = SafetensorsWeights(model_dir)
     out = {}
     for name in layers:
-        out[name] = quantize_rtn(modules[name].weight.detach().float().numpy(), cfg.bits, cfg.group_size, cfg.symmetric)
+        out[name] = quantize_rtn(tensors[linear_weight_name(tensors, name)], cfg.bits, cfg.group_size, cfg.symmetric)
         advance(1)
-    return out
+    return QuantizerOutput(out)
 
 
-def llmcompressor_gptq(model, layers, cfg, calibration, advance):
+def linear_weight_name(tensors, layer: str) -> str:
+    """Where a Linear's weight is stored; a tied head's is the embedding table."""
+    name = f"{layer}.weight"
+    return "model.embed_tokens.weight" if layer == "lm_head" and name not in tensors else name
+
+
+def llmcompressor_gptq(model_dir, layers, cfg, calibration, advance):
     from pipeline.quantization.llmcompressor_backend import gptq
 
-    return gptq(model, layers, cfg, calibration, advance)
+    return gptq(model_dir, layers, cfg, calibration, advance)
 
 
-def llmcompressor_awq(model, layers, cfg, calibration, advance):
+def llmcompressor_awq(model_dir, layers, cfg, calibration, advance):
     from pipeline.quantization.llmcompressor_backend import awq
 
-    return awq(model, layers, cfg, calibration, advance)
+    return awq(model_dir, layers, cfg, calibration, advance)
 
 
 # (method, backend) -> quantizer. "none" is handled by the stage: it quantizes nothing.

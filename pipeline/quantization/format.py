@@ -60,23 +60,23 @@ def save_quantized(path: Path, layers: dict[str, QuantizedLinear], meta: dict[st
 
 
 def load_quantized(path: Path) -> dict[str, QuantizedLinear]:
+    """Every layer, read tensor by tensor: each read maps the file and unmaps it again, so the
+    file's pages are not counted in this process's memory on top of the arrays read from them."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
         raw = f.metadata() or {}
-        header = json.loads(raw[HEADER_KEY]) if HEADER_KEY in raw else raw
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} file (format={header.get('format')!r})")
         keys = set(f.keys())
-        names = sorted(k.removesuffix(".codes") for k in keys if k.endswith(".codes"))
-        bits, group = int(header.get("bits", 4)), int(header.get("group_size", 0))
-        return {
-            n: QuantizedLinear(
-                codes=f.get_tensor(f"{n}.codes"),
-                scales=f.get_tensor(f"{n}.scales"),
-                zeros=f.get_tensor(f"{n}.zeros") if f"{n}.zeros" in keys else None,
-                bits=bits,
-                group_size=group,
-            )
-            for n in names
-        }
+    header = json.loads(raw[HEADER_KEY]) if HEADER_KEY in raw else raw
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (format={header.get('format')!r})")
+
+    def read(name: str) -> np.ndarray:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.get_tensor(name)
+
+    names = sorted(k.removesuffix(".codes") for k in keys if k.endswith(".codes"))
+    bits, group = int(header.get("bits", 4)), int(header.get("group_size", 0))
+    return {n: QuantizedLinear(codes=read(f"{n}.codes"), scales=read(f"{n}.scales"),
+                               zeros=read(f"{n}.zeros") if f"{n}.zeros" in keys else None, bits=bits, group_size=group)
+            for n in names}

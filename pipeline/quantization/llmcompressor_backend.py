@@ -7,7 +7,13 @@ llm-compressor's own dequantized weight is compressed-tensors' `fake_quantize(we
 the signed codes the same way and stores uint codes and zero points shifted by 2^(bits-1), which
 leaves (q - zp) unchanged: `to_kiln` proves the result equals `fake_quantize` bit for bit, and
 refuses otherwise. AWQ also rescales float tensors outside the quantized layers (the RMSNorm
-weights); the quantize stage finds those by comparison with the source and stores them.
+weights); those are found by comparison with the source and returned as overrides.
+
+Memory: the model is loaded once, in the checkpoint's own precision (a bf16 checkpoint stays
+bf16), and calibrated with llm-compressor's sequential pipeline: one decoder layer's inputs are
+cached and its Hessians (GPTQ: float32 [in, in] per Linear) or activation statistics (AWQ) built at a
+time. Its peak is therefore the whole model plus one layer's work, not one layer: on a CPU host
+there is no accelerator to onload layers onto, so the model stays resident (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import contextlib
 
 import numpy as np
 
+from pipeline.modeling.hf import SafetensorsWeights, checkpoint_dtype, load_causal_lm
+from pipeline.quantization import RESCALES_FLOAT_MODEL, QuantizerOutput
 from pipeline.quantization.format import QuantizedLinear
 
 
@@ -71,40 +79,57 @@ def cpu_without_pinning():
         IntermediatesCache.pin_memory = original
 
 
-def _oneshot(model, layers, cfg, calibration, modifier_for, advance):
+def changed_float_tensors(model, model_dir, quantized_layers: set[str]) -> dict[str, np.ndarray]:
+    """Float tensors of the model that differ from the source checkpoint, other than the quantized
+    layers' own weights (e.g. AWQ folds its scales into the RMSNorm weights)."""
+    source = SafetensorsWeights(model_dir)
+    changed = {}
+    for name, tensor in model.state_dict().items():
+        if name not in source or (name.endswith(".weight") and name.removesuffix(".weight") in quantized_layers):
+            continue
+        current = tensor.detach().float().numpy()
+        if not np.array_equal(current, source[name]):
+            changed[name] = current.copy()
+    return changed
+
+
+def _oneshot(model_dir, layers, cfg, calibration, modifier_for, advance) -> QuantizerOutput:
     from compressed_tensors.quantization import QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
     from loguru import logger
 
     logger.disable("llmcompressor")  # its per-layer METRIC lines drown the run log
+    model = load_causal_lm(model_dir, dtype=checkpoint_dtype(model_dir))
     modules = dict(model.named_modules())
     ignore = [n for n, m in modules.items() if type(m).__name__ == "Linear" and n not in layers]
     scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(cfg, act_order=cfg.method == "gptq" and cfg.gptq.act_order))
     data = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(s) for s in calibration]})
     with cpu_without_pinning():
         oneshot(model=model, dataset=data, recipe=modifier_for({"kiln": scheme}, ignore),
-                max_seq_length=max(len(s) for s in calibration), num_calibration_samples=len(calibration))
+                max_seq_length=max(len(s) for s in calibration), num_calibration_samples=len(calibration),
+                pipeline="sequential")
     out = {}
     for name in layers:
         out[name] = to_kiln(modules[name], cfg)
         advance(1)
-    return out
+    float_weights = {name: modules[name].weight.detach().float().numpy().copy() for name in layers} if cfg.method in RESCALES_FLOAT_MODEL else {}
+    return QuantizerOutput(out, changed_float_tensors(model, model_dir, set(layers)), float_weights)
 
 
-def gptq(model, layers, cfg, calibration, advance):
+def gptq(model_dir, layers, cfg, calibration, advance):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     def modifier(groups, ignore):
         return GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=cfg.gptq.dampening_frac, block_size=128)
 
-    return _oneshot(model, layers, cfg, calibration, modifier, advance)
+    return _oneshot(model_dir, layers, cfg, calibration, modifier, advance)
 
 
-def awq(model, layers, cfg, calibration, advance):
+def awq(model_dir, layers, cfg, calibration, advance):
     from llmcompressor.modifiers.awq import AWQModifier
 
     def modifier(groups, ignore):
         return AWQModifier(config_groups=groups, ignore=ignore, n_grid=cfg.awq.n_grid, duo_scaling=cfg.awq.duo_scaling)
 
-    return _oneshot(model, layers, cfg, calibration, modifier, advance)
+    return _oneshot(model_dir, layers, cfg, calibration, modifier, advance)

@@ -17,6 +17,10 @@ from pathlib import Path
 from pipeline.artifacts import verify
 from pipeline.errors import IntegrityError
 
+# Run tag naming the package's folder that holds the engine's files: the store keeps those once,
+# under `engine/`, and `fetch_triton_repository` puts them back there before verifying the package.
+PACKAGE_ENGINE_TAG = "kiln.triton_engine_dir"
+
 
 @dataclass(frozen=True)
 class FetchedVersion:
@@ -94,6 +98,12 @@ def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
     partial.mkdir(parents=True)
     try:
         mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="triton", dst_path=str(partial), tracking_uri=tracking_uri)
+        engine_dir = client.get_run(mv.run_id).data.tags.get(PACKAGE_ENGINE_TAG)
+        if engine_dir:  # the store keeps the engine's files once, under engine/
+            engine = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="engine", dst_path=str(partial / "engine-files"),
+                                                              tracking_uri=tracking_uri))
+            (engine / "manifest.json").unlink(missing_ok=True)  # the package's copy never had the build's manifest
+            engine.rename(partial / "triton" / engine_dir)
         check_folder(partial / "triton", digests["package"], f"{mv.name} version {mv.version} triton package")
         (partial / "triton").rename(dest)
     finally:

@@ -14,9 +14,10 @@ import numpy as np
 
 from pipeline.artifacts import OnnxModel, QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.errors import KilnError
-from pipeline.modeling.decoder import describe, hf_config, rotary_tables
+from pipeline.modeling.decoder import DecoderSpec, describe, hf_config, rotary_tables
 from pipeline.modeling.decoder_graph import portable_graph
 from pipeline.modeling.hf import SafetensorsWeights, read_config
+from pipeline.modeling.onnx_graph import ExternalData, save_streamed
 from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session
 from pipeline.modeling.weights import CheckpointWeights
 from pipeline.quantization.format import QuantizedLinear, load_quantized
@@ -41,9 +42,10 @@ def write_onnx(source: SourceCheckpoint, quantized: dict[str, QuantizedLinear], 
     spec = describe(config)
     rope = rotary_tables(config, spec)
     weights = CheckpointWeights(spec, SafetensorsWeights(source.model_dir, overrides), quantized)
-    model = portable_graph(spec, weights, rope)
-    onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out_file.name + ".data", size_threshold=1024)
+    # Each initializer goes to model.onnx.data as the writer makes it: one layer's tensors in memory.
+    with ExternalData(out_file) as external:
+        model = portable_graph(spec, weights, rope, external)
+    save_streamed(model, out_file)
     onnx.checker.check_model(str(out_file))
     ops: dict[str, int] = {}
     for node in model.graph.node:
@@ -56,20 +58,31 @@ def reference_model(source: SourceCheckpoint, quantized: dict[str, QuantizedLine
     return quantized_reference(source.model_dir, quantized, load_overrides(overrides))
 
 
-def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) -> list[dict]:
-    """Run both on the same random prefix cache + new tokens; compare every output."""
-    import torch
-    from transformers import DynamicCache
-
-    shape = describe(torch_model.config)
+def verification_inputs(shape, v: ExportVerifyConfig) -> tuple[list[np.ndarray], np.ndarray]:
+    """A random prefix cache and new tokens, the same for both sides."""
     rng = np.random.default_rng(v.seed)
     past = [rng.standard_normal((v.batch, shape.num_kv_heads, v.past_len, shape.head_dim)).astype(np.float32)
             for _ in range(2 * shape.num_layers)]
     ids = rng.integers(0, shape.vocab_size, size=(v.batch, v.seq_len)).astype(np.int64)
+    return past, ids
 
-    lm = OrtCausalLM(make_ort_session(onnx_file, optimization="basic"))
-    ort_logits, ort_state = lm.forward(ids, DecodeState(past, v.past_len))
 
+def onnx_outputs(onnx_file: Path, shape, v: ExportVerifyConfig) -> dict[str, np.ndarray]:
+    past, ids = verification_inputs(shape, v)
+    # The graph as written (no rewrites), each weight dequantized only when its MatMul runs.
+    lm = OrtCausalLM(make_ort_session(onnx_file, optimization="disable", dequantize_in_order=True))
+    logits, state = lm.forward(ids, DecodeState(past, v.past_len))
+    got = {"logits": logits}
+    for i in range(shape.num_layers):
+        got[f"present.{i}.key"], got[f"present.{i}.value"] = state.cache[2 * i], state.cache[2 * i + 1]
+    return got
+
+
+def torch_outputs(torch_model, shape, v: ExportVerifyConfig) -> dict[str, np.ndarray]:
+    import torch
+    from transformers import DynamicCache
+
+    past, ids = verification_inputs(shape, v)
     # Every layer keeps its whole past here (a sliding layer's cache in transformers keeps only the
     # window, which the mask makes equivalent), so each present output can be compared whole.
     cache = DynamicCache()
@@ -87,10 +100,10 @@ def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) ->
     ref = {"logits": out.logits.numpy()}
     for i, layer in enumerate(out.past_key_values.layers):
         ref[f"present.{i}.key"], ref[f"present.{i}.value"] = layer.keys.numpy(), layer.values.numpy()
-    got = {"logits": ort_logits}
-    for i in range(shape.num_layers):
-        got[f"present.{i}.key"], got[f"present.{i}.value"] = ort_state.cache[2 * i], ort_state.cache[2 * i + 1]
+    return ref
 
+
+def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], v: ExportVerifyConfig) -> list[dict]:
     results = []
     for name, expected in ref.items():
         actual = got[name]
@@ -106,6 +119,12 @@ def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) ->
     return results
 
 
+def verify_against_torch(onnx_file: Path, torch_model, v: ExportVerifyConfig) -> list[dict]:
+    """Run both on the same random prefix cache + new tokens; compare every output."""
+    shape = describe(torch_model.config)
+    return compare_outputs(torch_outputs(torch_model, shape, v), onnx_outputs(onnx_file, shape, v), v)
+
+
 def run(cfg: ExportConfig, source: SourceCheckpoint, quantized: QuantizedWeights, *, ctx: StageContext) -> OnnxModel:
     layers = load_quantized(quantized.tensors_file)
     overrides = quantized.overrides_file if quantized.overrides_file.is_file() else None
@@ -118,7 +137,10 @@ def run(cfg: ExportConfig, source: SourceCheckpoint, quantized: QuantizedWeights
 
     v = cfg.verify
     ctx.log(f"verifying against PyTorch at batch {v.batch}, seq {v.seq_len}, past {v.past_len} (atol {v.atol}, rtol {v.rtol})")
-    results = verify_against_torch(out_file, reference_model(source, layers, overrides), v)
+    # One side at a time: ONNX Runtime's session is gone before the PyTorch reference is built.
+    shape = DecoderSpec.from_dict(info["decoder"])
+    got = onnx_outputs(out_file, shape, v)
+    results = compare_outputs(torch_outputs(reference_model(source, layers, overrides), shape, v), got, v)
     failed = [r for r in results if not r["passed"]]
     worst = max(results, key=lambda r: r["max_abs_diff"])
     ctx.log(f"[green]✓[/green] {len(results) - len(failed)} of {len(results)} outputs within tolerance; "

@@ -3,10 +3,14 @@
 Output: `quantized.safetensors` (codes, scales, zero points per layer, Kiln's own format) and
 `quant_report.json` (per-layer relative weight and output error against the float model the codes
 approximate: the source, or for AWQ the source rescaled by its smoothing scales). The float weights stay in the source
-artifact; nothing is copied.
+artifact; nothing is copied. Memory stays bounded by the codes plus what each backend needs (RTN:
+one float weight at a time; docs/decisions.md "Big checkpoints").
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,13 +18,16 @@ from pipeline.artifacts import QuantizedWeights, SourceCheckpoint, write_json_at
 from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
 from pipeline.memory import peak_rss_mb
-from pipeline.modeling.hf import SafetensorsWeights, load_causal_lm, load_tokenizer
+from pipeline.modeling.hf import empty_causal_lm, load_tokenizer
 from pipeline.modeling.shapes import group_size_problem
-from pipeline.quantization import NEEDS_CALIBRATION, RESCALES_FLOAT_MODEL, get_quantizer, is_ignored
-from pipeline.quantization.format import save_quantized
-from pipeline.quantization.reference import quantized_reference, replaced_weights
+from pipeline.quantization import NEEDS_CALIBRATION, QuantizerOutput, get_quantizer, is_ignored
+from pipeline.quantization.format import QuantizedLinear, save_quantized
+from pipeline.quantization.reference import float_reference, quantized_reference
 from pipeline.recipe import QuantizeConfig
 from pipeline.runner import StageContext
+
+if TYPE_CHECKING:
+    import torch
 
 REPORT_SAMPLES = 2  # calibration windows whose activations feed the per-layer report
 
@@ -29,25 +36,25 @@ class QuantizeError(KilnError):
     exit_code = 3
 
 
-def linear_weights(model, ignore: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Float weights [out, in] of every nn.Linear not ignored, in module order."""
+def linear_layers(model_dir: Path, ignore: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """in_features of every nn.Linear not ignored, in module order, and the ignored names: read from
+    the model's structure alone (no weights loaded)."""
     import torch
 
     chosen, skipped = {}, []
-    for name, module in model.named_modules():
+    for name, module in empty_causal_lm(model_dir).named_modules():
         if isinstance(module, torch.nn.Linear):
             if is_ignored(name, ignore):
                 skipped.append(name)
             else:
-                # a copy: GPTQ rewrites weights in place, and the report compares against the originals
-                chosen[name] = module.weight.detach().float().numpy().copy()
+                chosen[name] = module.in_features
     return chosen, skipped
 
 
-def check_group_size(weights: dict[str, np.ndarray], group_size: int) -> None:
+def check_group_size(in_features: dict[str, int], group_size: int) -> None:
     """The runtime guard for sources whose shapes `kiln check` could not know (hub ids)."""
-    for name, w in weights.items():
-        problem = group_size_problem(name, w.shape[1], group_size)
+    for name, width in in_features.items():
+        problem = group_size_problem(name, width, group_size)
         if problem:
             raise QuantizeError(problem)
 
@@ -56,44 +63,90 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     return float(np.linalg.norm(w - w_hat) / max(np.linalg.norm(w), 1e-12))
 
 
-def changed_float_tensors(model, model_dir, quantized_layers: set[str]) -> dict[str, np.ndarray]:
-    """Float tensors of the model that differ from the source checkpoint, other than the quantized
-    layers' own weights (e.g. AWQ folds its scales into the RMSNorm weights)."""
-    source = SafetensorsWeights(model_dir)
-    changed = {}
-    for name, tensor in model.state_dict().items():
-        if name not in source or (name.endswith(".weight") and name.removesuffix(".weight") in quantized_layers):
-            continue
-        current = tensor.detach().float().numpy()
-        if not np.array_equal(current, source[name]):
-            changed[name] = current.copy()
-    return changed
+def output_error_sums(x, w, x_hat, w_hat) -> np.ndarray:
+    """(||X Wᵀ − X̂ Ŵᵀ||², ||X Wᵀ||²) on one sample's tokens (torch tensors); summed over samples,
+    `relative_output_error` turns them into the relative error over all of them."""
+    import torch
+
+    y, y_hat = x @ w.T, x_hat @ w_hat.T
+    return np.array([float(torch.sum((y - y_hat) ** 2)), float(torch.sum(y**2))])
 
 
-def capture_inputs(model, layers: list[str], samples: list[list[int]]) -> dict[str, np.ndarray]:
-    """Each listed Linear's input activations [tokens, in_features] on the given samples (float model)."""
+def relative_output_error(sums: np.ndarray) -> float:
+    return float(np.sqrt(sums[0]) / max(np.sqrt(sums[1]), 1e-12))
+
+
+def capture_inputs(model, layers: list[str], sample: list[int]) -> dict[str, "torch.Tensor"]:
+    """Each listed Linear's input activations [tokens, in_features] on one sample; layers that read
+    the same tensor (q/k/v, gate/up) share one stored copy."""
     import torch
 
     modules = dict(model.named_modules())
-    captured: dict[str, list[np.ndarray]] = {n: [] for n in layers}
-    hooks = [modules[n].register_forward_hook(lambda _m, args, _out, n=n: captured[n].append(
-        args[0].detach().reshape(-1, args[0].shape[-1]).float().numpy().copy())) for n in layers]
+    captured: dict[str, torch.Tensor] = {}
+    last: list = [None, None]  # (input tensor seen last, its stored copy)
+
+    def keep(name, args):
+        x = args[0]
+        if x is not last[0]:
+            last[:] = [x, x.detach().reshape(-1, x.shape[-1]).float().clone()]
+        captured[name] = last[1]
+
+    hooks = [modules[n].register_forward_hook(lambda _m, args, _out, n=n: keep(n, args)) for n in layers]
     try:
         with torch.inference_mode():
-            for sample in samples:
-                model(torch.tensor([sample]))
+            model(torch.tensor([sample]))
     finally:
         for h in hooks:
             h.remove()
-    return {n: np.concatenate(xs) for n, xs in captured.items()}
+    return captured
 
 
-def output_error(x: np.ndarray, w: np.ndarray, x_hat: np.ndarray, w_hat: np.ndarray) -> float:
-    """||X Wᵀ − X̂ Ŵᵀ|| / ||X Wᵀ||: the layer's output in the quantized model (input X̂, weight Ŵ)
+def layer_report(model_dir: Path, result: QuantizerOutput, samples: list[list[int]], advance) -> dict[str, dict[str, float]]:
+    """Per layer: relative weight error ||W − Ŵ|| / ||W|| and relative output error
+    ||X Wᵀ − X̂ Ŵᵀ|| / ||X Wᵀ||: the layer's output in the quantized model (input X̂, weight Ŵ)
     against the float model's (X, W) on the same tokens; X̂ carries the error of the layers before.
     The float model is the source, or for a method that rescales it (AWQ) the rescaled source: an
-    AWQ-smoothed up_proj's output is divided per channel by its scales, which is not error."""
-    return relative_error(x @ w.T, x_hat @ w_hat.T)
+    AWQ-smoothed up_proj's output is divided per channel by its scales, which is not error.
+
+    Bounded memory: the float model's inputs X are kept (one copy per distinct input tensor), the
+    float model is dropped, and the quantized model's pass computes each error in its hooks; float
+    weights stream from the checkpoint one layer at a time."""
+    import torch
+
+    names = list(result.layers)
+    float_model = float_reference(model_dir, names, result.overrides, result.float_weights)
+    # only the float layers stay after the float model is dropped (a streamed one holds no weight)
+    float_layers = {n: m for n, m in float_model.named_modules() if n in result.layers}
+    inputs = []
+    for sample in samples:
+        inputs.append(capture_inputs(float_model, names, sample))
+        advance(1)
+    del float_model
+    quantized_model = quantized_reference(model_dir, result.layers, result.overrides)
+    modules = dict(quantized_model.named_modules())
+    sums = {n: np.zeros(2) for n in names}  # ||Y − Ŷ||², ||Y||²
+    weight_error: dict[str, float] = {}
+    current: list[dict] = [{}]
+
+    def measure(name, args):
+        w = float_layers[name].weight.detach()  # read from the checkpoint now for a streamed layer
+        w_hat = modules[name].weight
+        if name not in weight_error:
+            weight_error[name] = float(torch.linalg.norm(w - w_hat) / max(float(torch.linalg.norm(w)), 1e-12))
+        sums[name] += output_error_sums(current[0][name], w, args[0].detach().reshape(-1, args[0].shape[-1]).float(), w_hat)
+
+    hooks = [modules[n].register_forward_hook(lambda _m, args, _out, n=n: measure(n, args)) for n in names]
+    try:
+        with torch.inference_mode():
+            for sample, captured in zip(samples, inputs):
+                current[0] = captured
+                quantized_model(torch.tensor([sample]))
+                advance(1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: {"relative_weight_error": weight_error[n],
+                "relative_output_error": relative_output_error(sums[n])} for n in names}
 
 
 def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> QuantizedWeights:
@@ -107,37 +160,24 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
         return QuantizedWeights(path=ctx.out_dir, meta={**meta, "layers": 0, "ignored": []})
 
     quantizer = get_quantizer(cfg.method, cfg.resolved_backend)
-    model = load_causal_lm(source.model_dir)
-    weights, ignored = linear_weights(model, cfg.ignore)
-    check_group_size(weights, cfg.group_size)
+    in_features, ignored = linear_layers(source.model_dir, cfg.ignore)
+    check_group_size(in_features, cfg.group_size)
     samples = calibration_samples(load_tokenizer(source.model_dir), cfg.calibration)
     calibration = samples if cfg.method in NEEDS_CALIBRATION else None
     if calibration:
         ctx.log(f"calibration: {len(samples)} samples × {cfg.calibration.seq_len} tokens (seed {cfg.calibration.seed})")
-    # Source-side activations come from the float model before any method touches it (GPTQ
-    # rewrites weights in place); REPORT_SAMPLES windows keep this cheap for every method.
-    report_samples = samples[:REPORT_SAMPLES]
-    activations = capture_inputs(model, list(weights), report_samples)
-    with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(weights)) as advance:
-        layers = quantizer(model, list(weights), cfg, calibration, advance)
-    overrides = changed_float_tensors(model, source.model_dir, set(layers))
-    if cfg.method in RESCALES_FLOAT_MODEL:
-        float_weights = {name: m.weight.detach().float().numpy().copy() for name, m in model.named_modules() if name in layers}
-    else:
-        float_weights = weights
-    del model
-    if overrides:
+    with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(in_features)) as advance:
+        result = quantizer(source.model_dir, list(in_features), cfg, calibration, advance)
+    layers: dict[str, QuantizedLinear] = result.layers
+    if result.overrides:
         from safetensors.numpy import save_file
 
-        save_file(overrides, str(ctx.out_dir / "float_overrides.safetensors"))
-        ctx.log(f"{len(overrides)} float tensors changed by {cfg.method} stored as overrides ({', '.join(list(overrides)[:3])}, ...)")
-    if float_weights is not weights:
-        activations = capture_inputs(replaced_weights(source.model_dir, float_weights, overrides), list(layers), report_samples)
-    quantized_activations = capture_inputs(quantized_reference(source.model_dir, layers, overrides), list(layers), report_samples)
-    report = {name: {"relative_weight_error": relative_error(float_weights[name], q.dequantize()),
-                     "relative_output_error": output_error(activations[name], float_weights[name],
-                                                           quantized_activations[name], q.dequantize())}
-              for name, q in layers.items()}
+        save_file(result.overrides, str(ctx.out_dir / "float_overrides.safetensors"))
+        ctx.log(f"{len(result.overrides)} float tensors changed by {cfg.method} stored as overrides "
+                f"({', '.join(list(result.overrides)[:3])}, ...)")
+    report_samples = samples[:REPORT_SAMPLES]
+    with ctx.progress("per-layer error report (float, then quantized model)", total=2 * len(report_samples)) as advance:
+        report = layer_report(source.model_dir, result, report_samples, advance)
     save_quantized(out_file, layers, {"method": cfg.method})
     worst = sorted(report, key=lambda n: report[n]["relative_output_error"], reverse=True)[:5]
     write_json_atomic(ctx.out_dir / "quant_report.json", {"layers": report, "worst_by_output_error": worst,
@@ -149,7 +189,7 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
         ctx.log(f"  {name}: output {report[name]['relative_output_error']:.4f}, weight {report[name]['relative_weight_error']:.4f}")
     return QuantizedWeights(
         path=ctx.out_dir,
-        meta={**meta, "layers": len(layers), "ignored": ignored, "float_overrides": sorted(overrides),
+        meta={**meta, "layers": len(layers), "ignored": ignored, "float_overrides": sorted(result.overrides),
               "mean_relative_weight_error": float(np.mean([r["relative_weight_error"] for r in report.values()])),
               "mean_relative_output_error": float(np.mean(out_errors)), "max_relative_output_error": float(np.max(out_errors)),
               # the process's peak so far: quantization's own peak when the source stage was reused

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Mapping
 from pipeline.artifacts import Artifact, Registration, verify, write_json_atomic
 from pipeline.hashing import sha256_bytes
 from pipeline.recipe import RegisterConfig
+from pipeline.registry.fetch import PACKAGE_ENGINE_TAG
 from pipeline.registry.store import client_for, ensure_experiment, ensure_registered_model, store_lock
 from pipeline.runner import StageContext
 from pipeline.targets.gpu import gpu_tags
@@ -34,6 +37,16 @@ def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return out
+
+
+def log_package(client, run_id: str, package, scratch: Path) -> None:
+    """The Triton package as `triton/`, without the engine files `engine/` already holds."""
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        view = Path(tmp) / "triton"
+        shutil.copytree(package.path, view, copy_function=os.link)  # links: nothing is written twice here either
+        shutil.rmtree(view / package.engine_dir)
+        client.log_artifacts(run_id, str(view), "triton")
+    client.set_tag(run_id, PACKAGE_ENGINE_TAG, package.engine_dir)
 
 
 def git_commit(cwd: Path) -> str:
@@ -140,7 +153,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 client.log_artifacts(run_id, str(report.path), "validation")
                 client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
                 if package is not None:  # the Triton model repository, with its stage manifest
-                    client.log_artifacts(run_id, str(package.path), "triton")
+                    log_package(client, run_id, package, ctx.out_dir)
                 for name, artifact in upstream.items():
                     client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
                 client.set_terminated(run_id, "FINISHED")

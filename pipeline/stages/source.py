@@ -1,7 +1,8 @@
 """source: resolve the checkpoint into an ordinary, safe HF folder (`model/`) with its tokenizer.
 
-Accepts a local HF folder (safetensors only), a GGUF file (dequantized to fp32 with transformers +
-gguf), a hub id (when online), or a tiny random model of a supported family for tests.
+Accepts a local HF folder (safetensors only), a GGUF file (dequantized with transformers + gguf), a
+hub id (when online), or a random model of a supported family for tests. `source.dtype` decides the
+precision of the written checkpoint (`auto`: a folder's own; float32 for GGUF and random models).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pipeline.modeling.hf import (
     SourceError,
     check_config,
     check_safetensors_only,
+    checkpoint_dtype,
+    convert_checkpoint,
     copy_checkpoint,
     gguf_to_checkpoint,
     load_tokenizer,
@@ -84,29 +87,40 @@ def _download(cfg: SourceConfig, dest: Path, offline: bool) -> dict[str, Any]:
     return {"kind": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision or "main", "local": local}
 
 
+def place_checkpoint(src: Path, dst: Path, dtype: str, log) -> None:
+    """Copy a checkpoint folder as it is, or cast to the recipe's `source.dtype` shard by shard."""
+    own = checkpoint_dtype(src)
+    if dtype in ("auto", own):
+        copy_checkpoint(src, dst)
+    else:
+        log(f"casting the {own} checkpoint to {dtype} (source.dtype)")
+        convert_checkpoint(src, dst, dtype)
+
+
 def run(cfg: SourceConfig, *, ctx: StageContext) -> SourceCheckpoint:
     model_dir = ctx.out_dir / "model"
     origin: dict[str, Any]
+    written_dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # for what Kiln writes itself
     if cfg.random_model is not None:
-        ctx.log(f"writing a tiny random {cfg.random_model.family} model with a byte-level tokenizer")
-        make_random_model(cfg.random_model, model_dir)
+        ctx.log(f"writing a random {cfg.random_model.family} model ({written_dtype}) with a byte-level tokenizer")
+        make_random_model(cfg.random_model, model_dir, written_dtype)
         origin = {"kind": "random_model", **cfg.random_model.model_dump()}
     elif cfg.hub_id is not None:
         origin = _download(cfg, ctx.out_dir, ctx.run.settings.hf_offline)
         download = Path(origin.pop("local"))
         check_safetensors_only(download)
-        copy_checkpoint(download, model_dir)
+        place_checkpoint(download, model_dir, cfg.dtype, ctx.log)
         shutil.rmtree(ctx.out_dir / "download")  # only the copied safe files stay in the artifact
     else:
         path = resolve_path(cfg.path)
         if path.is_file() and path.suffix == ".gguf":
-            ctx.log(f"dequantizing GGUF {path.name} to an fp32 safetensors checkpoint")
-            gguf_to_checkpoint(path, model_dir)
+            ctx.log(f"dequantizing GGUF {path.name} to a {written_dtype} safetensors checkpoint")
+            gguf_to_checkpoint(path, model_dir, written_dtype)
             origin = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
         elif path.is_dir():
             check_safetensors_only(path)
             check_config(read_config(path))
-            copy_checkpoint(path, model_dir)
+            place_checkpoint(path, model_dir, cfg.dtype, ctx.log)
             origin = {"kind": "hf_folder", "path": str(path)}
         else:
             raise SourceError(f"source.path {cfg.path!r} is neither a checkpoint folder nor a .gguf file")
@@ -122,9 +136,10 @@ def run(cfg: SourceConfig, *, ctx: StageContext) -> SourceCheckpoint:
     except UnsupportedModel as e:
         raise SourceError(str(e)) from None
     tokenizer = load_tokenizer(model_dir)  # fail here, not in validation, if the tokenizer is broken
-    ctx.log(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {len(tokenizer)}")
+    dtype = checkpoint_dtype(model_dir)
+    ctx.log(f"{spec.architecture}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {len(tokenizer)}, {dtype}")
     return SourceCheckpoint(
         path=ctx.out_dir,
-        meta={"origin": origin, "architecture": spec.architecture, "model_type": spec.model_type},
+        meta={"origin": origin, "architecture": spec.architecture, "model_type": spec.model_type, "dtype": dtype},
     )
 

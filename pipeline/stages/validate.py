@@ -17,6 +17,7 @@ from pipeline.corpus import load_text
 from pipeline.errors import QualityGateFailed
 from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
+from pipeline.memory import CHILD_PEAK_KEY, release_free_memory
 from pipeline.metrics import agreement, eval_windows, perplexity, token_nll
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import CausalLM, TorchCausalLM
@@ -91,7 +92,7 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
     lines = [
         "# Validation report", "",
         f"Target: `{meta['target']}`; eval tokens: {meta['eval_tokens']} in windows of {meta['window']}.", "",
-        "| metric | source (PyTorch fp32) | engine |", "|---|---|---|",
+        f"| metric | source (PyTorch {meta['source_dtype']}) | engine |", "|---|---|---|",
         f"| perplexity | {metrics['source_ppl']:.4f} | {metrics['engine_ppl']:.4f} |",
         f"| perplexity increase | | {metrics['ppl_increase_pct']:+.3f} % |",
         f"| next-token agreement | | {metrics['next_token_agreement']:.4f} |",
@@ -108,7 +109,8 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
     return "\n".join(lines) + "\n"
 
 
-def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any], src_lat: dict[str, Any] | None) -> None:
+def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any], src_lat: dict[str, Any] | None,
+                          meta: dict[str, Any]) -> None:
     """The report's figure: per-token decode latency (engine vs source) and perplexity."""
     import matplotlib
 
@@ -122,7 +124,7 @@ def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any]
         lat_ax.plot(steps, np.linspace(0, 1, len(steps)), label=f"{label}: p50 {lat['decode_p50_ms']:.1f} ms")
     lat_ax.set(xlabel="per-token decode latency (ms)", ylabel="fraction of tokens", title="decode latency (CDF)")
     lat_ax.legend()
-    bars = acc_ax.bar(["source fp32", "engine"], [metrics["source_ppl"], metrics["engine_ppl"]], color=["tab:gray", "tab:blue"])
+    bars = acc_ax.bar([f"source {meta['source_dtype']}", "engine"], [metrics["source_ppl"], metrics["engine_ppl"]], color=["tab:gray", "tab:blue"])
     acc_ax.bar_label(bars, fmt="%.3f")
     acc_ax.set(ylabel="perplexity (held-out)",
                title=f"{metrics['ppl_increase_pct']:+.2f} % perplexity, agreement {metrics['next_token_agreement']:.3f}")
@@ -140,8 +142,9 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
     target = get_target(engine.target)
     with ctx.progress("perplexity (engine)", total=len(windows)) as advance:
         eng_nll, count, eng_pred = score(target.load(engine.path, dict(engine.meta)), windows, advance)
+    release_free_memory()  # the engine's session is gone: its memory goes back before the source loads
     with ctx.progress("perplexity (source)", total=len(windows)) as advance:
-        src_nll, _, src_pred = score(TorchCausalLM(load_causal_lm(source.model_dir)), windows, advance)
+        src_nll, _, src_pred = score(TorchCausalLM(load_causal_lm(source.model_dir, source.dtype)), windows, advance)
     source_ppl, engine_ppl = perplexity(src_nll, count), perplexity(eng_nll, count)
 
     prompt = ids[: cfg.latency.prompt_tokens]
@@ -152,7 +155,8 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
                                      "engine_dir": str(engine.path), "engine_meta": dict(engine.meta)}, ctx.out_dir, "engine")
     src_lat = None
     if cfg.compare_source_speed:
-        src_lat = measure_in_subprocess({**common, "backend": "torch", "model_dir": str(source.model_dir)}, ctx.out_dir, "source")
+        src_lat = measure_in_subprocess({**common, "backend": "torch", "model_dir": str(source.model_dir), "dtype": source.dtype},
+                                        ctx.out_dir, "source")
 
     metrics = {
         "source_ppl": source_ppl,
@@ -170,6 +174,7 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
     # What promotion compares against: two builds' accuracy numbers are comparable only on the same tokens.
     eval_digest = sha256_bytes(np.asarray(ids, dtype=np.int64).tobytes())
     meta = {"target": engine.target, "eval_tokens": len(ids), "window": cfg.window, "predicted_tokens": count,
+            "source_dtype": source.dtype,
             "eval_tokens_sha256": eval_digest,
             "source_latency": src_lat and {k: v for k, v in src_lat.items() if k != "generated_ids"},
             "engine_generated_ids": eng_lat["generated_ids"], "source_generated_ids": src_lat and src_lat["generated_ids"]}
@@ -178,6 +183,8 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         ctx.log(f"{mark} {describe_gate(g)}")
     write_json_atomic(ctx.out_dir / "validation.json", {"metrics": metrics, "gates": gates, **meta})
     (ctx.out_dir / "report.md").write_text(render_markdown(metrics, gates, meta) + "\n![latency and accuracy](latency_accuracy.png)\n")
-    plot_latency_accuracy(ctx.out_dir / "latency_accuracy.png", metrics, eng_lat, src_lat)
+    plot_latency_accuracy(ctx.out_dir / "latency_accuracy.png", metrics, eng_lat, src_lat, meta)
+    child_peak = max(lat["peak_rss_mb"] for lat in (eng_lat, src_lat) if lat)
     return ValidationReport(path=ctx.out_dir, meta={"passed": all(g["passed"] for g in gates), "metrics": metrics,
+                                                    CHILD_PEAK_KEY: round(child_peak, 1),
                                                     "gates": gates, "target": engine.target, "eval_tokens_sha256": eval_digest})

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import StageFailed
+from pipeline.memory import release_free_memory
 from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, load_ort_engine, make_ort_session
 
 # CPU stays listed after CUDA: ONNX Runtime places shape arithmetic there whatever the device.
@@ -62,51 +63,67 @@ def fused_graph_refusal(spec) -> str | None:
 
 
 def write_fused_graph(exported, max_positions: int, out_file: Path) -> None:
-    import onnx
-
     from pipeline.modeling.decoder_graph import fused_graph
+    from pipeline.modeling.onnx_graph import ExternalData, save_streamed
     from pipeline.modeling.weights import OnnxWeights
 
     spec = exported_spec(exported)
     refusal = fused_graph_refusal(spec)
     if refusal:
         raise StageFailed("build", refusal)
-    weights = OnnxWeights(spec, onnx.load(str(exported.model_file)))
+    # tensor by tensor from the exported file into the fused one: neither graph's weights are held
+    weights = OnnxWeights(spec, exported.model_file)
     scaling = exported.meta["rope_attention_scaling"]
     rope = {key: (weights.rope(key), scaling[key]) for key in sorted(set(spec.layer_rope))}
-    onnx.save_model(fused_graph(spec, weights, rope, max_positions), str(out_file), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=out_file.name + ".data", size_threshold=1024)
+    with ExternalData(out_file) as external:
+        model = fused_graph(spec, weights, rope, max_positions, external)
+    save_streamed(model, out_file)
+
+
+def decode_trace(reference, vocab: int, prompt_len: int = 24, steps: int = 8, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Prefill a random prompt, then greedy-decode `steps` tokens: the prompt, every step's logits
+    (last position) and the tokens chosen, for `compare_to_trace` to feed another decoder."""
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len)).astype(np.int64)
+    logits, state = reference.forward(ids, None)
+    steps_logits, tokens = [logits], []
+    for _ in range(steps):
+        next_ids = logits[:, -1].argmax(-1)
+        tokens.append(next_ids)
+        logits, state = reference.forward(next_ids[:, None].astype(np.int64), state)
+        steps_logits.append(logits)
+    return {"ids": ids, "logits": steps_logits, "tokens": tokens}
+
+
+def compare_to_trace(candidate, trace: dict[str, Any]) -> dict[str, Any]:
+    """The candidate fed the reference's choices: the worst logits difference (relative to max
+    |logit|) and whether every greedy token agreed."""
+    logits, state = candidate.forward(trace["ids"], None)
+    worst, same_tokens = 0.0, True
+    for step, ref_logits in enumerate(trace["logits"]):
+        worst = max(worst, float(np.abs(logits - ref_logits).max()) / float(np.abs(ref_logits).max()))
+        same_tokens &= bool((logits[:, -1].argmax(-1) == ref_logits[:, -1].argmax(-1)).all())
+        if step < len(trace["tokens"]):
+            logits, state = candidate.forward(trace["tokens"][step][:, None].astype(np.int64), state)
+    batch, prompt_len = trace["ids"].shape
+    return {"max_rel_logit_diff": worst, "greedy_tokens_equal": same_tokens, "prompt_len": prompt_len,
+            "decode_steps": len(trace["tokens"]), "batch": batch}
 
 
 def compare_decoders(reference, candidate, vocab: int, prompt_len: int = 24, steps: int = 8, batch: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Prefill a random prompt, then greedy-decode `steps` tokens with the reference's choices fed
-    to both; returns the worst logits difference (relative to max |logit|) and whether every greedy
-    token agreed."""
-    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len)).astype(np.int64)
-    ref_logits, ref_state = reference.forward(ids, None)
-    got_logits, got_state = candidate.forward(ids, None)
-    worst, same_tokens = 0.0, True
-    for step in range(steps + 1):
-        scale = float(np.abs(ref_logits).max())
-        worst = max(worst, float(np.abs(got_logits - ref_logits).max()) / scale)
-        next_ids = ref_logits[:, -1].argmax(-1)
-        same_tokens &= bool((got_logits[:, -1].argmax(-1) == next_ids).all())
-        if step == steps:
-            break
-        ref_logits, ref_state = reference.forward(next_ids[:, None].astype(np.int64), ref_state)
-        got_logits, got_state = candidate.forward(next_ids[:, None].astype(np.int64), got_state)
-    return {"max_rel_logit_diff": worst, "greedy_tokens_equal": same_tokens, "prompt_len": prompt_len,
-            "decode_steps": steps, "batch": batch}
+    """`compare_to_trace` of the candidate against the reference's own greedy trace."""
+    return compare_to_trace(candidate, decode_trace(reference, vocab, prompt_len, steps, batch, seed))
 
 
 def check_fusion(exported, fused_file: Path, max_positions: int, threads: int) -> dict[str, Any]:
     """The rewrite must compute what the exported graph computes. Judged with fp32 int4 compute on
     both sides: int8 activations (build.int4_compute: int8) round differently whenever inputs differ
     by one ulp, which would hide a real fusion error among rounding flips; validate measures that
-    trade against the source instead."""
-    reference = OrtCausalLM(make_ort_session(exported.model_file, threads=threads))
-    fused = FusedOrtCausalLM(make_ort_session(fused_file, threads=threads), max_positions)
-    check = compare_decoders(reference, fused, exported_spec(exported).vocab_size)
+    trade against the source instead. One session at a time: the reference's trace is recorded,
+    its session dropped, then the fused graph is loaded."""
+    trace = decode_trace(OrtCausalLM(make_ort_session(exported.model_file, threads=threads)), exported_spec(exported).vocab_size)
+    release_free_memory()
+    check = compare_to_trace(FusedOrtCausalLM(make_ort_session(fused_file, threads=threads), max_positions), trace)
+    release_free_memory()
     if not check["greedy_tokens_equal"] or check["max_rel_logit_diff"] > FUSION_RTOL:
         raise StageFailed("build", f"the fused graph does not compute what the exported graph computes: {check} "
                                    f"(limit {FUSION_RTOL} relative); build.graph: portable skips the fusion")

@@ -37,6 +37,27 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
     assert {"engine/engine.onnx", "engine/manifest.json", "engine/tokenizer.json"} <= engine_files
 
 
+def test_the_store_keeps_the_engine_once_and_the_package_comes_back_whole(tiny_run, tmp_path):
+    """The Triton package is logged without the engine files it hard-links; fetching it puts them
+    back from `engine/` and verifies the whole package against its manifest."""
+    import mlflow.artifacts
+
+    from pipeline.registry.fetch import fetch_triton_repository
+
+    reg = tiny_run["registered"]
+    c = client(tiny_run)
+    mv = c.get_model_version(reg["model_name"], reg["version"])
+    engine_dir = c.get_run(mv.run_id).data.tags["kiln.triton_engine_dir"]
+    stored = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="triton", dst_path=str(tmp_path / "raw"),
+                                                      tracking_uri=reg["tracking_uri"]))
+    assert not (stored / engine_dir).exists() and (stored / engine_dir).parent.is_dir()
+    repository = fetch_triton_repository(c, reg["tracking_uri"], mv, tmp_path / "fetched")
+    package = tiny_run["paths"]["package"]
+    assert (tmp_path / "fetched" / engine_dir / "engine.onnx").read_bytes() == (package / engine_dir / "engine.onnx").read_bytes()
+    assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == sorted(
+        p.relative_to(package / "model_repository") for p in (package / "model_repository").rglob("*"))
+
+
 def test_plan_after_a_run_reuses_every_stage(tiny_run):
     proc = run_kiln("run", str(TINY_RECIPE), "--plan", artifacts=tiny_run["artifacts"])
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -32,14 +32,14 @@ def test_dynamic_axes_at_other_shapes(tiny_run, batch, seq, past):
 
 
 def test_verification_catches_a_wrong_weight(tiny_run):
-    """The parity check can fail: perturb one dequantized weight of the reference."""
+    """The parity check can fail: perturb one dequantized weight of the reference (its scales)."""
     import torch
 
     source = SourceCheckpoint(path=tiny_run["paths"]["source"])
     layers = load_quantized(tiny_run["paths"]["quantize"] / "quantized.safetensors")
     ref = reference_model(source, layers)
     with torch.no_grad():
-        ref.model.layers[1].mlp.down_proj.weight.mul_(1.05)
+        ref.model.layers[1].mlp.down_proj.scales.mul_(1.05)
     results = verify_against_torch(tiny_run["paths"]["export"] / "model.onnx", ref, ExportVerifyConfig())
     assert not next(r for r in results if r["output"] == "logits")["passed"]
 

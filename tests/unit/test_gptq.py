@@ -105,15 +105,22 @@ def test_gptq_run_end_to_end_and_onnx_weights_exact(tiny_gptq_run):
 
 
 def test_output_error_metric():
-    from pipeline.stages.quantize import output_error
+    from pipeline.stages.quantize import output_error_sums, relative_output_error
+
+    def error(x, w, x_hat, w_hat):
+        return relative_output_error(output_error_sums(*(torch.as_tensor(a, dtype=torch.float64) for a in (x, w, x_hat, w_hat))))
 
     x = np.random.default_rng(0).standard_normal((10, 4))
     w = np.eye(4)
-    assert output_error(x, w, x, w) == 0.0
-    assert output_error(x, w, x, 0.5 * w) == pytest.approx(0.5)
+    assert error(x, w, x, w) == 0.0
+    assert error(x, w, x, 0.5 * w) == pytest.approx(0.5)
     # AWQ-style rescaling (input / s, weight * s) is not an error
     s = np.array([1.0, 2.0, 4.0, 0.5])
-    assert output_error(x, w, x / s, w * s) == pytest.approx(0.0, abs=1e-12)
+    assert error(x, w, x / s, w * s) == pytest.approx(0.0, abs=1e-12)
+    # over two samples: the error of the samples together, not the mean of their errors
+    both = output_error_sums(*(torch.as_tensor(a) for a in (x, w, x, 0.5 * w))) + output_error_sums(
+        *(torch.as_tensor(a) for a in (x, w, x, w)))
+    assert relative_output_error(both) == pytest.approx(0.5 / np.sqrt(2))
 
 
 def test_gptq_output_error_below_rtn_on_the_same_activations(tiny_gptq_run):

@@ -7,7 +7,7 @@ import torch
 from pipeline.quantization import is_ignored
 from pipeline.quantization.format import load_quantized, save_quantized
 from pipeline.quantization.rtn import quantize_rtn
-from pipeline.stages.quantize import QuantizeError, check_group_size, linear_weights
+from pipeline.stages.quantize import QuantizeError, check_group_size
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_group_size_must_divide(weight):
     with pytest.raises(ValueError, match="does not divide"):
         quantize_rtn(weight, 4, 48, False)
     with pytest.raises(QuantizeError, match=r"group_size: 128 does not divide in_features 576 of layer.q; 16 or 32 or 64 would"):
-        check_group_size({"layer.q": np.zeros((8, 576), np.float32)}, 128)
+        check_group_size({"layer.q": 576}, 128)
 
 
 def test_format_roundtrip_is_exact(weight, tmp_path):
@@ -69,6 +69,15 @@ def test_ignore_matches_names_and_dotted_suffixes():
     assert is_ignored("lm_head", ["lm_head"])
     assert is_ignored("model.layers.3.mlp.down_proj", ["mlp.down_proj"])
     assert not is_ignored("model.layers.3.mlp.down_proj_x", ["down_proj"])
-    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(16, 4), "lm_head": torch.nn.Linear(16, 8)})
-    chosen, skipped = linear_weights(model, ("lm_head",))
-    assert list(chosen) == ["proj"] and skipped == ["lm_head"]
+
+
+
+def test_layers_are_chosen_from_the_model_structure_without_its_weights(tmp_path):
+    from pipeline.modeling.hf import make_random_model
+    from pipeline.recipe import RandomModelConfig
+    from pipeline.stages.quantize import linear_layers
+
+    make_random_model(RandomModelConfig(family="llama", intermediate_size=96), tmp_path)
+    chosen, skipped = linear_layers(tmp_path, ("lm_head", "mlp.down_proj"))
+    assert skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    assert len(chosen) == 12 and chosen["model.layers.0.mlp.gate_proj"] == 64 and chosen["model.layers.1.self_attn.o_proj"] == 64
