@@ -22,7 +22,23 @@ from pipeline.recipe import load_recipe
 from pipeline.registry import commands as registry_commands
 from pipeline.serving import commands as serving_commands
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kiln: staged LLM compilation (quantize → ONNX → engine → validate → MLflow).")
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=HELP_OPTIONS,
+                  help="Kiln: staged LLM compilation (quantize → ONNX → engine → validate → MLflow).")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"kiln {version('kiln')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def kiln(version: Annotated[bool, typer.Option("--version", "-V", callback=print_version, is_eager=True,
+                                               help="Print Kiln's version and exit.")] = False) -> None:
+    """Kiln: staged LLM compilation (quantize → ONNX → engine → validate → MLflow)."""
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: --set quantize.group_size=32 (repeatable).")]

@@ -27,7 +27,7 @@ from pipeline.console import fail, make_console
 from pipeline.errors import KilnError, PromotionRefused
 from pipeline.registry.refs import VersionRef, resolve
 
-models_app = typer.Typer(no_args_is_help=True, help="Browse the model registry: registered models, versions, aliases, metrics.")
+models_app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]}, help="Browse the model registry: registered models, versions, aliases, metrics.")
 
 StoreOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else artifacts/mlflow.db).")]
 ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
@@ -124,7 +124,8 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
     console.print(tags)
     for event in audit_log(mv):
         console.print(f"audit: {event['at']} {event['by']}: {event['action']} @{event['alias']} → {event['result']}"
-                      + (f" (previous {event['previous_version']})" if event.get("previous_version") else "")
+                      + (f" (previous {event['previous_version']})"
+                         if event.get("previous_version") and str(event["previous_version"]) != str(mv.version) else "")
                       + "".join(f"\n    {r}" for r in event.get("reasons", [])))
 
 
@@ -186,8 +187,13 @@ def promote(
     if result == "refused":
         fail(console, PromotionRefused(f"{decision.name} version {decision.version} not promoted to {to} "
                                        "(recorded on the version; --force overrides)"))
-    was = f" (was version {decision.previous})" if decision.previous and decision.previous != decision.version else ""
-    console.print(f"[green]✓[/green] {decision.name}@{to} → version {decision.version}{was}: {result}, recorded as {registry.actor}")
+    if decision.previous == decision.version:
+        was = " (it already was; gates checked again)"
+    else:
+        was = f" (was version {decision.previous})" if decision.previous else ""
+    verdict = {"accepted": "gates passed", "forced": "forced past a refusing gate (--force)"}[result]
+    console.print(f"[green]✓[/green] {decision.name}@{to} → version {decision.version}{was}: {verdict}; "
+                  f"audit record on version {decision.version} by {registry.actor}")
 
 
 def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")],

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import RegistryError
+from pipeline.errors import PromotionRefused, RegistryError
 from pipeline.recipe import PromoteConfig
 from pipeline.registry.fetch import fetch_version
 from pipeline.registry.refs import VersionRef, resolve
@@ -167,13 +167,14 @@ class Registry:
     def _rollback(self, name: str) -> tuple[str, str]:
         current = self.holder(name, "production")
         if current is None:
-            raise RegistryError(f"{name} has no @production version to roll back")
+            raise PromotionRefused(f"{name} has no @production version to roll back; promote one first: "
+                                   f"kiln promote {name} VERSION --to production")
         history = self.history(name)
         if not history or history[-1] != str(current.version):
-            raise RegistryError(f"@production of {name} is version {current.version}, but Kiln's production history is {history}: "
+            raise PromotionRefused(f"@production of {name} is version {current.version}, but Kiln's production history is {history}: "
                                 "the alias was moved outside Kiln; set it with `kiln promote --to production`")
         if len(history) < 2:
-            raise RegistryError(f"{name} version {current.version} is the only production version so far; nothing to roll back to")
+            raise PromotionRefused(f"{name} version {current.version} is the only production version so far; nothing to roll back to")
         target = history[-2]
         self.client.set_registered_model_alias(name, "production", target)
         self.set_history(name, history[:-1])

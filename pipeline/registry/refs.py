@@ -54,7 +54,9 @@ def resolve(client, ref: VersionRef):
     except MlflowException:
         aliases = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
         what = f"alias @{ref.alias}" if ref.alias else f"version {ref.version}"
-        raise RegistryError(f"{ref.name} has no {what} (aliases: {aliases})") from None
+        hint = (f"; point it at a version with: kiln promote {ref.name} VERSION --to {ref.alias}"
+                if ref.alias in ("staging", "production") else "")
+        raise RegistryError(f"{ref.name} has no {what} (aliases: {aliases}){hint}") from None
     versions = client.search_model_versions(f"name='{ref.name}'")
     if not versions:
         raise RegistryError(f"{ref.name} has no versions")

@@ -96,7 +96,7 @@ def test_promotion_rollback_and_audit(flow, store):
     assert production(client) == "1"
     assert audit(store, "2")[-1]["action"] == "rollback" and audit(store, "1")[-1]["previous_version"] == "2"
     again = flow("rollback", MODEL)
-    assert again.returncode == 8 and "nothing to roll back to" in again.stdout, again.stdout
+    assert again.returncode == 7 and "nothing to roll back to" in again.stdout, again.stdout  # refused, not "not found"
 
 
 def test_browse_and_load_by_uri(flow, store, tmp_path):

@@ -134,3 +134,20 @@ def test_a_copied_store_is_refused_and_the_original_stays_promotable(tmp_path):
         assert refused.returncode == 6, (args, refused.stdout + refused.stderr)
         assert f"keeps artifacts in {original / 'mlruns'}" in text and "Traceback" not in refused.stdout + refused.stderr
     run_kiln("promote", "tiny-llama-int4", "1", "--to", "staging", artifacts=original, check=True)
+
+
+def test_an_alias_nobody_set_says_how_to_set_it(tiny_run):
+    name = tiny_run["registered"]["model_name"]
+    shown = run_kiln("models", "show", f"{name}@production", artifacts=tiny_run["artifacts"])
+    assert shown.returncode == 8, shown.stdout + shown.stderr
+    assert f"kiln promote {name} VERSION --to production" in " ".join(shown.stdout.split()), shown.stdout
+    assert "Traceback" not in shown.stdout + shown.stderr
+
+
+def test_version_and_short_help(tmp_path):
+    from importlib.metadata import version
+
+    shown = run_kiln("--version", artifacts=tmp_path, check=True)
+    assert shown.stdout.strip() == f"kiln {version('kiln')}"
+    for args in (("-h",), ("models", "-h"), ("promote", "-h")):
+        assert "Usage: " in run_kiln(*args, artifacts=tmp_path, check=True).stdout  # run as python -m pipeline.cli
