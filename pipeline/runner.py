@@ -196,21 +196,22 @@ class Runner:
             t0 = time.perf_counter()
             artifact = self._load_cached(spec, key)
             if artifact is not None:
-                status = "reused"
-                console.print(f"[green]✓[/green] {spec.name}: reused [dim]{artifact.path}[/dim]")
+                status, done_line = "reused", f"{spec.name}: reused [dim]{artifact.path}[/dim]"
             else:
                 status = "built"
                 console.print(f"[cyan]▶[/cyan] {spec.name}: building [dim](key {key})[/dim]")
                 artifact = self._build(spec, key, inputs)
-                console.print(
-                    f"[green]✓[/green] {spec.name}: built in {time.perf_counter() - t0:.1f} s "
-                    f"[dim]{artifact.path}[/dim]"
-                )
+                done_line = f"{spec.name}: built in {time.perf_counter() - t0:.1f} s [dim]{artifact.path}[/dim]"
+            if spec.check is not None:  # e.g. validate's gates: no ✓ for a stage whose check fails the run
+                try:
+                    spec.check(artifact)
+                except KilnError:
+                    console.print(f"[red]✗[/red] {done_line}; its check failed (below)")
+                    raise
+            console.print(f"[green]✓[/green] {done_line}")
             outcome = StageOutcome(spec.name, status, time.perf_counter() - t0, key, artifact)
             outcomes.append(outcome)
             done[spec.name] = artifact
-            if spec.check is not None:
-                spec.check(artifact)
         return outcomes
 
     def _build(self, spec: StageSpec, key: str, inputs: Mapping[str, Artifact]) -> Artifact:

@@ -59,6 +59,7 @@ def test_failed_gate_exits_4_names_gate_value_limit_and_keeps_report(tiny_run):
     assert "min_tokens_per_s: tokens/s" in proc.stdout and "is not >= 1e+12" in proc.stdout
     for stage in ("source", "quantize", "export", "build"):
         assert f"✓ {stage}: reused" in proc.stdout
+    assert "✗ validate: built in" in proc.stdout and "✓ validate" not in proc.stdout  # no tick before the failure
     assert "register:" not in proc.stdout  # a failed build is not registered
     report_dirs = [p for p in (artifacts / "cache" / "validate").iterdir() if (p / "validation.json").is_file()]
     failed = [json.loads((p / "validation.json").read_text()) for p in report_dirs]
