@@ -120,7 +120,8 @@ def run(
             write_ci_summary(ctx.settings.step_summary, failure_markdown(recipe, e))
         fail(console, e)
     summary = build_summary(parsed.name, outcomes, time.perf_counter() - started)
-    print_summary(console, summary)
+    if not (ci and ctx.settings.step_summary is None):  # else the markdown below is the summary, printed once
+        print_summary(console, summary)
     out = ctx.settings.artifacts_root / "last_run.json"
     out.write_text(json.dumps(summary, indent=2))
     if ci:
@@ -136,6 +137,13 @@ def write_ci_summary(path: Path | None, markdown: str) -> None:
         f.write(markdown + "\n")
 
 
+def nested_report(report: Path) -> str:
+    """The validation report under the summary's `##` heading: its headings two levels down, its
+    figure (a file beside it, not in the job summary) left out."""
+    text = report.read_text().split("![")[0]
+    return "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
+
+
 def summary_markdown(s: dict, outcomes) -> str:
     r = s["registered"]
     report = next(o for o in outcomes if o.name == "validate").artifact.path / "report.md"
@@ -144,7 +152,7 @@ def summary_markdown(s: dict, outcomes) -> str:
              "| stage | status | seconds | peak RSS MB | disk MB |", "|---|---|---|---|---|",
              *(f"| {st['stage']} | {st['status']} | {st['seconds']:.1f} | {mb(st['resources'].get('peak_rss_mb'))} | "
                f"{mb(st['resources'].get('disk_written_mb'))} |" for st in s["stages"]), "",
-             report.read_text().replace("# Validation report", "### Validation report").split("![")[0]]
+             nested_report(report)]
     promote = f"kiln promote {r['model_name']} {r['version']} --to staging"
     return "\n".join(lines + ["", f"Next: `{promote}`"])
 
@@ -153,7 +161,7 @@ def failure_markdown(recipe: Path, err: KilnError) -> str:
     lines = [f"## Kiln: {recipe.name} failed ({type(err).__name__}, exit {err.exit_code})", "", "```", str(err), "```"]
     report = Path(getattr(err, "report_path", "") or "/nonexistent")
     if report.is_file():
-        lines += ["", report.read_text().replace("# Validation report", "### Validation report").split("![")[0]]
+        lines += ["", nested_report(report)]
     return "\n".join(lines)
 
 

@@ -83,3 +83,17 @@ def test_unquantized_engine_matches_source_perplexity(tiny_run):
     assert abs(m["ppl_increase_pct"]) < 0.01 and m["next_token_agreement"] > 0.99
     engine_ops = json.loads((tiny_run["artifacts"] / "cache" / "build" / summary["stages"][3]["key"] / "manifest.json").read_text())
     assert "MatMulNBits" not in engine_ops["meta"]["op_counts"]
+
+
+def test_ci_summary_is_printed_once_with_nested_headings(tiny_run, tmp_path):
+    """Without $GITHUB_STEP_SUMMARY the markdown is the run's summary (not the tables and then it);
+    the validation report's headings sit under the summary's."""
+    proc = run_kiln("run", str(TINY_RECIPE), "--ci", artifacts=tiny_run["artifacts"], env={"GITHUB_STEP_SUMMARY": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    headings = [line for line in proc.stdout.splitlines() if line.startswith("#")]
+    assert headings == ["## Kiln: tiny-llama-int4-cpu (gates passed)", "### Validation report", "#### Gates"], headings
+    assert "Source vs build" not in proc.stdout
+    summary_file = tmp_path / "summary.md"
+    proc = run_kiln("run", str(TINY_RECIPE), "--ci", artifacts=tiny_run["artifacts"], env={"GITHUB_STEP_SUMMARY": str(summary_file)})
+    assert proc.returncode == 0 and "Source vs build" in proc.stdout and "## Kiln:" not in proc.stdout
+    assert summary_file.read_text().startswith("## Kiln: tiny-llama-int4-cpu (gates passed)")
