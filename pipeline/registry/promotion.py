@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import PromotionRefused, RegistryError
+from pipeline.errors import PromotionRefused
 from pipeline.recipe import PromoteConfig
 from pipeline.registry.fetch import fetch_version
 from pipeline.registry.refs import VersionRef, resolve
