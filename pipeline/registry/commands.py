@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from pipeline.console import fail, make_console
@@ -130,22 +131,33 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
 
 
 @models_app.command("pull")
-def pull(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS")],
+def pull(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS (a bare NAME: its newest version, said)")],
          dest: Annotated[Optional[Path], typer.Option(help="Folder (default: artifacts/registry/NAME-vVERSION)")] = None,
          tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
-    """Download a version's engine and validation report, checked against their sha256 manifests."""
-    from pipeline.registry.fetch import fetch_version
+    """Download a version's engine, validation report and Triton package, each checked against its
+    sha256 manifest; prints one JSON line of paths (stdout), and what it did on stderr.
 
-    console = make_console()
+    Example: kiln models pull smollm2-135m-int4@production --dest ./prod && kiln serve ./prod
+    """
+    from pipeline.registry.fetch import fetch_triton_repository, fetch_version, has_package
+
+    console = Console(stderr=True, highlight=False)
     try:
         registry = open_registry(tracking_uri, artifacts)
-        mv = resolve(registry.client, VersionRef.parse(ref))
-        fetched = fetch_version(registry.client, registry.tracking_uri, mv, dest or registry.workdir / f"{mv.name}-v{mv.version}")
+        parsed = VersionRef.parse(ref)
+        mv = resolve(registry.client, parsed)
+        if not parsed.alias and not parsed.version:
+            console.print(f"{ref}: no version or alias given, taking the newest: version {mv.version}")
+        folder = dest or registry.workdir / f"{mv.name}-v{mv.version}"
+        fetched = fetch_version(registry.client, registry.tracking_uri, mv, folder)
+        repository = (fetch_triton_repository(registry.client, registry.tracking_uri, mv, folder / "triton")
+                      if has_package(registry.client, mv) else None)
     except KilnError as e:
         fail(console, e)
-    console.print(f"{mv.name} version {mv.version}: sha256 verified")
+    console.print(f"{mv.name} version {mv.version}: sha256 verified"
+                  + (f"; serve it with: kiln serve {folder}" if repository else " (no Triton package: its recipe had none)"))
     print(json.dumps({"name": fetched.name, "version": fetched.version, "engine_dir": str(fetched.engine_dir),
-                      "validation_dir": str(fetched.validation_dir)}))
+                      "validation_dir": str(fetched.validation_dir), "triton_repository": repository and str(repository)}))
 
 
 def comparison_table(decision) -> Table:

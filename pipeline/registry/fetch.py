@@ -77,6 +77,11 @@ def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True)
     return done
 
 
+def has_package(client, mv) -> bool:
+    """Whether the version was registered with a Triton package (its recipe had a `package` section)."""
+    return "package" in json.loads(client.get_run(mv.run_id).data.tags.get("kiln.stage_digests", "{}"))
+
+
 def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
     """The version's Triton package (the `package` stage folder, logged as `triton/`), downloaded
     and verified against the digest recorded at registration; returns its model repository."""

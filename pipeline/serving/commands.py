@@ -2,6 +2,7 @@
 
     kiln serve models:/smollm2-135m-int4@staging
     kiln serve artifacts/cache/package/<key>          # a local package stage folder
+    kiln serve ./prod                                 # a folder `kiln models pull` wrote
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pipeline.settings import Settings
 def package_root(path: Path) -> Path | None:
     """The Kiln package folder (`manifest.json` beside `model_repository/`) that `path` is or lies in:
     the package itself, its model repository, a model folder or a version folder."""
+    if (path / "triton" / "model_repository").is_dir():  # what `kiln models pull` writes
+        path = path / "triton"
     for folder in (path, *path.parents):
         if (folder / "model_repository").is_dir() and (folder / "manifest.json").is_file():
             return folder

@@ -118,7 +118,13 @@ def test_browse_and_load_by_uri(flow, store, tmp_path):
 
     pulled = flow("models", "pull", f"models:/{MODEL}@production", "--dest", str(tmp_path / "prod"))
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    paths = json.loads(pulled.stdout.strip().splitlines()[-1])
+    paths = json.loads(pulled.stdout)  # stdout is the JSON line alone; what happened goes to stderr
+    assert "sha256 verified" in pulled.stderr and f"kiln serve {tmp_path / 'prod'}" in " ".join(pulled.stderr.split())
+    from pipeline.serving.commands import local_repository
+
+    assert local_repository(tmp_path / "prod") == Path(paths["triton_repository"])  # whole package, verified
+    newest = flow("models", "pull", MODEL, "--dest", str(tmp_path / "newest"))
+    assert newest.returncode == 0 and "no version or alias given, taking the newest" in newest.stderr, newest.stderr
     engine_dir = Path(paths["engine_dir"])
     meta = json.loads((engine_dir / "manifest.json").read_text())["meta"]
     lm = get_target(meta["target"]).load(engine_dir, meta)
