@@ -69,7 +69,9 @@ def _linear_module():
 
         @property
         def weight(self):
-            return self.tensors.torch_tensor(f"{self.name}.weight").float()
+            from pipeline.quantization import linear_weight_name
+
+            return self.tensors.torch_tensor(linear_weight_name(self.tensors, self.name)).float()
 
         def forward(self, x):
             return torch.nn.functional.linear(x, self.weight, self.bias)

@@ -130,3 +130,19 @@ def test_a_damaged_safetensors_header_is_a_clear_error(tmp_path, content, messag
         SafetensorsWeights(tmp_path)
     with pytest.raises(SourceError, match=message):
         checkpoint_dtype(tmp_path)
+
+
+def test_the_report_streams_a_tied_quantized_head_from_the_embedding(tmp_path):
+    """`ignore: []` on a tied checkpoint quantizes the head, whose float weight is the embedding table."""
+    from pipeline.stages.quantize import layer_report
+
+    make_random_model(RandomModelConfig(family="llama", config={"tie_word_embeddings": True}), tmp_path, "bfloat16")
+    cfg = QuantizeConfig(method="rtn", group_size=16, ignore=())
+    names = list(whole_model_rtn(tmp_path, cfg))
+    result = rtn_quantizer(tmp_path, names, cfg, None, lambda n: None)
+    report = layer_report(tmp_path, result, [list(range(1, 40)), list(range(50, 90))], lambda n: None)
+    assert set(report) == set(names) and "lm_head" in report
+    expected = np.linalg.norm(SafetensorsWeights(tmp_path)["model.embed_tokens.weight"] - result.layers["lm_head"].dequantize())
+    expected /= np.linalg.norm(SafetensorsWeights(tmp_path)["model.embed_tokens.weight"])
+    assert report["lm_head"]["relative_weight_error"] == pytest.approx(expected, rel=1e-5)
+    assert all(0 < r["relative_output_error"] < 1 for r in report.values())
