@@ -61,8 +61,23 @@ def test_format_roundtrip_is_exact(weight, tmp_path):
     assert set(back) == set(layers)
     for name, q in layers.items():
         np.testing.assert_array_equal(back[name].codes, q.codes)
+        assert back[name].codes.dtype == q.codes.dtype  # uint8 codes, or int8 sign-extended from their nibble
         np.testing.assert_array_equal(back[name].scales, q.scales)
         assert (back[name].zeros is None) == (q.zeros is None)
+
+
+def test_4bit_codes_are_stored_two_a_byte_and_v1_files_still_read(weight, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from pipeline.quantization.format import HEADER_KEY
+
+    q = quantize_rtn(weight, 4, 16, True)
+    save_quantized(tmp_path / "q.safetensors", {"a.q_proj": q}, {"method": "rtn"})
+    assert load_file(str(tmp_path / "q.safetensors"))["a.q_proj.codes"].shape == (6, 32)  # 64 codes a row, packed
+    v1 = {"a.q_proj.codes": q.codes, "a.q_proj.scales": q.scales}  # the layout before packing
+    save_file(v1, str(tmp_path / "v1.safetensors"),
+              metadata={HEADER_KEY: '{"bits": "4", "format": "kiln-intq-v1", "group_size": "16", "method": "rtn"}'})
+    np.testing.assert_array_equal(load_quantized(tmp_path / "v1.safetensors")["a.q_proj"].codes, q.codes)
 
 
 def test_ignore_matches_names_and_dotted_suffixes():
