@@ -6,7 +6,8 @@ returns a `QuantizerOutput`: a `QuantizedLinear` (codes, scales, zero points) pe
 tensors outside those layers it changed (AWQ rescales norms; the stage stores them as overrides) and,
 for a method in `RESCALES_FLOAT_MODEL`, the rescaled float weights its codes approximate. Each
 backend loads only what it needs: RTN reads one weight at a time from the safetensors files;
-llm-compressor's methods load the model once, in the checkpoint's precision. Export and validation
+llm-compressor's methods load the model once, in the checkpoint's precision, in a process of their
+own (`scratch`: where its results are handed over). Export and validation
 never depend on the method. `BACKEND_REQUIREMENTS` says, without importing anything, what each
 backend needs.
 """
@@ -30,14 +31,15 @@ class QuantizerOutput:
     layers: dict[str, QuantizedLinear]
     overrides: dict[str, np.ndarray] = field(default_factory=dict)
     float_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    child_peak_rss_mb: float | None = None  # a backend that ran in its own process: that process's peak
 
 
 class Quantizer(Protocol):
     def __call__(self, model_dir: Path, layers: list[str], cfg: Any, calibration: list[list[int]] | None,
-                 advance: Callable[[int], None]) -> QuantizerOutput: ...
+                 advance: Callable[[int], None], scratch: Path | None = None) -> QuantizerOutput: ...
 
 
-def rtn_quantizer(model_dir, layers, cfg, calibration, advance):
+def rtn_quantizer(model_dir, layers, cfg, calibration, advance, scratch=None):
     """Layer by layer from the checkpoint files: one float weight in memory at a time."""
     from pipeline.modeling.hf import SafetensorsWeights
 
@@ -55,23 +57,18 @@ def linear_weight_name(tensors, layer: str) -> str:
     return "model.embed_tokens.weight" if layer == "lm_head" and name not in tensors else name
 
 
-def llmcompressor_gptq(model_dir, layers, cfg, calibration, advance):
-    from pipeline.quantization.llmcompressor_backend import gptq
+def llmcompressor_method(model_dir, layers, cfg, calibration, advance, scratch=None):
+    """GPTQ or AWQ (`cfg.method`) through llm-compressor, in a process of its own."""
+    from pipeline.quantization.llmcompressor_backend import quantize_in_child
 
-    return gptq(model_dir, layers, cfg, calibration, advance)
-
-
-def llmcompressor_awq(model_dir, layers, cfg, calibration, advance):
-    from pipeline.quantization.llmcompressor_backend import awq
-
-    return awq(model_dir, layers, cfg, calibration, advance)
+    return quantize_in_child(model_dir, layers, cfg, calibration, advance, scratch)
 
 
 # (method, backend) -> quantizer. "none" is handled by the stage: it quantizes nothing.
 QUANTIZERS: dict[tuple[str, str], Quantizer] = {
     ("rtn", "kiln"): rtn_quantizer,
-    ("gptq", "llm-compressor"): llmcompressor_gptq,
-    ("awq", "llm-compressor"): llmcompressor_awq,
+    ("gptq", "llm-compressor"): llmcompressor_method,
+    ("awq", "llm-compressor"): llmcompressor_method,
 }
 # backend -> importable modules it needs (pip names in the message)
 BACKEND_REQUIREMENTS: dict[str, tuple[str, ...]] = {"kiln": (), "llm-compressor": ("llmcompressor",)}

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.artifacts import QuantizedWeights, SourceCheckpoint, write_json_atomic
 from pipeline.corpus import calibration_samples
 from pipeline.errors import KilnError
-from pipeline.memory import peak_rss_mb
+from pipeline.memory import CHILD_PEAK_KEY, peak_rss_mb
 from pipeline.modeling.hf import empty_causal_lm, load_tokenizer
 from pipeline.modeling.shapes import group_size_problem
 from pipeline.quantization import NEEDS_CALIBRATION, QuantizerOutput, get_quantizer, is_ignored
@@ -167,7 +167,7 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
     if calibration:
         ctx.log(f"calibration: {len(samples)} samples × {cfg.calibration.seq_len} tokens (seed {cfg.calibration.seed})")
     with ctx.progress(f"{cfg.method} int{cfg.bits} ({cfg.resolved_backend})", total=len(in_features)) as advance:
-        result = quantizer(source.model_dir, list(in_features), cfg, calibration, advance)
+        result = quantizer(source.model_dir, list(in_features), cfg, calibration, advance, scratch=ctx.out_dir)
     layers: dict[str, QuantizedLinear] = result.layers
     if result.overrides:
         from safetensors.numpy import save_file
@@ -193,5 +193,5 @@ def run(cfg: QuantizeConfig, source: SourceCheckpoint, *, ctx: StageContext) -> 
               "mean_relative_weight_error": float(np.mean([r["relative_weight_error"] for r in report.values()])),
               "mean_relative_output_error": float(np.mean(out_errors)), "max_relative_output_error": float(np.max(out_errors)),
               # the process's peak so far: quantization's own peak when the source stage was reused
-              "process_peak_rss_mb": peak_rss_mb()},
+              "process_peak_rss_mb": peak_rss_mb(), CHILD_PEAK_KEY: result.child_peak_rss_mb},
     )
