@@ -33,8 +33,13 @@ class StoreMoved(KilnError):
 
 
 def client_for(tracking_uri: str):
+    import logging
+
     from mlflow import MlflowClient
 
+    # "Creating initial MLflow database tables..." / "Updating database tables" at INFO on a new
+    # store: MLflow's bookkeeping, not something a Kiln user acts on
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if tracking_uri.startswith(SQLITE_PREFIX):
         check_not_moved(client, Path(tracking_uri[len(SQLITE_PREFIX):]))

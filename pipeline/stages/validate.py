@@ -151,12 +151,16 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
     common = {"prompt_ids": prompt, "new_tokens": cfg.latency.new_tokens, "warmup": cfg.latency.warmup,
               "repeats": cfg.latency.repeats, "threads": engine.meta.get("session_options", {}).get("threads")}
     ctx.log(f"latency: {len(prompt)}-token prompt, {cfg.latency.new_tokens} new tokens, {cfg.latency.repeats} runs")
-    eng_lat = measure_in_subprocess({**common, "backend": "engine", "target": engine.target,
-                                     "engine_dir": str(engine.path), "engine_meta": dict(engine.meta)}, ctx.out_dir, "engine")
-    src_lat = None
-    if cfg.compare_source_speed:
-        src_lat = measure_in_subprocess({**common, "backend": "torch", "model_dir": str(source.model_dir), "dtype": source.dtype},
-                                        ctx.out_dir, "source")
+    runs = 1 + int(cfg.compare_source_speed)
+    with ctx.progress(f"latency ({cfg.latency.warmup} warm-up + {cfg.latency.repeats} runs, a process per model)", total=runs) as advance:
+        eng_lat = measure_in_subprocess({**common, "backend": "engine", "target": engine.target,
+                                         "engine_dir": str(engine.path), "engine_meta": dict(engine.meta)}, ctx.out_dir, "engine")
+        advance(1)
+        src_lat = None
+        if cfg.compare_source_speed:
+            src_lat = measure_in_subprocess({**common, "backend": "torch", "model_dir": str(source.model_dir), "dtype": source.dtype},
+                                            ctx.out_dir, "source")
+            advance(1)
 
     metrics = {
         "source_ppl": source_ppl,

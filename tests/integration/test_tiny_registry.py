@@ -151,3 +151,10 @@ def test_version_and_short_help(tmp_path):
     assert shown.stdout.strip() == f"kiln {version('kiln')}"
     for args in (("-h",), ("models", "-h"), ("promote", "-h")):
         assert "Usage: " in run_kiln(*args, artifacts=tmp_path, check=True).stdout  # run as python -m pipeline.cli
+
+
+def test_a_new_store_is_created_without_mlflow_bookkeeping_lines(tmp_path):
+    listed = run_kiln("models", "list", artifacts=tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert (tmp_path / "mlflow.db").is_file()  # the store was created by this call
+    assert "database tables" not in listed.stdout + listed.stderr
