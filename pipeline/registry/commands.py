@@ -237,14 +237,18 @@ def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
        tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
     """Start the MLflow UI on the project's store and print its URL (Ctrl-C stops it)."""
     console = make_console()
-    _, uri, _ = open_store(tracking_uri, artifacts)
+    settings, uri, _ = open_store(tracking_uri, artifacts)
     if uri.startswith(("http://", "https://")):
         console.print(f"The store is a tracking server: its UI is {uri}")
         return
     url = f"http://{host}:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # halves the server's processes
+    # the server's own start-up warnings go to a log file, so the URL is the first thing printed
+    log_file = settings.artifacts_root / "logs" / f"mlflow-ui-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = log_file.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-                             "--port", str(port), "--workers", "1"], env=env)
+                             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # a terminated `kiln ui` stops its server too, instead of orphaning it
@@ -252,11 +256,14 @@ def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     signal.signal(signal.SIGTERM, stop)
     try:
         if not wait_healthy(url, proc, 120):
+            tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            console.print(f"[bold red]error[/bold red]: the MLflow UI did not start; the end of its log ({log_file}):\n{tail}")
             raise typer.Exit(proc.poll() or 1)
-        print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)", flush=True)
+        print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it; server log {log_file})", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()

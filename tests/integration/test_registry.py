@@ -180,14 +180,14 @@ def test_kiln_ui_serves_versions_and_artifacts(tiny_run):
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "KILN_ARTIFACTS": str(tiny_run["artifacts"])}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
 
     def get(path: str) -> bytes:
         with urllib.request.urlopen(url + path, timeout=10) as r:
             return r.read()
 
-    # What a user waits for is the printed URL: read it (the server's own log shares the pipe)
+    # What a user waits for is the printed URL: read it
     # before asking anything, so the checks never race kiln's own health wait.
     lines: list[str] = []
 
@@ -202,6 +202,7 @@ def test_kiln_ui_serves_versions_and_artifacts(tiny_run):
         while not any(line.startswith(f"MLflow UI: {url}") for line in list(lines)):
             assert proc.poll() is None and time.monotonic() < deadline, f"kiln ui did not start: {''.join(lines)[-2000:]}"
             time.sleep(0.2)
+        assert lines[0].startswith(f"MLflow UI: {url}"), lines  # the URL first, not after the server's warnings
         get("/health")
         models = json.loads(get("/ajax-api/2.0/mlflow/registered-models/search"))
         assert MODEL in [m["name"] for m in models["registered_models"]]
