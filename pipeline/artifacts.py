@@ -21,6 +21,20 @@ from pipeline.hashing import hash_tree, sha256_file, sha256_json
 MANIFEST = "manifest.json"
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file (manifested artifacts are immutable once written, so sharing their bytes is
+    safe); copy where links are impossible (another filesystem, or one without hard links)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: Path, dst: Path, ignore=None) -> None:
+    """`shutil.copytree` writing no bytes twice: every file linked, or copied where it cannot be."""
+    shutil.copytree(src, dst, ignore=ignore, copy_function=link_or_copy)
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A finished stage output. `digest` is the sha256 of its file listing (content only)."""

@@ -89,12 +89,15 @@ def run(
     plan: Annotated[bool, typer.Option("--plan", help="Print which stages would be reused or built; run nothing.")] = False,
     ci: Annotated[bool, typer.Option("--ci", help="CI mode: a missed gate fails the run whatever on_gate_failure says; "
                                                   "a markdown summary goes to $GITHUB_STEP_SUMMARY (else stdout).")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Also put the engine, validation report and Triton "
+                                                   "package in this folder (hard links; new, empty, or an earlier --output).")] = None,
 ) -> None:
     """Run a recipe: each stage is reused from the cache when its inputs are unchanged.
 
-    Example: kiln run recipes/smollm2-135m-int4-cpu.yaml
+    Example: kiln run recipes/smollm2-135m-int4-cpu.yaml --output build/smollm2
     """
     from pipeline.plan import stages_for, static_problems
+    from pipeline.run_output import check_output_dir, write_output
     from pipeline.runner import Runner
 
     console = make_console()
@@ -102,6 +105,8 @@ def run(
     ctx = None
     try:
         parsed = load_recipe(recipe, overrides)
+        if output is not None:
+            check_output_dir(output)
         problems = static_problems(parsed)
         if problems:
             for p in problems[1:]:
@@ -124,6 +129,12 @@ def run(
         print_summary(console, summary)
     out = ctx.settings.artifacts_root / "last_run.json"
     out.write_text(json.dumps(summary, indent=2))
+    if output is not None:
+        try:
+            write_output(output, outcomes, summary)
+        except (KilnError, OSError) as e:
+            fail(console, e if isinstance(e, KilnError) else KilnError(f"--output {output}: {e}"))
+        console.print(f"engine, validation report and Triton package in {output} (serve it with: kiln serve {output})")
     if ci:
         write_ci_summary(ctx.settings.step_summary, summary_markdown(summary, outcomes))
 

@@ -9,7 +9,6 @@ with SIGTERM, and waited for.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.artifacts import link_tree
 from pipeline.errors import KilnError
 from pipeline.serving.environment import ServingEnvironment
 
@@ -70,13 +70,6 @@ def log_tail(log_file: Path, lines: int = 15) -> str:
     return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:]) if log_file.is_file() else ""
 
 
-def link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem
-        shutil.copy2(src, dst)
-
-
 @contextlib.contextmanager
 def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
                   ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120) -> Iterator[tuple[subprocess.Popen, Addresses]]:
@@ -84,7 +77,7 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
     # (measured), so the server runs on a hard-linked snapshot: the repository itself stays exactly
     # what its manifest lists.
     snapshot = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "model_repository"
-    shutil.copytree(repository, snapshot, copy_function=link_or_copy)
+    link_tree(repository, snapshot)
     http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
     addresses = Addresses(host, http_port, grpc_port, metrics_port)
     cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",

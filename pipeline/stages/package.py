@@ -15,11 +15,10 @@ environment). The repository is a standard one: `tritonserver --model-repository
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import Engine, TritonRepository, write_json_atomic, write_manifest
+from pipeline.artifacts import Engine, TritonRepository, link_tree, write_json_atomic, write_manifest
 from pipeline.errors import StageFailed
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
@@ -39,13 +38,6 @@ INPUTS = [  # name, Triton type, dims, optional
     ("stop", "TYPE_STRING", "[ -1 ]", True),
     ("stream", "TYPE_BOOL", "[ 1 ]", True),
 ]
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copy2(src, dst)
 
 
 def config_pbtxt(name: str, cfg: PackageConfig) -> str:
@@ -87,7 +79,7 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     shutil.copy2(generation.__file__, version_dir / "kiln_generation.py")
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
-    shutil.copytree(engine.path, version_dir / "engine", ignore=shutil.ignore_patterns("manifest.json"), copy_function=link_or_copy)
+    link_tree(engine.path, version_dir / "engine", ignore=shutil.ignore_patterns("manifest.json"))
     limits = {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens}
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {

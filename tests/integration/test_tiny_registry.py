@@ -158,3 +158,28 @@ def test_a_new_store_is_created_without_mlflow_bookkeeping_lines(tmp_path):
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert (tmp_path / "mlflow.db").is_file()  # the store was created by this call
     assert "database tables" not in listed.stdout + listed.stderr
+
+
+def test_run_output_puts_the_deliverables_in_a_named_folder(tiny_run, tmp_path):
+    import os
+
+    from pipeline.artifacts import verify
+    from pipeline.serving.commands import local_repository
+
+    out = tmp_path / "build" / "tiny"
+    for _ in range(2):  # a second run replaces its own earlier output
+        run_kiln("run", str(TINY_RECIPE), "--output", str(out), artifacts=tiny_run["artifacts"], check=True)
+    assert os.path.samefile(out / "engine" / "engine.onnx", tiny_run["paths"]["build"] / "engine.onnx")  # linked, not copied
+    for part in ("engine", "validation"):
+        verify(out / part, full=True)
+    assert (out / "validation" / "report.md").is_file()
+    assert local_repository(out) == out / "triton" / "model_repository"  # what `kiln serve OUT` serves
+    assert json.loads((out / "run.json").read_text())["registered"]["model_name"] == tiny_run["registered"]["model_name"]
+    assert not list(out.parent.glob(".*partial*"))
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    refused = run_kiln("run", str(TINY_RECIPE), "--output", str(foreign), artifacts=tiny_run["artifacts"])
+    assert refused.returncode == 2 and "is not an earlier kiln output" in refused.stdout, refused.stdout
+    assert "source:" not in refused.stdout and (foreign / "mine.txt").read_text() == "keep me"

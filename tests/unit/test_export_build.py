@@ -118,7 +118,7 @@ def test_package_links_the_engine_files_instead_of_copying(tiny_run):
 def test_package_falls_back_to_a_copy_where_links_fail(tmp_path, monkeypatch):
     import os
 
-    from pipeline.stages.package import link_or_copy
+    from pipeline.artifacts import link_or_copy
 
     (tmp_path / "a").write_text("engine")
 
