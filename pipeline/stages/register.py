@@ -49,6 +49,19 @@ def log_package(client, run_id: str, package, scratch: Path) -> None:
     client.set_tag(run_id, PACKAGE_ENGINE_TAG, package.engine_dir)
 
 
+# recipe sections that configure one quantization method only
+METHOD_SECTIONS = ("gptq", "awq")
+
+
+def run_params(recipe_doc: Mapping[str, Any]) -> dict[str, str]:
+    """The recipe as MLflow params: the settings this run used. Unset values (None) and the sections
+    of quantization methods the run did not use are left out (the full recipe is the run's
+    `recipe.yaml` artifact)."""
+    method = (recipe_doc.get("quantize") or {}).get("method")
+    unused = {f"quantize.{m}." for m in METHOD_SECTIONS if m != method}
+    return {k: v for k, v in flatten(recipe_doc).items() if v != "None" and not any(k.startswith(p) for p in unused)}
+
+
 def git_commit(cwd: Path) -> str:
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
@@ -141,7 +154,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                     for key, value in (manifest.get("resources") or {}).items():
                         if value is not None:  # what building the stage cost: peak RSS, disk
                             metrics[f"stage_{key}.{name}"] = float(value)
-                params = [Param(k, v[:6000]) for k, v in flatten(recipe_doc).items()]
+                params = [Param(k, v[:6000]) for k, v in run_params(recipe_doc).items()]
                 for i in range(0, len(params), 100):
                     client.log_batch(run_id, params=params[i : i + 100])
                 client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],

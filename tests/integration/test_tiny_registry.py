@@ -27,6 +27,9 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
     assert mv.tags["kiln.target"] == "onnxruntime-cpu" and mv.tags["kiln.validation_passed"] == "true"
     run = c.get_run(mv.run_id)
     assert run.data.params["quantize.group_size"] == "32"
+    # only what this RTN run used: no GPTQ/AWQ settings, no unset values
+    assert not [k for k in run.data.params if k.startswith(("quantize.gptq.", "quantize.awq."))]
+    assert "None" not in run.data.params.values()
     assert run.data.metrics["engine_ppl"] == pytest.approx(tiny_run["metrics"]["engine_ppl"])
     for stage in ("source", "quantize", "export", "build", "validate", "package"):  # what each stage cost
         assert run.data.metrics[f"stage_peak_rss_mb.{stage}"] > 0 and f"stage_disk_written_mb.{stage}" in run.data.metrics
