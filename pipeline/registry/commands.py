@@ -68,7 +68,10 @@ def version_row(r: dict) -> list[str]:
 
 @models_app.command("list")
 def list_models(tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
-    """Registered models with their newest version and aliases."""
+    """Registered models with their newest version and aliases.
+
+    Example: kiln models list
+    """
     console = make_console()
     _, uri, client = open_store(tracking_uri, artifacts)
     table = Table(title=f"Registered models ({uri})")
@@ -85,7 +88,10 @@ def list_models(tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -
 @models_app.command("show")
 def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS")],
          tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
-    """All versions of a model, or one version in full (metrics, lineage tags, audit log)."""
+    """All versions of a model, or one version in full (metrics, lineage tags, audit log).
+
+    Example: kiln models show smollm2-135m-int4@production
+    """
     from pipeline.registry.browse import version_records
     from pipeline.registry.promotion import audit_log
 
@@ -210,7 +216,10 @@ def promote(
 
 def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")],
              tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
-    """Move the production alias back to the previous production version (recorded on both)."""
+    """Move the production alias back to the previous production version (recorded on both).
+
+    Example: kiln rollback smollm2-135m-int4
+    """
     console = make_console()
     try:
         registry = open_registry(tracking_uri, artifacts)
@@ -235,7 +244,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
 def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
        host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the store private to this machine.")] = "127.0.0.1",
        tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
-    """Start the MLflow UI on the project's store and print its URL (Ctrl-C stops it)."""
+    """Start the MLflow UI on the project's store and print its URL (Ctrl-C stops it).
+
+    Example: kiln ui --port 5000
+    """
     console = make_console()
     settings, uri, _ = open_store(tracking_uri, artifacts)
     if uri.startswith(("http://", "https://")):

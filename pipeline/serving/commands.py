@@ -57,7 +57,10 @@ def serve(
     """Serve a Kiln Triton package with NVIDIA Triton Inference Server (Ctrl-C or SIGTERM stops it).
 
     The serving environment (Triton's server and Python backend, numpy<2, onnxruntime, tokenizers)
-    is created on first use and cached."""
+    is created on first use and cached.
+
+    Example: kiln serve models:/smollm2-135m-int4@staging
+    """
     from pipeline.registry.fetch import fetch_triton_repository
     from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.environment import ensure_environment

@@ -152,8 +152,12 @@ def test_version_and_short_help(tmp_path):
 
     shown = run_kiln("--version", artifacts=tmp_path, check=True)
     assert shown.stdout.strip() == f"kiln {version('kiln')}"
-    for args in (("-h",), ("models", "-h"), ("promote", "-h")):
-        assert "Usage: " in run_kiln(*args, artifacts=tmp_path, check=True).stdout  # run as python -m pipeline.cli
+    assert "Usage: " in run_kiln("-h", artifacts=tmp_path, check=True).stdout
+    assert "Usage: " in run_kiln("models", "-h", artifacts=tmp_path, check=True).stdout
+    for command in (("check",), ("run",), ("models", "list"), ("models", "show"), ("models", "pull"), ("promote",),
+                    ("rollback",), ("ui",), ("serve",)):
+        shown = run_kiln(*command, "-h", artifacts=tmp_path, check=True).stdout
+        assert "Example: kiln " + command[0] in shown, (command, shown)
 
 
 def test_a_new_store_is_created_without_mlflow_bookkeeping_lines(tmp_path):
