@@ -108,7 +108,7 @@ def build_reference(model_dir: Path, *, quantized: Mapping[str, QuantizedLinear]
         if owner in replaced and name.endswith(".weight"):
             continue
         if name not in tensors and name not in overrides:
-            continue  # a tied weight: tie_weights() below points it at its source
+            continue  # a tied head: pointed at the embedding table just below
         module = modules[owner]
         setattr(module, name.rsplit(".", 1)[1], torch.nn.Parameter(value(name), requires_grad=False))
     if model.config.tie_word_embeddings and "lm_head" not in replaced:
