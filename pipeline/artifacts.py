@@ -121,7 +121,12 @@ class TritonRepository(Artifact):
     @property
     def engine_dir(self) -> str:
         """Where, relative to the package, the engine's files sit (the build entry's, hard-linked)."""
-        return f"model_repository/{self.meta['model_name']}/1/engine"
+        return package_engine_dir(self.meta["model_name"])
+
+
+def package_engine_dir(model_name: str) -> str:
+    """The engine's folder inside a Triton package (Triton's layout: repository/model/version/)."""
+    return f"model_repository/{model_name}/1/engine"
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,7 @@ def build_summary(name: str, outcomes, seconds: float) -> dict:
                     "path": str(o.artifact.path), "resources": stage_resources(o.artifact.path)} for o in outcomes],
         "metrics": metrics,
         "target": by_name["build"].artifact.meta["target"],
-        "source_dtype": by_name["source"].artifact.meta.get("dtype", "float32"),
+        "source_dtype": by_name["source"].artifact.dtype,
         "validation_passed": by_name["validate"].artifact.meta["passed"],
         "registered": {"model_name": reg["model_name"], "version": reg["version"], "run_id": reg["run_id"],
                        "tracking_uri": reg["tracking_uri"]},
@@ -233,7 +233,7 @@ def print_summary(console: Console, s: dict) -> None:
     m = s["metrics"]
     results = Table(title="Source vs build")
     results.add_column("metric")
-    results.add_column(f"source (PyTorch {s.get('source_dtype', 'float32')})", justify="right")
+    results.add_column(f"source (PyTorch {s['source_dtype']})", justify="right")
     results.add_column(f"build ({s['target']})", justify="right")
     results.add_row("perplexity (held-out)", f"{m['source_ppl']:.3f}", f"{m['engine_ppl']:.3f} ({m['ppl_increase_pct']:+.2f} %)")
     results.add_row("next-token agreement", "", f"{m['next_token_agreement']:.3f}")

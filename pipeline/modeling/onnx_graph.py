@@ -11,24 +11,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.quantization.format import QuantizedLinear
+from pipeline.quantization.format import QuantizedLinear, pack_nibbles
 
 OPSET = 21
 IR_VERSION = 10  # ONNX IR 10 is the first with int4/uint4 tensors
 
 
-def pack_4bit(values: np.ndarray) -> bytes:
-    """ONNX int4/uint4 raw layout: two elements a byte, the first in the low nibble."""
-    flat = values.astype(np.uint8).reshape(-1) & 0x0F
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
-
-
 def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:
     if bits == 4:
         dtype = TensorProto.INT4 if signed else TensorProto.UINT4
-        return helper.make_tensor(name, dtype, values.shape, pack_4bit(values), raw=True)
+        return helper.make_tensor(name, dtype, values.shape, pack_nibbles(values).tobytes(), raw=True)  # ONNX's raw int4 layout
     arr = values.astype(np.int8 if signed else np.uint8)
     return numpy_helper.from_array(arr, name)
 
@@ -51,13 +43,7 @@ class ExternalData:
         data = tensor.raw_data
         if len(data) < self.threshold:
             return tensor
-        self._file.write(data)
-        ref = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
-            entry = ref.external_data.add()
-            entry.key, entry.value = key, value
-        self.offset += len(data)
-        return ref
+        return self._append(data, tensor.name, tensor.data_type, tensor.dims)
 
     def store_array(self, name: str, array: np.ndarray) -> TensorProto | None:
         """A large numpy initializer written straight from its buffer (no bytes copy, no proto
@@ -65,13 +51,16 @@ class ExternalData:
         if array.nbytes < self.threshold:
             return None
         array = np.ascontiguousarray(array)
-        dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-        self._file.write(memoryview(array).cast("B"))
-        ref = TensorProto(name=name, data_type=dtype, dims=array.shape, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+        return self._append(memoryview(array).cast("B"), name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+
+    def _append(self, data, name: str, data_type: int, dims) -> TensorProto:
+        """Write the bytes at the end of the file; the proto that points at them."""
+        self._file.write(data)
+        ref = TensorProto(name=name, data_type=data_type, dims=dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
             entry = ref.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += array.nbytes
+        self.offset += len(data)
         return ref
 
     def close(self) -> None:

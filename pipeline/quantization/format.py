@@ -43,10 +43,13 @@ class QuantizedLinear:
         return codes * np.repeat(self.scales, g, axis=1)
 
 
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """[out, in] 4-bit codes (uint8 0..15 or int8 -8..7) -> uint8 [out, in/2], low nibble first."""
-    flat = codes.astype(np.uint8) & 0x0F
-    return flat[:, 0::2] | (flat[:, 1::2] << 4)
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """4-bit values (uint8 0..15 or int8 -8..7), flattened, two a byte with the first in the low
+    nibble (ONNX's int4/uint4 raw layout; an odd count is padded with a zero nibble)."""
+    flat = values.astype(np.uint8).reshape(-1) & 0x0F
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return flat[0::2] | (flat[1::2] << 4)
 
 
 def unpack_nibbles(packed: np.ndarray, signed: bool) -> np.ndarray:
@@ -64,7 +67,8 @@ def save_quantized(path: Path, layers: dict[str, QuantizedLinear], meta: dict[st
     # 4-bit codes two a byte (every layer of a file has the same bits; an odd width stays one a byte)
     per_byte = 2 if layers and all(q.bits == 4 and q.codes.shape[1] % 2 == 0 for q in layers.values()) else 1
     for name, q in layers.items():
-        tensors[f"{name}.codes"] = np.ascontiguousarray(pack_nibbles(q.codes) if per_byte == 2 else q.codes)
+        out_f, in_f = q.codes.shape
+        tensors[f"{name}.codes"] = pack_nibbles(q.codes).reshape(out_f, in_f // 2) if per_byte == 2 else np.ascontiguousarray(q.codes)
         tensors[f"{name}.scales"] = np.ascontiguousarray(q.scales, dtype=np.float32)
         if q.zeros is not None:
             tensors[f"{name}.zeros"] = np.ascontiguousarray(q.zeros)

@@ -30,9 +30,14 @@ class FetchedVersion:
     validation_dir: Path
 
 
+def run_tags(client, mv) -> tuple[dict[str, str], dict[str, str]]:
+    """The version's run tags, and the stage digests recorded among them at registration."""
+    tags = client.get_run(mv.run_id).data.tags
+    return tags, json.loads(tags.get("kiln.stage_digests", "{}"))
+
+
 def expected_digests(client, mv) -> dict[str, str]:
-    run = client.get_run(mv.run_id)
-    stage_digests = json.loads(run.data.tags.get("kiln.stage_digests", "{}"))
+    _, stage_digests = run_tags(client, mv)
     engine = mv.tags.get("kiln.engine_sha256") or stage_digests.get("build")
     if not engine or "validate" not in stage_digests:
         raise IntegrityError(f"{mv.name} version {mv.version} was not registered by Kiln (no recorded artifact digests)")
@@ -79,7 +84,7 @@ def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True)
 
 def has_package(client, mv) -> bool:
     """Whether the version was registered with a Triton package (its recipe had a `package` section)."""
-    return "package" in json.loads(client.get_run(mv.run_id).data.tags.get("kiln.stage_digests", "{}"))
+    return "package" in run_tags(client, mv)[1]
 
 
 def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
@@ -89,7 +94,7 @@ def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
 
     from pipeline.errors import RegistryError
 
-    digests = json.loads(client.get_run(mv.run_id).data.tags.get("kiln.stage_digests", "{}"))
+    tags, digests = run_tags(client, mv)
     if "package" not in digests:
         raise RegistryError(f"{mv.name} version {mv.version} has no Triton package: its recipe had no `package` section")
     if dest.is_dir():
@@ -103,7 +108,7 @@ def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
     partial.mkdir(parents=True)
     try:
         mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="triton", dst_path=str(partial), tracking_uri=tracking_uri)
-        engine_dir = client.get_run(mv.run_id).data.tags.get(PACKAGE_ENGINE_TAG)
+        engine_dir = tags.get(PACKAGE_ENGINE_TAG)
         if engine_dir:  # the store keeps the engine's files once, under engine/
             engine = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="engine", dst_path=str(partial / "engine-files"),
                                                               tracking_uri=tracking_uri))

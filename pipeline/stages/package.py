@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import Engine, TritonRepository, link_tree, write_json_atomic, write_manifest
+from pipeline.artifacts import Engine, TritonRepository, link_tree, package_engine_dir, write_json_atomic, write_manifest
 from pipeline.errors import StageFailed
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
@@ -69,8 +69,9 @@ def context_limit(engine: Engine) -> int:
 def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepository:
     if engine.target != "onnxruntime-cpu":
         raise StageFailed("package", f"the Triton package drives onnxruntime-cpu engines; this engine is {engine.target}")
-    model_dir = ctx.out_dir / "model_repository" / cfg.model_name
-    version_dir = model_dir / "1"
+    engine_dir = ctx.out_dir / package_engine_dir(cfg.model_name)
+    version_dir = engine_dir.parent
+    model_dir = version_dir.parent
     version_dir.mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(config_pbtxt(cfg.model_name, cfg))
     # triton_model.py imports Triton's own module, so it is copied as a file, never imported here
@@ -79,7 +80,7 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     shutil.copy2(generation.__file__, version_dir / "kiln_generation.py")
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
-    link_tree(engine.path, version_dir / "engine", ignore=shutil.ignore_patterns("manifest.json"))
+    link_tree(engine.path, engine_dir, ignore=shutil.ignore_patterns("manifest.json"))
     limits = {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens}
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.artifacts import Artifact, Registration, verify, write_json_atomic
+from pipeline.artifacts import Artifact, Registration, link_tree, verify, write_json_atomic
 from pipeline.hashing import sha256_bytes
 from pipeline.recipe import RegisterConfig
 from pipeline.registry.fetch import PACKAGE_ENGINE_TAG
@@ -43,7 +43,7 @@ def log_package(client, run_id: str, package, scratch: Path) -> None:
     """The Triton package as `triton/`, without the engine files `engine/` already holds."""
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         view = Path(tmp) / "triton"
-        shutil.copytree(package.path, view, copy_function=os.link)  # links: nothing is written twice here either
+        link_tree(package.path, view)  # nothing is written twice here either
         shutil.rmtree(view / package.engine_dir)
         client.log_artifacts(run_id, str(view), "triton")
     client.set_tag(run_id, PACKAGE_ENGINE_TAG, package.engine_dir)

@@ -81,8 +81,8 @@ def write_fused_graph(exported, max_positions: int, out_file: Path) -> None:
 
 
 def decode_trace(reference, vocab: int, prompt_len: int = 24, steps: int = 8, batch: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Prefill a random prompt, then greedy-decode `steps` tokens: the prompt, every step's logits
-    (last position) and the tokens chosen, for `compare_to_trace` to feed another decoder."""
+    """Prefill a random prompt, then greedy-decode `steps` tokens: the prompt, the prefill's and
+    every step's logits, and the tokens chosen, for `compare_to_trace` to feed another decoder."""
     ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len)).astype(np.int64)
     logits, state = reference.forward(ids, None)
     steps_logits, tokens = [logits], []
