@@ -18,8 +18,12 @@ from pipeline.artifacts import verify
 from pipeline.errors import IntegrityError
 
 # Run tag naming the package's folder that holds the engine's files: the store keeps those once,
-# under `engine/`, and `fetch_triton_repository` puts them back there before verifying the package.
+# with the engine, and `fetch_triton_repository` puts them back there before verifying the package.
 PACKAGE_ENGINE_TAG = "kiln.triton_engine_dir"
+# Run tag: where in the run's artifacts the engine and the Triton package are (inside the MLflow
+# model since it became one); versions registered before it keep them at `engine/` and `triton/`.
+ARTIFACT_PATHS_TAG = "kiln.artifact_paths"
+EARLIER_PATHS = {"engine": "engine", "triton": "triton"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,16 @@ def run_tags(client, mv) -> tuple[dict[str, str], dict[str, str]]:
     """The version's run tags, and the stage digests recorded among them at registration."""
     tags = client.get_run(mv.run_id).data.tags
     return tags, json.loads(tags.get("kiln.stage_digests", "{}"))
+
+
+def artifact_paths(tags: dict[str, str]) -> dict[str, str]:
+    return {**EARLIER_PATHS, **json.loads(tags.get(ARTIFACT_PATHS_TAG, "{}"))}
+
+
+def engine_of(downloaded: Path) -> Path:
+    """The engine folder inside what a version's source URI downloads to: the MLflow model's
+    `artifacts/engine`, or (versions registered before the model) the folder itself."""
+    return downloaded / "artifacts" / "engine" if (downloaded / "MLmodel").is_file() else downloaded
 
 
 def expected_digests(client, mv) -> dict[str, str]:
@@ -68,8 +82,10 @@ def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
-                                            dst_path=str(partial), tracking_uri=tracking_uri)
+        source = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
+                                                          dst_path=str(partial / "source"), tracking_uri=tracking_uri))
+        engine_of(source).rename(partial / "engine")
+        shutil.rmtree(partial / "source")
         mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="validation", dst_path=str(partial),
                                             tracking_uri=tracking_uri)
         what = f"{mv.name} version {mv.version}"
@@ -107,15 +123,17 @@ def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="triton", dst_path=str(partial), tracking_uri=tracking_uri)
+        paths = artifact_paths(tags)
+        package = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=paths["triton"], dst_path=str(partial / "package"),
+                                                           tracking_uri=tracking_uri))
         engine_dir = tags.get(PACKAGE_ENGINE_TAG)
-        if engine_dir:  # the store keeps the engine's files once, under engine/
-            engine = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="engine", dst_path=str(partial / "engine-files"),
-                                                              tracking_uri=tracking_uri))
+        if engine_dir:  # the store keeps the engine's files once, with the engine
+            engine = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=paths["engine"],
+                                                              dst_path=str(partial / "engine-files"), tracking_uri=tracking_uri))
             (engine / "manifest.json").unlink(missing_ok=True)  # the package's copy never had the build's manifest
-            engine.rename(partial / "triton" / engine_dir)
-        check_folder(partial / "triton", digests["package"], f"{mv.name} version {mv.version} triton package")
-        (partial / "triton").rename(dest)
+            engine.rename(package / engine_dir)
+        check_folder(package, digests["package"], f"{mv.name} version {mv.version} triton package")
+        package.rename(dest)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return dest / "model_repository"

@@ -9,7 +9,6 @@ Before loading, every file of this model version is checked against `manifest.js
 changed or missing file stops the load with a log line, so the model never becomes ready.
 """
 
-import hashlib
 import json
 import queue
 import sys
@@ -23,22 +22,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import kiln_generation  # noqa: E402  (copied beside this file by Kiln's package stage)
+import kiln_manifest  # noqa: E402
 import kiln_runtime  # noqa: E402
 
 PARAMS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
-
-
-def check_manifest(version_dir: Path) -> None:
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    problems = []
-    for rel, expected in manifest["files"].items():
-        path = version_dir / rel
-        if not path.is_file():
-            problems.append(f"missing {rel}")
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-            problems.append(f"sha256 mismatch: {rel}")
-    if problems:
-        raise RuntimeError("kiln: refusing to load a model repository that differs from its manifest: " + "; ".join(problems))
 
 
 def scalar(request, name):
@@ -54,8 +41,8 @@ class TritonPythonModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
         try:
-            check_manifest(version_dir)
-        except RuntimeError as e:
+            kiln_manifest.check_folder(version_dir)
+        except kiln_manifest.ManifestMismatch as e:
             pb_utils.Logger.log_error(str(e))
             raise
         from tokenizers import Tokenizer

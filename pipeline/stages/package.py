@@ -4,6 +4,7 @@
     model_repository/NAME/1/model.py           pipeline/serving/triton_model.py
     model_repository/NAME/1/kiln_runtime.py    pipeline/modeling/runtime.py (the engine's decode loop)
     model_repository/NAME/1/kiln_generation.py pipeline/serving/generation.py (checks, sampling, batching)
+    model_repository/NAME/1/kiln_manifest.py   pipeline/serving/manifest_check.py (the sha256 check)
     model_repository/NAME/1/engine/...         the engine folder (graph, session options, tokenizer)
     model_repository/NAME/1/serving.json       limits, EOS ids, batch size
     model_repository/NAME/1/manifest.json      sha256 of every file above; model.py refuses to load otherwise
@@ -23,7 +24,7 @@ from pipeline.errors import StageFailed
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
 from pipeline.runner import StageContext
-from pipeline.serving import generation
+from pipeline.serving import generation, manifest_check
 
 # Copied into the package as files (not imported here): part of this stage's code for its cache key.
 CODE_FILES = ("serving/triton_model.py",)
@@ -78,6 +79,7 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     shutil.copy2(Path(generation.__file__).parent.parent / CODE_FILES[0], version_dir / "model.py")
     shutil.copy2(runtime.__file__, version_dir / "kiln_runtime.py")
     shutil.copy2(generation.__file__, version_dir / "kiln_generation.py")
+    shutil.copy2(manifest_check.__file__, version_dir / "kiln_manifest.py")
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
     link_tree(engine.path, engine_dir, ignore=shutil.ignore_patterns("manifest.json"))
@@ -90,4 +92,5 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     write_manifest(version_dir, {"engine_digest": engine.digest})
     ctx.log(f"Triton model {cfg.model_name!r}: Python backend, decoupled, {cfg.instances} instance(s), batches of up to "
             f"{cfg.max_batch}, context {limits['context_limit']} tokens, EOS ids {eos}")
-    return TritonRepository(path=ctx.out_dir, meta={"model_name": cfg.model_name, "limits": limits, "eos_token_ids": eos})
+    return TritonRepository(path=ctx.out_dir, meta={"model_name": cfg.model_name, "limits": limits, "eos_token_ids": eos,
+                                                         "max_batch": cfg.max_batch})

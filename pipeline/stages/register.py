@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import time
@@ -17,10 +16,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.artifacts import Artifact, Registration, link_tree, verify, write_json_atomic
+from pipeline.artifacts import Artifact, Registration, verify, write_json_atomic
 from pipeline.hashing import sha256_bytes
 from pipeline.recipe import RegisterConfig
-from pipeline.registry.fetch import PACKAGE_ENGINE_TAG
+from pipeline.registry.fetch import ARTIFACT_PATHS_TAG, PACKAGE_ENGINE_TAG
+from pipeline.registry.mlflow_model import ENGINE_PATH, MODEL_PATH, PACKAGE_PATH, save_engine_model
 from pipeline.registry.store import client_for, ensure_experiment, ensure_registered_model, store_lock
 from pipeline.runner import StageContext
 from pipeline.targets.gpu import gpu_tags
@@ -39,14 +39,17 @@ def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_package(client, run_id: str, package, scratch: Path) -> None:
-    """The Triton package as `triton/`, without the engine files `engine/` already holds."""
+def log_mlflow_model(client, run_id: str, engine: Artifact, package: Artifact | None, scratch: Path, lineage: dict) -> None:
+    """The build as an MLflow pyfunc model at `model/` (engine and Triton package as its artifacts),
+    and the run tags that say where fetching finds them."""
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        view = Path(tmp) / "triton"
-        link_tree(package.path, view)  # nothing is written twice here either
-        shutil.rmtree(view / package.engine_dir)
-        client.log_artifacts(run_id, str(view), "triton")
-    client.set_tag(run_id, PACKAGE_ENGINE_TAG, package.engine_dir)
+        model = save_engine_model(Path(tmp) / MODEL_PATH, engine, package, Path(tmp) / "parts",
+                                  {k: v for k, v in lineage.items() if not k.startswith("kiln.lib.")})
+        client.log_artifacts(run_id, str(model), MODEL_PATH)
+    paths = {"engine": ENGINE_PATH, **({"triton": PACKAGE_PATH} if package is not None else {})}
+    client.set_tag(run_id, ARTIFACT_PATHS_TAG, json.dumps(paths))
+    if package is not None:
+        client.set_tag(run_id, PACKAGE_ENGINE_TAG, package.engine_dir)
 
 
 # recipe sections that configure one quantization method only
@@ -162,11 +165,9 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 recipe_file = ctx.out_dir / "recipe.yaml"
                 recipe_file.write_text(recipe_text)
                 client.log_artifact(run_id, str(recipe_file))
-                client.log_artifacts(run_id, str(engine.path), "engine")
                 client.log_artifacts(run_id, str(report.path), "validation")
                 client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
-                if package is not None:  # the Triton model repository, with its stage manifest
-                    log_package(client, run_id, package, ctx.out_dir)
+                log_mlflow_model(client, run_id, engine, package, ctx.out_dir, lineage)
                 for name, artifact in upstream.items():
                     client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
                 client.set_terminated(run_id, "FINISHED")
@@ -176,7 +177,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
 
             ensure_registered_model(client, cfg.model_name)
             version = client.create_model_version(
-                cfg.model_name, source=f"{mlrun.info.artifact_uri}/engine", run_id=run_id, tags={**lineage, KEY_TAG: ctx.key},
+                cfg.model_name, source=f"{mlrun.info.artifact_uri}/{MODEL_PATH}", run_id=run_id, tags={**lineage, KEY_TAG: ctx.key},
                 description=f"{recipe_doc['name']}: {quantized.meta.get('method')} on {engine.meta['target']}",
             )
             ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")

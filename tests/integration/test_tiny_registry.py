@@ -35,9 +35,13 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
         assert run.data.metrics[f"stage_peak_rss_mb.{stage}"] > 0 and f"stage_disk_written_mb.{stage}" in run.data.metrics
     assert run.data.metrics["stage_children_peak_rss_mb.validate"] > 0  # the latency runs' own processes
     top = {a.path for a in c.list_artifacts(mv.run_id)}
-    assert {"engine", "validation", "manifests", "recipe.yaml", "triton"} <= top
-    engine_files = {a.path for a in c.list_artifacts(mv.run_id, "engine")}
-    assert {"engine/engine.onnx", "engine/manifest.json", "engine/tokenizer.json"} <= engine_files
+    assert {"model", "validation", "manifests", "recipe.yaml"} <= top
+    assert mv.source.endswith("/model")  # the version is the MLflow model
+    model_files = {a.path for a in c.list_artifacts(mv.run_id, "model")}
+    assert {"model/MLmodel", "model/artifacts", "model/code"} <= model_files
+    engine_files = {a.path for a in c.list_artifacts(mv.run_id, "model/artifacts/engine")}
+    assert {"model/artifacts/engine/engine.onnx", "model/artifacts/engine/manifest.json",
+            "model/artifacts/engine/tokenizer.json"} <= engine_files
 
 
 def test_the_store_keeps_the_engine_once_and_the_package_comes_back_whole(tiny_run, tmp_path):
@@ -51,7 +55,7 @@ def test_the_store_keeps_the_engine_once_and_the_package_comes_back_whole(tiny_r
     c = client(tiny_run)
     mv = c.get_model_version(reg["model_name"], reg["version"])
     engine_dir = c.get_run(mv.run_id).data.tags["kiln.triton_engine_dir"]
-    stored = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="triton", dst_path=str(tmp_path / "raw"),
+    stored = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model/artifacts/triton", dst_path=str(tmp_path / "raw"),
                                                       tracking_uri=reg["tracking_uri"]))
     assert not (stored / engine_dir).exists() and (stored / engine_dir).parent.is_dir()
     repository = fetch_triton_repository(c, reg["tracking_uri"], mv, tmp_path / "fetched")

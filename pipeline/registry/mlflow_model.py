@@ -1,0 +1,100 @@
+"""Each registered version as a real MLflow model: a pyfunc model (`pipeline/serving/pyfunc_model.py`)
+whose artifacts are the engine (with its sha256 manifest and tokenizer) and the Triton package, so
+`mlflow.pyfunc.load_model("models:/NAME@alias")` and `mlflow models serve` generate text.
+
+    model/MLmodel                    flavor, signature (prompt -> text, finish_reason, token counts; params)
+    model/pyfunc_model.py            the model's code (models from code: nothing pickled)
+    model/code/kiln_*.py             the decode loop, request checks and sampling, the manifest check
+    model/artifacts/engine/...       the build stage's folder, manifest.json included
+    model/artifacts/triton/...       the Triton package, without the engine files engine/ holds
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.artifacts import Artifact, link_tree
+from pipeline.modeling import runtime
+from pipeline.recipe import PackageConfig
+from pipeline.serving import generation, manifest_check
+
+MODEL_PATH = "model"  # the run's artifact path of the MLflow model; the version's source
+ENGINE_PATH = f"{MODEL_PATH}/artifacts/engine"
+PACKAGE_PATH = f"{MODEL_PATH}/artifacts/triton"
+PYFUNC_FILE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
+CODE_FILES = {"kiln_runtime.py": runtime.__file__, "kiln_generation.py": generation.__file__,
+              "kiln_manifest.py": manifest_check.__file__}
+EXAMPLE_PROMPT = "The Python programming language is"
+RUNTIME_LIBRARIES = ("numpy", "pandas", "onnxruntime", "tokenizers")
+
+
+def signature(limits: dict):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "text"), ColSpec("string", "finish_reason"),
+                        ColSpec("long", "prompt_tokens"), ColSpec("long", "completion_tokens")]),
+        params=ParamSchema([
+            ParamSpec("max_tokens", "long", int(limits["default_max_tokens"])),
+            ParamSpec("temperature", "double", 0.0),  # 0: greedy
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("seed", "long", -1),  # -1: unseeded
+            ParamSpec("stop", "string", [""], shape=(-1,)),
+        ]),
+    )
+
+
+def serving_settings(engine: Artifact, package: Artifact | None) -> dict:
+    """What the model needs besides the engine: limits, EOS ids and batch size, from the Triton
+    package when there is one (one set of limits for both runtimes), else the package defaults."""
+    from pipeline.stages.package import context_limit, eos_token_ids
+
+    if package is not None:
+        limits, eos = package.meta["limits"], package.meta["eos_token_ids"]
+        max_batch = int(package.meta.get("max_batch", PackageConfig().max_batch))
+    else:
+        cfg = PackageConfig()
+        limits = {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap,
+                  "default_max_tokens": cfg.default_max_tokens}
+        eos, max_batch = eos_token_ids(engine.path), cfg.max_batch
+    return {"engine_digest": engine.digest, "limits": limits, "eos_token_ids": eos, "max_batch": max_batch,
+            "session_options": {**engine.meta["session_options"], "model_file": engine.meta["model_file"]}}
+
+
+def package_without_engine(package, view: Path) -> Path:
+    """The Triton package's files, hard-linked, less the engine files the model's engine/ holds
+    (the store keeps them once; `fetch_triton_repository` puts them back)."""
+    link_tree(package.path, view)
+    shutil.rmtree(view / package.engine_dir)
+    return view
+
+
+def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, scratch: Path, metadata_tags: dict) -> Path:
+    """Write the MLflow model folder for this build at `dest` (a new folder) and return it."""
+    import mlflow.pyfunc
+
+    settings = serving_settings(engine, package)
+    code = scratch / "code"
+    code.mkdir(parents=True)
+    for name, src in CODE_FILES.items():  # under the names the model's code imports
+        shutil.copy2(src, code / name)
+    # MLflow names an artifact's folder after its source folder: hard-linked views under the names
+    # fetching expects (ENGINE_PATH, PACKAGE_PATH)
+    link_tree(engine.path, scratch / "engine")
+    artifacts = {"engine": str(scratch / "engine")}
+    if package is not None:
+        artifacts["triton"] = str(package_without_engine(package, scratch / "triton"))
+    mlflow.pyfunc.save_model(
+        str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
+        code_paths=[str(code / name) for name in CODE_FILES], model_config=settings,
+        signature=signature(settings["limits"]),
+        input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
+        pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],
+        metadata=metadata_tags,
+    )
+    return dest

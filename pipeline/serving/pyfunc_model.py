@@ -1,0 +1,76 @@
+"""MLflow pyfunc model that runs a Kiln engine (MLflow's "models from code": this file is the model's
+code, saved with each registered version; `pipeline/registry/mlflow_model.py` writes the model).
+
+Loaded by `mlflow.pyfunc.load_model` and `mlflow models serve`, without Kiln installed: it needs
+numpy, pandas, onnxruntime and tokenizers, plus `kiln_runtime`, `kiln_generation` and
+`kiln_manifest`, which the model carries as code paths. Before the engine loads, every file of it
+is checked against its sha256 manifest and that manifest against the digest recorded at
+registration (in the model config); a mismatch stops the load.
+
+Input: a `prompt` column (one row per prompt). Parameters (the signature's params):
+max_tokens, temperature, top_k, top_p, seed, stop. Output: one row per prompt with `text`,
+`finish_reason` ("eos" | "stop" | "length"), `prompt_tokens` and `completion_tokens`.
+"""
+
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+
+
+class KilnEngineModel(PythonModel):
+    def load_context(self, context):
+        import kiln_generation
+        import kiln_manifest
+        import kiln_runtime
+        from tokenizers import Tokenizer
+
+        config = context.model_config
+        engine_dir = Path(context.artifacts["engine"])
+        kiln_manifest.check_folder(engine_dir, config["engine_digest"])
+        self.lm = kiln_runtime.load_ort_engine(engine_dir, config["session_options"])
+        self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
+        self.eos_ids = set(config["eos_token_ids"])
+        self.limits = kiln_generation.Limits(**config["limits"])
+        self.max_batch = int(config["max_batch"])
+
+    def predict(self, context, model_input, params=None):
+        import kiln_generation
+        import pandas as pd
+
+        prompts = [str(p) for p in (model_input["prompt"] if hasattr(model_input, "columns") else model_input)]
+        settings = {k: v for k, v in (params or {}).items() if k in PARAMS and v is not None}
+        if settings.get("seed", -1) < 0:
+            settings.pop("seed", None)  # the signature's default -1: no fixed seed
+        if isinstance(settings.get("stop"), str):
+            settings["stop"] = [settings["stop"]] if settings["stop"] else []
+        try:
+            requests = [kiln_generation.parse_request(p, settings, self.tokenizer, self.limits) for p in prompts]
+        except kiln_generation.RequestError as e:  # the scoring server answers 400 with the reason
+            from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        texts, finish, sampled = [""] * len(requests), [None] * len(requests), [0] * len(requests)
+
+        for start in range(0, len(requests), self.max_batch):
+            chunk = requests[start : start + self.max_batch]
+
+            def emit(row, delta, finish_reason, start=start):  # called once per sampled token
+                texts[start + row] += delta
+                sampled[start + row] += 1
+                if finish_reason is not None:
+                    finish[start + row] = finish_reason
+
+            kiln_generation.generate(self.lm, chunk, self.tokenizer, self.eos_ids, emit)
+        return pd.DataFrame({
+            "text": texts,
+            "finish_reason": finish,
+            "prompt_tokens": [len(r.prompt_ids) for r in requests],
+            # an end-of-sequence token ends the text and is not part of it
+            "completion_tokens": [n - (f == "eos") for n, f in zip(sampled, finish)],
+        })
+
+
+mlflow.models.set_model(KilnEngineModel())
