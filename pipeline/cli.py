@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pipeline.console import fail, make_console
 from pipeline.errors import KilnError
+from pipeline.metric_table import side_by_side
 from pipeline.recipe import load_recipe
 from pipeline.registry import commands as registry_commands
 from pipeline.serving import commands as serving_commands
@@ -230,19 +231,12 @@ def print_summary(console: Console, s: dict) -> None:
                        (mb(r["disk_written_mb"]) if "disk_written_mb" in r else "-") + linked)
     console.print(stages)
 
-    m = s["metrics"]
     results = Table(title="Source vs build")
     results.add_column("metric")
     results.add_column(f"source (PyTorch {s['source_dtype']})", justify="right")
     results.add_column(f"build ({s['target']})", justify="right")
-    results.add_row("perplexity (held-out)", f"{m['source_ppl']:.3f}", f"{m['engine_ppl']:.3f} ({m['ppl_increase_pct']:+.2f} %)")
-    results.add_row("next-token agreement", "", f"{m['next_token_agreement']:.3f}")
-    src_tps = f"{m['source_tokens_per_s']:.1f}" if "source_tokens_per_s" in m else "-"
-    speedup = f" ({m['speedup_vs_source']:.2f}x)" if "speedup_vs_source" in m else ""
-    results.add_row("tokens/s (decode, batch 1)", src_tps, f"{m['tokens_per_s']:.1f}{speedup}")
-    results.add_row("time to first token (ms)", f"{m['source_ttft_ms']:.1f}" if "source_ttft_ms" in m else "-", f"{m['ttft_ms']:.1f}")
-    results.add_row("per-token p50 / p95 (ms)", "", f"{m['decode_p50_ms']:.2f} / {m['decode_p95_ms']:.2f}")
-    results.add_row("peak RSS (MB)", f"{m['source_peak_rss_mb']:.0f}" if "source_peak_rss_mb" in m else "-", f"{m['peak_rss_mb']:.0f}")
+    for label, source, build in side_by_side(s["metrics"]):
+        results.add_row(label, source, build)
     console.print(results)
     r = s["registered"]
     verdict = "[green]passed[/green]" if s["validation_passed"] else "[yellow]missed (warn)[/yellow]"

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from pipeline import metric_table
 from pipeline.errors import RecipeError
 from pipeline.modeling.decoder import FAMILIES
 
@@ -360,15 +361,16 @@ class LatencyConfig(Section):
     repeats: int = Field(3, ge=1)
 
 
-class GatesConfig(Section):
-    """Limits a build must meet. `null` disables a gate."""
+def _limit_field(default: float | None, minimum: float, strict: bool, maximum: float | None, optional: bool):
+    bounds = {"gt" if strict else "ge": minimum, **({"le": maximum} if maximum is not None else {})}
+    return (float | None if optional else float, Field(default, **bounds))
 
-    max_ppl_increase_pct: float | None = Field(10.0, ge=0)
-    min_next_token_agreement: float | None = Field(None, ge=0, le=1)
-    min_tokens_per_s: float | None = Field(None, gt=0)
-    max_ttft_ms: float | None = Field(None, gt=0)
-    max_peak_rss_mb: float | None = Field(None, gt=0)
-    max_gpu_memory_mb: float | None = Field(None, gt=0)  # GPU targets only
+
+# Both built from pipeline/metric_table.py: a gate or promotion limit is a column of a metric's row.
+GatesConfig = create_model(
+    "GatesConfig", __base__=Section, __doc__="Limits a build must meet. `null` disables a gate.",
+    **{m.gate.field: _limit_field(m.gate.default, m.gate.minimum, m.gate.strict, m.gate.maximum, optional=True)
+       for m in metric_table.GATED})
 
 
 class ValidateConfig(Section):
@@ -447,23 +449,17 @@ class PackageConfig(Section):
 # --------------------------------------------------------------------------- promote
 
 
-class PromoteConfig(Section):
-    """Limits for `kiln promote --to production`: how far the challenger (this recipe's version) may
+PromoteConfig = create_model(
+    "PromoteConfig", __base__=Section,
+    __doc__=("""Limits for `kiln promote --to production`: how far the challenger (this recipe's version) may
     fall behind the current production version, measured on the same eval tokens and hardware.
 
     ```yaml
     promote:
-      max_ppl_increase_pct: 1.0        # challenger perplexity vs production's, percent
-      max_agreement_drop: 0.01         # next-token agreement with the source, absolute
-      max_tokens_per_s_drop_pct: 10.0  # decode tokens/s, percent
-      max_ttft_increase_pct: 25.0      # time to first token, percent
-    ```
-    """
-
-    max_ppl_increase_pct: float = Field(1.0, ge=0)
-    max_agreement_drop: float = Field(0.01, ge=0, le=1)
-    max_tokens_per_s_drop_pct: float = Field(10.0, ge=0, le=100)
-    max_ttft_increase_pct: float = Field(25.0, ge=0)
+""" + "".join(f"      {m.promote.field + ': ' + format(m.promote.default, 'g'):<34} # {m.promote.help}\n" for m in metric_table.PROMOTED) + """    ```
+    """),
+    **{m.promote.field: _limit_field(m.promote.default, 0.0, False, m.promote.maximum, optional=False)
+       for m in metric_table.PROMOTED})
 
 
 # --------------------------------------------------------------------------- recipe

@@ -6,16 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.metric_table import COLUMNS
 from pipeline.registry.promotion import AUDIT_PREFIX
-
-# record field -> run metric
-METRICS = {
-    "ppl_increase_pct": "ppl_increase_pct",
-    "agreement": "next_token_agreement",
-    "tokens_per_s": "tokens_per_s",
-    "ttft_ms": "ttft_ms",
-    "size_mb": "engine_size_mb",
-}
 
 
 def version_records(client, name: str | None = None) -> list[dict[str, Any]]:
@@ -36,7 +28,7 @@ def version_records(client, name: str | None = None) -> list[dict[str, Any]]:
                 "method": mv.tags.get("kiln.quant_method"),
                 "target": mv.tags.get("kiln.target"),
                 "hardware": mv.tags.get("kiln.hardware"),
-                **{field: metrics.get(metric) for field, metric in METRICS.items()},
+                **{row.key: metrics.get(row.key) for row in COLUMNS},  # named as in validation.json
                 "validated": mv.tags.get("kiln.validation_passed"),
                 "recipe_sha256": mv.tags.get("kiln.recipe_sha256"),
                 "created_ms": mv.creation_timestamp,
@@ -54,3 +46,40 @@ def audit_records(client, name: str | None = None) -> list[dict[str, Any]]:
                 if key.startswith(AUDIT_PREFIX):
                     events.append({"model": model, "version": int(mv.version), **json.loads(value)})
     return sorted(events, key=lambda e: e["at"])
+
+
+# label offsets (points) tried in turn around each marker until one overlaps no earlier label
+_OFFSETS = [(6, 6), (6, -12), (-6, 6), (-6, -12), (6, 18), (6, -24), (-6, 18), (-6, -24), (18, 0), (-18, 0)]
+
+
+def plot_accuracy_vs_speed(ax, records: list[dict[str, Any]]) -> list:
+    """Perplexity increase against decode tokens/s, one marker per version, coloured by target.
+    Speeds of different targets differ by orders of magnitude, so the speed axis is logarithmic;
+    each label ("name vN @alias") takes the first offset around its marker that overlaps no label
+    placed before it. Returns the label artists."""
+    plotted = [r for r in records if r.get("tokens_per_s") and r.get("ppl_increase_pct") is not None]
+    for target in sorted({r["target"] or "?" for r in plotted}):
+        group = [r for r in plotted if (r["target"] or "?") == target]
+        ax.scatter([r["tokens_per_s"] for r in group], [r["ppl_increase_pct"] for r in group], label=target, s=40)
+    ax.set_xscale("log")
+    ax.margins(x=0.35, y=0.1)  # room for the labels of the outermost markers
+    ax.set_xlabel("decode tokens/s (batch 1, log scale)")
+    ax.set_ylabel("perplexity increase vs source (%)")
+    if plotted:
+        ax.legend(title="target", loc="best")
+    figure = ax.figure
+    figure.canvas.draw()  # label sizes are known only once rendered
+    renderer = figure.canvas.get_renderer()
+    placed, labels = [], []
+    for r in sorted(plotted, key=lambda r: (r["tokens_per_s"], r["ppl_increase_pct"])):
+        text = f"{r['model']} v{r['version']}" + (f" {r['aliases']}" if r.get("aliases") else "")
+        for offset in _OFFSETS:
+            label = ax.annotate(text, (r["tokens_per_s"], r["ppl_increase_pct"]), textcoords="offset points",
+                                xytext=offset, fontsize=7, ha="left" if offset[0] >= 0 else "right")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or offset == _OFFSETS[-1]:
+                placed.append(box)
+                labels.append(label)
+                break
+            label.remove()
+    return labels

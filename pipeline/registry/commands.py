@@ -26,20 +26,13 @@ from rich.table import Table
 
 from pipeline.console import fail, make_console
 from pipeline.errors import KilnError, PromotionRefused
+from pipeline.metric_table import COLUMNS
 from pipeline.registry.refs import VersionRef, resolve
 
 models_app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]}, help="Browse the model registry: registered models, versions, aliases, metrics.")
 
 StoreOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else artifacts/mlflow.db).")]
 ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
-# record field -> (column, format)
-VERSION_COLUMNS = {
-    "ppl_increase_pct": ("ppl Δ %", "{:+.2f}"),
-    "agreement": ("agreement", "{:.3f}"),
-    "tokens_per_s": ("tokens/s", "{:.1f}"),
-    "ttft_ms": ("TTFT ms", "{:.1f}"),
-    "size_mb": ("size MB", "{:.1f}"),
-}
 
 
 def open_store(tracking_uri: str | None, artifacts: Path | None):
@@ -60,8 +53,12 @@ def open_registry(tracking_uri: str | None, artifacts: Path | None):
     return Registry(client, uri, settings.artifacts_root / "registry", settings.actor)
 
 
+def numeric_columns() -> list[str]:
+    return [row.column for row in COLUMNS]
+
+
 def version_row(r: dict) -> list[str]:
-    cells = ["-" if r[k] is None else fmt.format(r[k]) for k, (_, fmt) in VERSION_COLUMNS.items()]
+    cells = [row.format(r[row.key]) for row in COLUMNS]
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_ms"] / 1000))
     return [str(r["version"]), r["aliases"], r["method"] or "?", r["target"] or "?", *cells, r["validated"] or "?", created]
 
@@ -102,8 +99,8 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
         if parsed.version is None and parsed.alias is None:
             resolve(client, parsed)  # a clear error when the model does not exist
             table = Table(title=f"{parsed.name} ({uri})")
-            numeric = {c for c, _ in VERSION_COLUMNS.values()}
-            for col in ("version", "aliases", "method", "target", *(c for c, _ in VERSION_COLUMNS.values()), "validated", "created"):
+            numeric = set(numeric_columns())
+            for col in ("version", "aliases", "method", "target", *numeric_columns(), "validated", "created"):
                 table.add_column(col, justify="right" if col in numeric else "left")
             for record in version_records(client, parsed.name):
                 table.add_row(*version_row(record))
@@ -171,7 +168,7 @@ def comparison_table(decision) -> Table:
     for col in ("metric", f"champion v{decision.previous}", f"challenger v{decision.version}", "worse by", "limit", ""):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for r in decision.comparison:
-        table.add_row(r.metric, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.change:+.3g} {r.unit}", f"{r.limit:g} {r.unit}",
+        table.add_row(r.label, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.change:+.3g} {r.unit}", f"{r.limit:g} {r.unit}",
                       "[green]ok[/green]" if r.passed else "[red]regressed[/red]")
     return table
 

@@ -24,7 +24,7 @@ MODEL_PATH = "model"  # the run's artifact path of the MLflow model; the version
 ENGINE_PATH = f"{MODEL_PATH}/artifacts/engine"
 PACKAGE_PATH = f"{MODEL_PATH}/artifacts/triton"
 PYFUNC_FILE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
-CODE_FILES = {"kiln_runtime.py": runtime.__file__, "kiln_generation.py": generation.__file__,
+SHIPPED_MODULES = {"kiln_runtime.py": runtime.__file__, "kiln_generation.py": generation.__file__,
               "kiln_manifest.py": manifest_check.__file__}
 EXAMPLE_PROMPT = "The Python programming language is"
 RUNTIME_LIBRARIES = ("numpy", "pandas", "onnxruntime", "tokenizers")
@@ -81,7 +81,7 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
     settings = serving_settings(engine, package)
     code = scratch / "code"
     code.mkdir(parents=True)
-    for name, src in CODE_FILES.items():  # under the names the model's code imports
+    for name, src in SHIPPED_MODULES.items():  # under the names the model's code imports
         shutil.copy2(src, code / name)
     # MLflow names an artifact's folder after its source folder: hard-linked views under the names
     # fetching expects (ENGINE_PATH, PACKAGE_PATH)
@@ -91,7 +91,7 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
         artifacts["triton"] = str(package_without_engine(package, scratch / "triton"))
     mlflow.pyfunc.save_model(
         str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
-        code_paths=[str(code / name) for name in CODE_FILES], model_config=settings,
+        code_paths=[str(code / name) for name in SHIPPED_MODULES], model_config=settings,
         signature=signature(settings["limits"]),
         input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
         pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],

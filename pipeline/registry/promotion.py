@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import PromotionRefused
+from pipeline.metric_table import PROMOTED
 from pipeline.recipe import PromoteConfig
 from pipeline.registry.fetch import fetch_version
 from pipeline.registry.refs import VersionRef, resolve
@@ -32,7 +33,8 @@ AUDIT_PREFIX = "kiln.audit."
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    metric: str
+    metric: str  # the metric table's key
+    label: str
     champion: float
     challenger: float
     change: float  # in the unit of `limit`, positive = worse
@@ -58,24 +60,15 @@ class Decision:
         return not self.problems and all(r.passed for r in self.comparison)
 
     def reasons(self) -> list[str]:
-        failed = [f"{r.metric} worse by {r.change:.3g} {r.unit} (limit {r.limit:g} {r.unit})" for r in self.comparison if not r.passed]
+        failed = [f"{r.label} worse by {r.change:.3g} {r.unit} (limit {r.limit:g} {r.unit})" for r in self.comparison if not r.passed]
         return self.problems + failed
 
 
 def compare(challenger: dict[str, float], champion: dict[str, float], policy: PromoteConfig) -> list[ComparisonRow]:
-    def pct(new: float, old: float) -> float:
-        return 100.0 * (new - old) / old
-
-    return [
-        ComparisonRow("perplexity", champion["engine_ppl"], challenger["engine_ppl"],
-                      pct(challenger["engine_ppl"], champion["engine_ppl"]), policy.max_ppl_increase_pct, "%"),
-        ComparisonRow("next-token agreement", champion["next_token_agreement"], challenger["next_token_agreement"],
-                      champion["next_token_agreement"] - challenger["next_token_agreement"], policy.max_agreement_drop, "abs"),
-        ComparisonRow("tokens/s", champion["tokens_per_s"], challenger["tokens_per_s"],
-                      -pct(challenger["tokens_per_s"], champion["tokens_per_s"]), policy.max_tokens_per_s_drop_pct, "%"),
-        ComparisonRow("time to first token (ms)", champion["ttft_ms"], challenger["ttft_ms"],
-                      pct(challenger["ttft_ms"], champion["ttft_ms"]), policy.max_ttft_increase_pct, "%"),
-    ]
+    """Challenger vs champion on every metric with a promotion limit (pipeline/metric_table.py)."""
+    return [ComparisonRow(row.key, row.label, champion[row.key], challenger[row.key], row.worse_by(challenger[row.key], champion[row.key]),
+                          getattr(policy, row.promote.field), "%" if row.promote.change == "pct" else "abs")
+            for row in PROMOTED]
 
 
 def policy_of(client, mv) -> PromoteConfig:

@@ -25,6 +25,8 @@ from pipeline.registry.store import client_for, ensure_experiment, ensure_regist
 from pipeline.runner import StageContext
 from pipeline.targets.gpu import gpu_tags
 
+# Copied into each MLflow model as its code (never imported here): part of this stage's cache key.
+CODE_FILES = ("serving/pyfunc_model.py",)
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "mlflow", "numpy")
 
 

@@ -18,22 +18,13 @@ from pipeline.errors import QualityGateFailed
 from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
 from pipeline.memory import CHILD_PEAK_KEY, release_free_memory
+from pipeline.metric_table import GATED, side_by_side
 from pipeline.metrics import agreement, eval_windows, perplexity, token_nll
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import CausalLM, TorchCausalLM
 from pipeline.recipe import GatesConfig, ValidateConfig
 from pipeline.runner import StageContext
 from pipeline.targets import get_target
-
-# gate field -> (metric, comparison, human label)
-GATES = {
-    "max_ppl_increase_pct": ("ppl_increase_pct", "<=", "perplexity increase %"),
-    "min_next_token_agreement": ("next_token_agreement", ">=", "next-token agreement"),
-    "min_tokens_per_s": ("tokens_per_s", ">=", "tokens/s"),
-    "max_ttft_ms": ("ttft_ms", "<=", "time to first token (ms)"),
-    "max_peak_rss_mb": ("peak_rss_mb", "<=", "peak RSS (MB)"),
-    "max_gpu_memory_mb": ("gpu_memory_mb", "<=", "GPU memory (MB)"),
-}
 
 
 def score(lm: CausalLM, windows: list[np.ndarray], advance) -> tuple[float, int, np.ndarray]:
@@ -51,15 +42,15 @@ def score(lm: CausalLM, windows: list[np.ndarray], advance) -> tuple[float, int,
 
 def evaluate_gates(gates: GatesConfig, metrics: dict[str, float]) -> list[dict[str, Any]]:
     results = []
-    for field, (metric, op, label) in GATES.items():
-        limit = getattr(gates, field)
+    for row in GATED:
+        limit = getattr(gates, row.gate.field)
         if limit is None:
             continue
         # A gate never passes on a number nobody measured (e.g. a driver that reports no per-process
         # GPU memory): it fails and says so.
-        value = metrics.get(metric)
-        ok = value is not None and (value <= limit if op == "<=" else value >= limit)
-        results.append({"gate": field, "metric": metric, "label": label, "value": value, "op": op,
+        value = metrics.get(row.key)
+        ok = value is not None and (value <= limit if row.op == "<=" else value >= limit)
+        results.append({"gate": row.gate.field, "metric": row.key, "label": row.label, "value": value, "op": row.op,
                          "limit": limit, "passed": bool(ok)})
     return results
 
@@ -93,17 +84,8 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
         "# Validation report", "",
         f"Target: `{meta['target']}`; eval tokens: {meta['eval_tokens']} in windows of {meta['window']}.", "",
         f"| metric | source (PyTorch {meta['source_dtype']}) | engine |", "|---|---|---|",
-        f"| perplexity | {metrics['source_ppl']:.4f} | {metrics['engine_ppl']:.4f} |",
-        f"| perplexity increase | | {metrics['ppl_increase_pct']:+.3f} % |",
-        f"| next-token agreement | | {metrics['next_token_agreement']:.4f} |",
+        *(f"| {label} | {src} | {eng} |" for label, src, eng in side_by_side(metrics)),
     ]
-    src = meta.get("source_latency") or {}
-    for key, label in (("tokens_per_s", "tokens/s (decode)"), ("ttft_ms", "time to first token (ms)"),
-                       ("decode_p50_ms", "per-token p50 (ms)"), ("decode_p95_ms", "per-token p95 (ms)"),
-                       ("peak_rss_mb", "peak RSS (MB)"), ("gpu_memory_mb", "GPU memory held (MB)")):
-        if key not in metrics:
-            continue
-        lines.append(f"| {label} | {src[key]:.2f} | {metrics[key]:.2f} |" if key in src else f"| {label} | | {metrics[key]:.2f} |")
     lines += ["", "## Gates", ""]
     lines += [f"- {'✓' if g['passed'] else '✗'} {describe_gate(g)}" for g in gates] or ["- (none)"]
     return "\n".join(lines) + "\n"

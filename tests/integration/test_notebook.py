@@ -19,7 +19,10 @@ def test_registry_tour_notebook_runs(tiny_run, tmp_path, monkeypatch):
     run_kiln("promote", "tiny-llama-int4", "1", "--to", "staging", artifacts=tiny_run["artifacts"],
              env={"MLFLOW_TRACKING_URI": store}, check=True)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the kernel inherits this process's environment
+    # the kernel inherits this process's environment; like `kiln`, the notebook finds the embedded
+    # store through KILN_ARTIFACTS alone
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KILN_ARTIFACTS", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     nb = nbformat.read(ROOT / "notebooks" / "registry_tour.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()

@@ -43,10 +43,10 @@ def test_each_limit_refuses_its_own_regression():
     policy = PromoteConfig(max_ppl_increase_pct=1, max_agreement_drop=0.01, max_tokens_per_s_drop_pct=10, max_ttft_increase_pct=25)
     worse = {"engine_ppl": 22.0 * 1.02, "next_token_agreement": 0.82, "tokens_per_s": 70.0 * 0.85, "ttft_ms": 130.0}
     rows = {r.metric: r for r in compare(worse, CHAMPION, policy)}
-    assert rows["perplexity"].change == pytest.approx(2.0) and not rows["perplexity"].passed
-    assert rows["next-token agreement"].change == pytest.approx(0.02) and not rows["next-token agreement"].passed
-    assert rows["tokens/s"].change == pytest.approx(15.0) and not rows["tokens/s"].passed
-    assert rows["time to first token (ms)"].change == pytest.approx(30.0) and not rows["time to first token (ms)"].passed
+    assert rows["engine_ppl"].change == pytest.approx(2.0) and not rows["engine_ppl"].passed
+    assert rows["next_token_agreement"].change == pytest.approx(0.02) and not rows["next_token_agreement"].passed
+    assert rows["tokens_per_s"].change == pytest.approx(15.0) and not rows["tokens_per_s"].passed
+    assert rows["ttft_ms"].change == pytest.approx(30.0) and not rows["ttft_ms"].passed
     within = {"engine_ppl": 22.0 * 1.005, "next_token_agreement": 0.835, "tokens_per_s": 66.0, "ttft_ms": 120.0}
     assert all(r.passed for r in compare(within, CHAMPION, policy))
 
@@ -56,5 +56,26 @@ def test_decision_lists_problems_and_regressions():
                  comparison=compare({**CHAMPION, "engine_ppl": 30.0}, CHAMPION, PromoteConfig()))
     assert not d.allowed
     assert d.reasons()[0] == "version 2 is not on staging"
-    assert d.reasons()[1].startswith("perplexity worse by 36.4 %")
+    assert d.reasons()[1].startswith("perplexity (held-out) worse by 36.4 %")
     assert Decision("m", "2", "staging", None).allowed
+
+
+def test_version_plot_has_a_log_speed_axis_and_labels_that_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.registry.browse import plot_accuracy_vs_speed
+
+    # twelve versions, CPU builds near 54 tok/s and GPU builds near 4300 tok/s, close in accuracy
+    records = [{"model": "smollm2-135m-int4", "version": v, "aliases": "@staging" if v == 3 else "", "target": target,
+                "tokens_per_s": speed * (1 + 0.01 * v), "ppl_increase_pct": 7.5 + 0.05 * v}
+               for v, (target, speed) in enumerate([("onnxruntime-cpu", 54.0)] * 6 + [("tensorrt", 4300.0)] * 6, start=1)]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labels = plot_accuracy_vs_speed(ax, records)
+    assert ax.get_xscale() == "log" and len(labels) == 12
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert not [(i, j) for i in range(12) for j in range(i + 1, 12) if boxes[i].overlaps(boxes[j])]
+    plt.close(fig)

@@ -180,7 +180,7 @@ def stage_keys(tmp_path) -> dict[str, str]:
 
 
 def test_a_stage_is_keyed_on_the_code_it_runs_not_the_whole_package(tmp_path, monkeypatch):
-    """Editing the serving code changes the package stage's key and no build stage's; editing the
+    """Editing the serving code changes the keys of the stages that ship it and no build stage's; editing the
     quantizer changes quantize's and not source's."""
     from pipeline import hashing
 
@@ -195,7 +195,8 @@ def test_a_stage_is_keyed_on_the_code_it_runs_not_the_whole_package(tmp_path, mo
 
     monkeypatch.setattr(hashing.Path, "read_bytes", read_bytes)
     after = stage_keys(tmp_path)
-    assert {n for n in before if before[n] != after[n]} == {"package"}
+    # the package stage copies it into the Triton model, register into the MLflow model
+    assert {n for n in before if before[n] != after[n]} == {"package", "register"}
     edited.clear()
     edited.add("quantization/rtn.py")
     after = stage_keys(tmp_path)
@@ -205,6 +206,10 @@ def test_a_stage_is_keyed_on_the_code_it_runs_not_the_whole_package(tmp_path, mo
     edited.add("serving/triton_model.py")  # copied into the package as a file, never imported
     after = stage_keys(tmp_path)
     assert {n for n in before if before[n] != after[n]} == {"package"}
+    edited.clear()
+    edited.add("serving/pyfunc_model.py")  # the MLflow model's code, copied by register
+    after = stage_keys(tmp_path)
+    assert {n for n in before if before[n] != after[n]} == {"register"}
 
 
 def test_each_built_stage_records_its_peak_memory_and_disk(tmp_path):

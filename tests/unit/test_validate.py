@@ -38,8 +38,8 @@ def test_gates_compare_in_the_right_direction():
     assert {g["gate"]: g["passed"] for g in gates} == {
         "max_ppl_increase_pct": False, "min_next_token_agreement": True, "min_tokens_per_s": False, "max_ttft_ms": True}
     report = ValidationReport(path=None, meta={"gates": gates})
-    assert gate_failures(report) == ["max_ppl_increase_pct: perplexity increase % 5 is not <= 4",
-                                     "min_tokens_per_s: tokens/s 50 is not >= 60"]
+    assert gate_failures(report) == ["max_ppl_increase_pct: perplexity increase vs source 5 is not <= 4",
+                                     "min_tokens_per_s: tokens/s (decode, batch 1) 50 is not >= 60"]
 
 
 def test_gate_on_an_unmeasured_metric_fails_and_says_so():
@@ -49,7 +49,7 @@ def test_gate_on_an_unmeasured_metric_fails_and_says_so():
     assert [(g["gate"], g["value"], g["passed"]) for g in gates] == [("max_ppl_increase_pct", 5.0, True),
                                                                      ("max_gpu_memory_mb", None, False)]
     assert gate_failures(ValidationReport(path=None, meta={"gates": gates})) == [
-        "max_gpu_memory_mb: GPU memory (MB) was not measured on this machine (limit <= 4096)"]
+        "max_gpu_memory_mb: GPU memory held (MB) was not measured on this machine (limit <= 4096)"]
 
 
 def test_failed_gate_exits_4_names_gate_value_limit_and_keeps_report(tiny_run):
