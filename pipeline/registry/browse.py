@@ -3,11 +3,10 @@ show` and notebooks/registry_tour.ipynb alike."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pipeline.metric_table import COLUMNS
-from pipeline.registry.promotion import AUDIT_PREFIX
+from pipeline.registry.promotion import audit_log
 
 
 def version_records(client, name: str | None = None) -> list[dict[str, Any]]:
@@ -42,9 +41,7 @@ def audit_records(client, name: str | None = None) -> list[dict[str, Any]]:
     events = []
     for model in models:
         for mv in client.search_model_versions(f"name='{model}'"):
-            for key, value in mv.tags.items():
-                if key.startswith(AUDIT_PREFIX):
-                    events.append({"model": model, "version": int(mv.version), **json.loads(value)})
+            events += [{**e, "model": model, "version": int(mv.version)} for e in audit_log(client, mv)]
     return sorted(events, key=lambda e: e["at"])
 
 

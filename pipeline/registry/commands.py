@@ -2,6 +2,7 @@
 
     kiln models list
     kiln models show smollm2-135m-int4@production
+    kiln models diff smollm2-135m-int4@production smollm2-135m-int4@staging
     kiln promote smollm2-135m-int4 3 --to staging
     kiln promote smollm2-135m-int4 3 --to production
     kiln rollback smollm2-135m-int4
@@ -90,7 +91,7 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
     Example: kiln models show smollm2-135m-int4@production
     """
     from pipeline.registry.browse import version_records
-    from pipeline.registry.promotion import audit_log
+    from pipeline.registry.promotion import LEGACY_AUDIT_PREFIX, audit_log
 
     console = make_console()
     try:
@@ -123,10 +124,10 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
     tags.add_column("tag")
     tags.add_column("value")
     for k, v in sorted(mv.tags.items()):
-        if not k.startswith("kiln.audit."):
+        if not k.startswith(LEGACY_AUDIT_PREFIX):
             tags.add_row(k, v)
     console.print(tags)
-    for event in audit_log(mv):
+    for event in audit_log(client, mv):
         console.print(f"audit: {event['at']} {event['by']}: {event['action']} @{event['alias']} → {event['result']}"
                       + (f" (previous {event['previous_version']})"
                          if event.get("previous_version") and str(event["previous_version"]) != str(mv.version) else "")
@@ -161,6 +162,56 @@ def pull(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or mo
                   + (f"; serve it with: kiln serve {folder}" if repository else " (no Triton package: its recipe had none)"))
     print(json.dumps({"name": fetched.name, "version": fetched.version, "engine_dir": str(fetched.engine_dir),
                       "validation_dir": str(fetched.validation_dir), "triton_repository": repository and str(repository)}))
+
+
+@models_app.command("diff")
+def diff(a: Annotated[str, typer.Argument(help="First version: NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS")],
+         b: Annotated[str, typer.Argument(help="Second version (compared against the first)")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print the differences as one JSON object.")] = False,
+         tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
+    """Two versions side by side: metrics, gates, lineage and recipe settings (differences only for
+    lineage and recipe). Each version's gates come from its validation report, checked against the
+    registered sha256 digest.
+
+    Example: kiln models diff smollm2-135m-int4@production smollm2-135m-int4@staging
+    """
+    from pipeline.registry.diff import diff_versions
+
+    console = make_console()
+    try:
+        _, uri, client = open_store(tracking_uri, artifacts)
+        mv_a, mv_b = (resolve(client, VersionRef.parse(ref)) for ref in (a, b))
+        result = diff_versions(client, uri, mv_a, mv_b)
+    except KilnError as e:
+        fail(console, e)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    marks = {"better": "[green]better[/green]", "worse": "[red]worse[/red]", "same": "same", None: ""}
+    metrics = Table(title=f"metrics: {result.b} vs {result.a}")
+    for col in ("metric", result.a, result.b, "change", ""):
+        metrics.add_column(col, justify="left" if col == "metric" else "right")
+    for m in result.metrics:
+        metrics.add_row(m["label"], m["a_text"], m["b_text"], m["change"] or "", marks[m["verdict"]])
+    console.print(metrics)
+    gates = Table(title="gates")
+    for col in ("gate", result.a, result.b):
+        gates.add_column(col)
+    for g in result.gates:
+        gates.add_row(g["gate"], g["a"] or "(not set)", g["b"] or "(not set)")
+    console.print(gates if result.gates else "gates: none set on either version")
+    for title, rows, empty in (("lineage (tags that differ)", result.lineage, "lineage: identical"),
+                               ("recipe (settings that differ)", result.recipe, "recipe: identical settings")):
+        if not rows:
+            console.print(empty)
+            continue
+        table = Table(title=title)
+        for col in ("key", result.a, result.b):
+            table.add_column(col, overflow="fold")
+        for key, x, y in rows:
+            table.add_row(key, "-" if x is None else x, "-" if y is None else y)
+        console.print(table)
+    console.print(f"{result.same_lineage} lineage tags are the same on both.")
 
 
 def comparison_table(decision) -> Table:

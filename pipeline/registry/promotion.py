@@ -6,8 +6,10 @@
   `@production`, challenger vs champion on the same eval tokens and hardware within the limits of
   the challenger recipe's `promote` section.
 `--force` overrides the gates (never the integrity check) and says so in the record. Every attempt,
-refused ones included, is recorded on the version as a `kiln.audit.<time>` tag, so the registry is
-the audit log. The production history (for rollback) is a tag on the registered model.
+refused ones included, is recorded as one JSON artifact of the version's run (`audit/<time>-...json`)
+and summed up in the version's `kiln.last_audit` tag, so the registry is the audit log. The
+production history (for rollback) and a one-line alias map (`kiln.aliases`, which MLflow's models
+list shows in full) are tags on the registered model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from pipeline.registry.store import store_lock
 
 Alias = Literal["staging", "production"]
 HISTORY_TAG = "kiln.production_history"
-AUDIT_PREFIX = "kiln.audit."
+ALIASES_TAG = "kiln.aliases"
+LAST_AUDIT_TAG = "kiln.last_audit"
+AUDIT_DIR = "audit"  # in the version's run artifacts, one JSON file per event
+LEGACY_AUDIT_PREFIX = "kiln.audit."  # versions promoted before audit records became artifacts
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,26 @@ class Registry:
         return decision
 
     def record(self, name: str, version: str, event: dict[str, Any]) -> None:
+        """One audit event: a JSON artifact of the version's run, and a short tag on the version."""
         now = datetime.now(timezone.utc)
-        event = {**event, "by": self.actor, "at": now.isoformat(timespec="milliseconds")}
-        self.client.set_model_version_tag(name, version, AUDIT_PREFIX + now.strftime("%Y%m%dT%H%M%S.%fZ"), json.dumps(event))
+        event = {**event, "model": name, "version": str(version), "by": self.actor, "at": now.isoformat(timespec="milliseconds")}
+        mv = self.client.get_model_version(name, version)
+        file_name = f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{event['action']}-{event['alias']}-v{version}.json"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".audit-") as tmp:
+            path = Path(tmp) / file_name
+            path.write_text(json.dumps(event, indent=2))
+            self.client.log_artifact(mv.run_id, str(path), AUDIT_DIR)
+        self.client.set_model_version_tag(name, version, LAST_AUDIT_TAG,
+                                          f"{event['at']} {event['action']} @{event['alias']} {event['result']} by {self.actor} "
+                                          f"({AUDIT_DIR}/{file_name})")
+
+    def show_aliases(self, name: str) -> None:
+        """The registered model's whole alias map as one tag: MLflow's models list shows only the
+        first alias ("@staging: Version 1 +1"), its tags column shows this in full."""
+        aliases = self.client.get_registered_model(name).aliases or {}
+        text = ", ".join(f"@{a} → v{v}" for a, v in sorted(aliases.items())) or "none"
+        self.client.set_registered_model_tag(name, ALIASES_TAG, text)
 
     def apply(self, decision: Decision, force: bool = False) -> str:
         """Record the decision on the version and move the alias if allowed (or forced). Returns
@@ -140,6 +162,7 @@ class Registry:
         if result == "refused":
             return result
         self.client.set_registered_model_alias(decision.name, decision.alias, decision.version)
+        self.show_aliases(decision.name)
         if decision.alias == "production":
             history = self.history(decision.name)
             if not history or history[-1] != decision.version:
@@ -170,6 +193,7 @@ class Registry:
             raise PromotionRefused(f"{name} version {current.version} is the only production version so far; nothing to roll back to")
         target = history[-2]
         self.client.set_registered_model_alias(name, "production", target)
+        self.show_aliases(name)
         self.set_history(name, history[:-1])
         self.record(name, str(current.version), {"action": "rollback", "alias": "production", "result": "rolled back from",
                                                  "to_version": target})
@@ -178,5 +202,13 @@ class Registry:
         return str(current.version), target
 
 
-def audit_log(mv) -> list[dict[str, Any]]:
-    return [json.loads(v) for k, v in sorted(mv.tags.items()) if k.startswith(AUDIT_PREFIX)]
+def audit_log(client, mv) -> list[dict[str, Any]]:
+    """The version's audit events in time order: its run's audit/ artifacts (and, for versions
+    promoted by earlier Kiln releases, the JSON tags those kept)."""
+    events = [json.loads(v) for k, v in mv.tags.items() if k.startswith(LEGACY_AUDIT_PREFIX)]
+    files = [a.path for a in client.list_artifacts(mv.run_id, AUDIT_DIR) if a.path.endswith(".json")]
+    if files:
+        with tempfile.TemporaryDirectory(prefix="kiln-audit-") as tmp:
+            folder = Path(client.download_artifacts(mv.run_id, AUDIT_DIR, tmp))
+            events += [json.loads((folder / Path(f).name).read_text()) for f in files]
+    return sorted(events, key=lambda e: e["at"])

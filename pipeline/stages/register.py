@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from pipeline.artifacts import Artifact, Registration, verify, write_json_atomic
 from pipeline.hashing import sha256_bytes
+from pipeline.metric_table import COLUMNS
 from pipeline.recipe import RegisterConfig
 from pipeline.registry.fetch import ARTIFACT_PATHS_TAG, PACKAGE_ENGINE_TAG
 from pipeline.registry.mlflow_model import ENGINE_PATH, MODEL_PATH, PACKAGE_PATH, save_engine_model
@@ -180,7 +181,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
             ensure_registered_model(client, cfg.model_name)
             version = client.create_model_version(
                 cfg.model_name, source=f"{mlrun.info.artifact_uri}/{MODEL_PATH}", run_id=run_id, tags={**lineage, KEY_TAG: ctx.key},
-                description=f"{recipe_doc['name']}: {quantized.meta.get('method')} on {engine.meta['target']}",
+                description=version_description(recipe_doc["name"], lineage, metrics),
             )
             ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")
             record = {"model_name": cfg.model_name, "version": str(version.version), "run_id": run_id,
@@ -189,6 +190,22 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
             return Registration(path=ctx.out_dir, meta=record)
 
     return run
+
+
+def version_description(recipe_name: str, lineage: dict[str, str], metrics: dict[str, float]) -> str:
+    """The version page's description, which MLflow shows first: key metrics and lineage in a few
+    lines (every tag and metric stays on the version and its run)."""
+    cols = [row for row in COLUMNS if row.key in metrics]
+    verdict = "passed" if lineage["kiln.validation_passed"] == "true" else "missed its gates"
+    return "\n".join([
+        f"**{recipe_name}**: {lineage['kiln.quant_method']} on {lineage['kiln.target']}; validation {verdict}.", "",
+        "| " + " | ".join(row.label for row in cols) + " |",
+        "|" + "---|" * len(cols),
+        "| " + " | ".join(row.format(metrics[row.key]) + (f" {row.unit}" if row.unit else "") for row in cols) + " |", "",
+        f"Lineage: recipe `{lineage['kiln.recipe_sha256'][:12]}`, source `{lineage['kiln.source_sha256'][:12]}`, "
+        f"engine `{lineage['kiln.engine_sha256'][:12]}`, commit `{lineage['kiln.git_commit'][:12]}`, on {lineage['kiln.hardware']}.",
+        "Promotions and rollbacks: the run's `audit/` artifacts. Report: the run's `validation/report.html`.",
+    ])
 
 
 KEY_TAG = "kiln.register_key"

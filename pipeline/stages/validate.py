@@ -91,6 +91,31 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
     return "\n".join(lines) + "\n"
 
 
+def render_html(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: dict[str, Any], figure_png: bytes) -> str:
+    """The report as one self-contained HTML page (figure embedded), which MLflow's artifact view
+    previews; report.md's relative image link shows only as text there."""
+    import base64
+    from html import escape
+
+    rows = "".join(f"<tr><td>{escape(label)}</td><td>{escape(src)}</td><td>{escape(eng)}</td></tr>"
+                   for label, src, eng in side_by_side(metrics))
+    gate_items = "".join(f"<li class={'pass' if g['passed'] else 'fail'}>{'✓' if g['passed'] else '✗'} {escape(describe_gate(g))}</li>"
+                         for g in gates) or "<li>(none)</li>"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Kiln validation report</title>
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:60em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+.pass{{color:#176f2c}} .fail{{color:#b00020}} ul{{list-style:none;padding-left:0}}</style></head>
+<body><h1>Validation report</h1>
+<p>Target: <code>{escape(meta['target'])}</code>; eval tokens: {meta['eval_tokens']} in windows of {meta['window']}.</p>
+<table><tr><th>metric</th><th>source (PyTorch {escape(meta['source_dtype'])})</th><th>engine</th></tr>{rows}</table>
+<h2>Gates</h2><ul>{gate_items}</ul>
+<h2>Latency and accuracy</h2>
+<img alt="latency and accuracy" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(figure_png).decode()}">
+</body></html>
+"""
+
+
 def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any], src_lat: dict[str, Any] | None,
                           meta: dict[str, Any]) -> None:
     """The report's figure: per-token decode latency (engine vs source) and perplexity."""
@@ -170,6 +195,7 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
     write_json_atomic(ctx.out_dir / "validation.json", {"metrics": metrics, "gates": gates, **meta})
     (ctx.out_dir / "report.md").write_text(render_markdown(metrics, gates, meta) + "\n![latency and accuracy](latency_accuracy.png)\n")
     plot_latency_accuracy(ctx.out_dir / "latency_accuracy.png", metrics, eng_lat, src_lat, meta)
+    (ctx.out_dir / "report.html").write_text(render_html(metrics, gates, meta, (ctx.out_dir / "latency_accuracy.png").read_bytes()))
     child_peak = max(lat["peak_rss_mb"] for lat in (eng_lat, src_lat) if lat)
     return ValidationReport(path=ctx.out_dir, meta={"passed": all(g["passed"] for g in gates), "metrics": metrics,
                                                     CHILD_PEAK_KEY: round(child_peak, 1),

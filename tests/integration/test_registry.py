@@ -58,8 +58,10 @@ def production(client) -> str:
 
 
 def audit(store: str, version: str) -> list[dict]:
-    tags = mlflow_client(store).get_model_version(MODEL, version).tags
-    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("kiln.audit.")]
+    from pipeline.registry.promotion import audit_log
+
+    client = mlflow_client(store)
+    return audit_log(client, client.get_model_version(MODEL, version))
 
 
 def test_promotion_rollback_and_audit(flow, store):
@@ -84,7 +86,16 @@ def test_promotion_rollback_and_audit(flow, store):
     refused = audit(store, "2")[-1]
     assert refused["result"] == "refused" and refused["previous_version"] == "1" and refused["by"]
     rows = {r["metric"]: r for r in refused["comparison"]}
-    assert rows["next-token agreement"]["champion"] == pytest.approx(1.0, abs=0.02) and not rows["next-token agreement"]["passed"]
+    assert rows["next_token_agreement"]["champion"] == pytest.approx(1.0, abs=0.02) and not rows["next_token_agreement"]["passed"]
+    # each event is one JSON artifact of the version's run, with a short tag on the version; none
+    # of them a long tag that sorts before the lineage
+    mv2 = client.get_model_version(MODEL, "2")
+    assert not [k for k in mv2.tags if k.startswith("kiln.audit.")]
+    assert mv2.tags["kiln.last_audit"].split(" ", 1)[1].startswith("promote @production refused by ")
+    files = [a.path for a in client.list_artifacts(mv2.run_id, "audit")]
+    assert len(files) == len(audit(store, "2")) and all(f.endswith("-v2.json") for f in files)
+    # the models list shows every alias through one registered-model tag
+    assert client.get_registered_model(MODEL).tags["kiln.aliases"] == "@production → v1, @staging → v2"
 
     forced = flow("promote", MODEL, "2", "--to", "production", "--force")
     assert forced.returncode == 0 and "forced" in forced.stdout, forced.stdout
@@ -95,6 +106,7 @@ def test_promotion_rollback_and_audit(flow, store):
     assert back.returncode == 0 and "version 1 (rolled back from version 2)" in back.stdout, back.stdout
     assert production(client) == "1"
     assert audit(store, "2")[-1]["action"] == "rollback" and audit(store, "1")[-1]["previous_version"] == "2"
+    assert client.get_registered_model(MODEL).tags["kiln.aliases"] == "@production → v1, @staging → v2"
     again = flow("rollback", MODEL)
     assert again.returncode == 7 and "nothing to roll back to" in again.stdout, again.stdout  # refused, not "not found"
 
@@ -113,6 +125,9 @@ def test_browse_and_load_by_uri(flow, store, tmp_path):
     one = flow("models", "show", f"models:/{MODEL}@production")
     assert one.returncode == 0 and "kiln.recipe_sha256" in one.stdout and "engine_size_mb" in one.stdout, one.stdout
     assert "audit:" in one.stdout
+    mv = mlflow_client(store).get_model_version(MODEL, "2")
+    assert mv.description.startswith("**tiny-llama-int4-cpu**: rtn on onnxruntime-cpu; validation passed.")
+    assert "next-token agreement" in mv.description and "Lineage: recipe `" in mv.description  # what the version page shows first
     missing = flow("models", "show", f"{MODEL}@nope")
     assert missing.returncode == 8 and "has no alias @nope" in missing.stdout
 
@@ -133,6 +148,35 @@ def test_browse_and_load_by_uri(flow, store, tmp_path):
     assert (Path(paths["validation_dir"]) / "latency_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_diff_shows_two_versions_side_by_side(flow, store):
+    out = flow("models", "diff", f"{MODEL}/1", f"{MODEL}/2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = " ".join(out.stdout.split())
+    assert "metrics: tiny-llama-int4 v2 vs tiny-llama-int4 v1" in text and "next-token agreement" in text
+    assert "max_ppl_increase_pct" in text  # both versions' gates
+    assert "quantize.method │ none │ rtn" in text and "kiln.quant_method │ none │ rtn" in text  # recipe and lineage
+    as_json = flow("models", "diff", f"models:/{MODEL}/1", f"{MODEL}/2", "--json")
+    doc = json.loads(as_json.stdout)
+    rows = {m["metric"]: m for m in doc["metrics"]}
+    assert rows["next_token_agreement"]["verdict"] == "worse" and rows["next_token_agreement"]["a"] == pytest.approx(1.0, abs=0.02)
+    assert {"setting": "quantize.method", "a": "none", "b": "rtn"} in doc["recipe"]
+    assert all(g["a_passed"] is not None for g in doc["gates"])
+    bad = flow("models", "diff", f"{MODEL}/1", f"{MODEL}/9")
+    assert bad.returncode == 8 and "has no version 9" in bad.stdout
+
+
+def test_each_version_has_a_self_contained_html_report(flow, store, tmp_path):
+    import mlflow.artifacts
+
+    client = mlflow_client(store)
+    mv = client.get_model_version(MODEL, "2")
+    page = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="validation/report.html", dst_path=str(tmp_path),
+                                                    tracking_uri=store)).read_text()
+    assert '<img alt="latency and accuracy"' in page and 'src="data:image/png;base64,iVBORw0KGgo' in page  # the plot inside
+    assert f"{client.get_run(mv.run_id).data.metrics['engine_ppl']:.3f}" in page and "max_ppl_increase_pct" in page
+    assert "latency_accuracy.png" not in page  # nothing it links to
+
+
 def test_failed_validation_and_tampered_artifacts_are_refused(flow, store, tiny_run):
     proc = flow("run", str(TINY_RECIPE), "--set", "validate.gates.min_next_token_agreement=0.99",
                 "--set", "validate.on_gate_failure=warn")
@@ -143,7 +187,7 @@ def test_failed_validation_and_tampered_artifacts_are_refused(flow, store, tiny_
     if not store.startswith("sqlite:///"):
         return  # the files of a server's artifact store are the server's to keep
     source = mlflow_client(store).get_model_version_download_uri(MODEL, "2")
-    onnx_file = Path(source.removeprefix("file://")) / "engine.onnx"
+    onnx_file = Path(source.removeprefix("file://")) / "artifacts" / "engine" / "engine.onnx"  # inside the MLflow model
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
     tampered = flow("promote", MODEL, "2", "--to", "staging", "--force")
     assert tampered.returncode == 6 and "sha256 mismatch: engine.onnx" in tampered.stdout, tampered.stdout
