@@ -72,3 +72,9 @@ class EngineMismatch(KilnError):
     """A hardware-specific engine (TensorRT plan) was built for another GPU or library version."""
 
     exit_code = 10
+
+
+class StoreAccessDenied(KilnError):
+    """The MLflow tracking server refused this identity (authentication or permission)."""
+
+    exit_code = 11

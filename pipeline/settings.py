@@ -16,12 +16,21 @@ def login_name() -> str:
         return "unknown"
 
 
+def actor_from_env() -> str:
+    """The identity a tracking server authenticated (MLFLOW_TRACKING_USERNAME), and the person a CI
+    job acts for (GITHUB_ACTOR); else the login user."""
+    user, person = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("GITHUB_ACTOR")
+    if user and person and user != person:
+        return f"{user} (for {person})"
+    return user or person or login_name()
+
+
 @dataclass(frozen=True)
 class Settings:
     artifacts_root: Path
     tracking_uri_override: str | None
     hf_offline: bool
-    actor: str  # who promotions and rollbacks are recorded as: the CI user, else the login user
+    actor: str  # who promotions and rollbacks are recorded as (see `actor_from_env`)
     step_summary: Path | None = None  # GitHub Actions' job summary file, for `kiln run --ci`
 
     @classmethod
@@ -31,7 +40,7 @@ class Settings:
             artifacts_root=Path(root).resolve(),
             tracking_uri_override=os.environ.get("MLFLOW_TRACKING_URI") or None,
             hf_offline=os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"},
-            actor=os.environ.get("GITHUB_ACTOR") or login_name(),
+            actor=actor_from_env(),
             step_summary=Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None,
         )
 

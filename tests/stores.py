@@ -25,15 +25,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts_dir: Path, log_file: Path) -> Iterator[str]:
-    """`mlflow server` with proxied artifacts (what a team runs), yielding its URL once healthy."""
+def mlflow_server(backend_uri: str, artifacts_dir: str | Path, log_file: Path, *, extra_args: tuple[str, ...] = (),
+                  extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` with proxied artifacts (what a team runs), yielding its URL once healthy.
+    `artifacts_dir` is a folder or an object-store URI (s3://...)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env.update(extra_env or {})
     with log_file.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
                                  "--artifacts-destination", str(artifacts_dir), "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 "--workers", "1", *extra_args], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

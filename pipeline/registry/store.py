@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import KilnError
+from pipeline.errors import KilnError, StoreAccessDenied
 from pipeline.locking import file_lock
 
 SQLITE_PREFIX = "sqlite:///"
@@ -85,3 +85,20 @@ def ensure_registered_model(client, name: str) -> None:
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
+
+
+def access_denied(error: BaseException) -> StoreAccessDenied | None:
+    """A tracking server's refusal as a Kiln error naming the identity, or None for anything else.
+    MLflow's REST client raises MlflowException (PERMISSION_DENIED, UNAUTHENTICATED); its proxied
+    artifact uploads raise requests' HTTPError (401, 403)."""
+    import os
+
+    code = getattr(error, "error_code", None)
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if code not in ("PERMISSION_DENIED", "UNAUTHENTICATED") and status not in (401, 403):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"user {user!r}" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+    what = "authenticate" if code == "UNAUTHENTICATED" or status == 401 else "allow this change for"
+    return StoreAccessDenied(f"the MLflow server did not {what} {who}: {str(error).splitlines()[0][:300]}. In the team "
+                             "set-up (docs/deploy.md) only the CI identity may register and move aliases; people have read access")

@@ -191,7 +191,8 @@ def test_server_shuts_down_cleanly_on_sigterm(package, env, tmp_path):
     assert stop(proc) == 0
 
 
-def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int) -> tuple[str, str]:
+def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int,
+                        store: str | None = None) -> tuple[str, str]:
     """`kiln serve TARGET` as a user runs it: wait for its address line, generate once over HTTP, stop
     it with SIGTERM (exit 0). Returns the generated text and everything `kiln serve` printed."""
     import os
@@ -206,7 +207,7 @@ def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tok
     env_vars = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", target, "--http-port", ports[0],
                              "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT, text=True,
-                            env={**env_vars, "KILN_ARTIFACTS": str(artifacts)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**env_vars, "KILN_ARTIFACTS": str(artifacts), **({"MLFLOW_TRACKING_URI": store} if store else {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         lines = []
         for line in proc.stdout:
