@@ -427,7 +427,8 @@ class PackageConfig(Section):
     package:
       model_name: null          # Triton model name; null = register.model_name
       instances: 1              # instance_group count (each instance loads the engine once)
-      max_batch: 8              # requests that arrive together are decoded as one batch, up to this many
+      max_batch: 8              # requests decoded together (in-flight: they join and leave between steps)
+      max_queue: 32             # requests waiting for a row; beyond that a request is refused ("server busy")
       max_tokens_cap: 512       # the largest max_tokens a request may ask for
       default_max_tokens: 64
     ```
@@ -436,6 +437,7 @@ class PackageConfig(Section):
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     instances: int = Field(1, ge=1, le=16)
     max_batch: int = Field(8, ge=1, le=256)
+    max_queue: int = Field(32, ge=0, le=100_000)
     max_tokens_cap: int = Field(512, ge=1)
     default_max_tokens: int = Field(64, ge=1)
 

@@ -89,15 +89,33 @@ class FusedOrtCausalLM:
         pages lazily: only the positions a sequence reaches are ever touched."""
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # bound first: output 0 of every run
-        buffers = []
+        buffers, arrays = [], []
         for past, present in zip(self.past_names, self.present_names):
-            buf = self._ort.OrtValue.ortvalue_from_numpy(
-                np.zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim), dtype=np.float32))
+            # on CPU the OrtValue wraps the array's memory: `arrays` are views of the live cache
+            array = np.zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim), dtype=np.float32)
+            buf = self._ort.OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(past, buf)
             binding.bind_ortvalue_output(present, buf)
             buffers.append(buf)
+            arrays.append(array)
         step_logits = np.empty((batch, 1, self.vocab), dtype=np.float32)
-        return {"binding": binding, "buffers": buffers, "step_logits": step_logits, "row_lengths": np.zeros(batch, dtype=np.int32)}
+        return {"binding": binding, "buffers": buffers, "arrays": arrays, "step_logits": step_logits,
+                "row_lengths": np.zeros(batch, dtype=np.int32)}
+
+    def empty_state(self, batch: int) -> DecodeState:
+        """A batch of `batch` free rows for in-flight batching: rows are filled with `place`. Each
+        free row counts one (zero) position, so a step that passes it length 0 stays in bounds."""
+        cache = self.new_cache(batch)
+        cache["row_lengths"][:] = 1
+        return DecodeState(cache, 1)
+
+    def place(self, state: DecodeState, row: int, single: DecodeState) -> None:
+        """Copy a one-row state (a request prefilled on its own) into `row` of a batch state: its
+        keys, values and length; whatever the row held before is no longer attended to."""
+        length = int(single.cache["row_lengths"][0])
+        for batch_array, row_array in zip(state.cache["arrays"], single.cache["arrays"]):
+            batch_array[row, :, :length] = row_array[0, :, :length]
+        state.cache["row_lengths"][row] = length
 
     def forward(self, input_ids: np.ndarray, state: DecodeState | None,
                 lengths: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:

@@ -64,9 +64,10 @@ def serve(
     from pipeline.registry.fetch import fetch_triton_repository
     from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.environment import ensure_environment
-    from pipeline.serving.server import triton_server
+    from pipeline.serving.server import ServerDied, exit_description, log_tail, triton_server
 
     console = make_console()
+    served_version = None
     try:
         if Path(target).exists():
             repository = local_repository(Path(target))
@@ -76,6 +77,7 @@ def serve(
             repository = fetch_triton_repository(registry.client, registry.tracking_uri, mv,
                                                  registry.workdir / f"{mv.name}-v{mv.version}-triton")
             console.print(f"{mv.name} version {mv.version}: Triton package sha256 verified")
+            served_version = str(mv.version)  # Triton's model version = the registry version
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
@@ -88,12 +90,19 @@ def serve(
     log_file = Settings.from_env(artifacts).artifacts_root / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     try:
-        with triton_server(repository, env, log_file, host=host, ports=(http_port, grpc_port, metrics_port)) as (proc, a):
+        with triton_server(repository, env, log_file, host=host, ports=(http_port, grpc_port, metrics_port),
+                           version=served_version) as (proc, a):
             example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
-            console.print(f"Triton serving {', '.join(models)}: HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  (log {log_file})")
+            version = served_version or "1"
+            console.print(f"Triton serving {', '.join(models)} (version {version}): HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  "
+                          f"(log {log_file})")
             console.print(f"  curl -s -X POST {a.http}/v2/models/{models[0]}/generate -d '{example}'")
-            print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "models": models}), flush=True)
+            print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "models": models, "version": version,
+                              "pid": proc.pid}), flush=True)
             proc.wait()
+            # only a signal to kiln serve stops the server on purpose; anything else is a death
+            raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
+                             f"{log_tail(log_file)}")
     except KeyboardInterrupt:
         console.print("stopping Triton")
     except KilnError as e:

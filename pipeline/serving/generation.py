@@ -111,36 +111,104 @@ def advance(seq: Sequence, token: int, tokenizer, eos_ids: set[int]) -> str:
     return delta
 
 
-def generate(lm, requests: list[GenerationRequest], tokenizer, eos_ids: set[int],
-             emit: Callable[[int, str, str | None], None], batch: bool = True) -> None:
-    """Decode `requests` together (rows of one batch, each at its own length) when `batch` and the
-    engine supports per-row lengths; `emit(index, text_delta, finish_reason)` is called as text
-    arrives, with a non-None finish_reason exactly once per request."""
-    if len(requests) > 1 and not (batch and hasattr(lm, "max_sequence_length")):
-        for i, req in enumerate(requests):  # the portable engine takes one sequence length per batch
-            generate(lm, [req], tokenizer, eos_ids, lambda _i, d, f, i=i: emit(i, d, f))
-        return
-    seqs = [Sequence(r, np.random.default_rng(r.seed)) for r in requests]
-    lengths = np.array([len(r.prompt_ids) for r in requests])
-    ids = np.zeros((len(requests), int(lengths.max())), dtype=np.int64)
-    for row, r in enumerate(requests):
-        ids[row, : len(r.prompt_ids)] = r.prompt_ids
-    kwargs = {"lengths": lengths} if len(requests) > 1 else {}
-    logits, state = lm.forward(ids, None, **kwargs)
-    last = logits[np.arange(len(requests)), lengths - 1]
-    while True:
-        next_ids = np.zeros((len(requests), 1), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            if seq.finish_reason is not None:
-                continue
-            token = sample(last[row], seq.request, seq.rng)
-            delta = advance(seq, token, tokenizer, eos_ids)
-            emit(row, delta, seq.finish_reason)
-            next_ids[row, 0] = token
-        active = np.array([s.finish_reason is None for s in seqs])
-        if not active.any():
+Emit = Callable[[str, "str | None"], None]  # (text delta, finish_reason or None)
+
+
+@dataclass
+class Row:
+    """One request in an in-flight batch: its sequence, where its text goes, its own decode state
+    when the engine cannot batch rows of different lengths."""
+
+    seq: Sequence
+    emit: Emit
+    slot: int
+    next_token: int = 0
+    state: Any = None
+
+
+class InflightBatch:
+    """Requests join a running batch between decode steps and leave it the step they finish.
+
+    `admit` prefills a request on its own, sends its first text and, on an engine that decodes rows
+    of different lengths (`place`), copies its keys and values into a free row of the shared batch
+    state; `step` advances every row by one token in one forward. A finished, stopped or cancelled
+    row frees its slot at once. On other engines each row keeps its own state and `step` runs them
+    in turn: no batching, but a new request still starts within one step instead of after the others.
+    Greedy output is the same as the request alone (tested): a row only ever attends to itself.
+    """
+
+    def __init__(self, lm, tokenizer, eos_ids: set[int], slots: int):
+        self.lm, self.tokenizer, self.eos_ids = lm, tokenizer, eos_ids
+        self.batched = hasattr(lm, "place") and slots > 1
+        self.rows: list[Row | None] = [None] * slots
+        self.state = lm.empty_state(slots) if self.batched else None
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def free(self) -> int:
+        return len(self.rows) - self.active
+
+    def _finish(self, row: Row) -> None:
+        self.rows[row.slot] = None
+
+    def _sample_and_send(self, row: Row, logits: np.ndarray) -> None:
+        token = sample(logits, row.seq.request, row.seq.rng)
+        delta = advance(row.seq, token, self.tokenizer, self.eos_ids)
+        row.emit(delta, row.seq.finish_reason)
+        row.next_token = token
+        if row.seq.finish_reason is not None:
+            self._finish(row)
+
+    def admit(self, request: GenerationRequest, emit: Emit) -> Row:
+        """Prefill `request` and send its first text; it takes a free slot (check `free` first)."""
+        slot = self.rows.index(None)
+        row = Row(Sequence(request, np.random.default_rng(request.seed)), emit, slot)
+        logits, state = self.lm.forward(np.asarray([request.prompt_ids], dtype=np.int64), None)
+        self.rows[slot] = row
+        if self.batched:
+            self.lm.place(self.state, slot, state)
+        else:
+            row.state = state
+        self._sample_and_send(row, logits[0, -1])
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Stop a row now (its client went away): it gets finish_reason "cancelled" and frees its slot."""
+        if self.rows[row.slot] is row:
+            row.seq.finish_reason = "cancelled"
+            self._finish(row)
+
+    def step(self) -> None:
+        """One token for every active row."""
+        live = [r for r in self.rows if r is not None]
+        if not live:
             return
-        # Finished rows feed a dummy token with length 0: their cache stops growing.
-        kwargs = {"lengths": active.astype(np.int32)} if len(requests) > 1 else {}
-        logits, state = lm.forward(next_ids, state, **kwargs)
-        last = logits[:, -1]
+        if not self.batched:
+            for row in live:
+                logits, row.state = self.lm.forward(np.asarray([[row.next_token]], dtype=np.int64), row.state)
+                self._sample_and_send(row, logits[0, -1])
+            return
+        ids = np.zeros((len(self.rows), 1), dtype=np.int64)
+        lengths = np.zeros(len(self.rows), dtype=np.int32)  # free rows feed a dummy token with length 0
+        for row in live:
+            ids[row.slot, 0], lengths[row.slot] = row.next_token, 1
+        logits, self.state = self.lm.forward(ids, self.state, lengths=lengths)
+        for row in live:
+            self._sample_and_send(row, logits[row.slot, -1])
+
+
+def generate(lm, requests: list[GenerationRequest], tokenizer, eos_ids: set[int],
+             emit: Callable[[int, str, str | None], None], batch: bool = True, slots: int = 8) -> None:
+    """Decode `requests` through one in-flight batch of `slots` rows (one row when not `batch`),
+    admitting the next request whenever a row is free; `emit(index, text_delta, finish_reason)` is
+    called as text arrives, with a non-None finish_reason exactly once per request."""
+    running = InflightBatch(lm, tokenizer, eos_ids, slots if batch else 1)
+    waiting = list(enumerate(requests))
+    while waiting or running.active:
+        while waiting and running.free:
+            i, req = waiting.pop(0)
+            running.admit(req, lambda d, f, i=i: emit(i, d, f))
+        running.step()

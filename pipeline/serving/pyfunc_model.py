@@ -54,16 +54,14 @@ class KilnEngineModel(PythonModel):
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         texts, finish, sampled = [""] * len(requests), [None] * len(requests), [0] * len(requests)
 
-        for start in range(0, len(requests), self.max_batch):
-            chunk = requests[start : start + self.max_batch]
+        def emit(i, delta, finish_reason):  # called once per sampled token
+            texts[i] += delta
+            sampled[i] += 1
+            if finish_reason is not None:
+                finish[i] = finish_reason
 
-            def emit(row, delta, finish_reason, start=start):  # called once per sampled token
-                texts[start + row] += delta
-                sampled[start + row] += 1
-                if finish_reason is not None:
-                    finish[start + row] = finish_reason
-
-            kiln_generation.generate(self.lm, chunk, self.tokenizer, self.eos_ids, emit)
+        # one in-flight batch of max_batch rows; the next prompt takes a row as soon as one is free
+        kiln_generation.generate(self.lm, requests, self.tokenizer, self.eos_ids, emit, slots=self.max_batch)
         return pd.DataFrame({
             "text": texts,
             "finish_reason": finish,

@@ -30,6 +30,13 @@ class ServerNotReady(KilnError):
     exit_code = 9
 
 
+class ServerDied(KilnError):
+    """tritonserver exited while serving (a crash, a kill, the OOM killer): `kiln serve` exits
+    non-zero so a supervisor (systemd, Kubernetes) restarts it."""
+
+    exit_code = 12
+
+
 @dataclass(frozen=True)
 class Addresses:
     host: str
@@ -66,18 +73,33 @@ def http_status(url: str) -> int | None:
         return None
 
 
+def exit_description(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
+
+
 def log_tail(log_file: Path, lines: int = 15) -> str:
     return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:]) if log_file.is_file() else ""
 
 
 @contextlib.contextmanager
 def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
-                  ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120) -> Iterator[tuple[subprocess.Popen, Addresses]]:
+                  ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120,
+                  version: str | None = None) -> Iterator[tuple[subprocess.Popen, Addresses]]:
+    """`version`: serve each model as this version (the registry version) instead of the package's "1"."""
     # Triton's Python backend writes __pycache__ beside model.py whatever the environment says
     # (measured), so the server runs on a hard-linked snapshot: the repository itself stays exactly
     # what its manifest lists.
     snapshot = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "model_repository"
     link_tree(repository, snapshot)
+    if version is not None and version != "1":
+        for model_dir in snapshot.iterdir():
+            if (model_dir / "1").is_dir():
+                (model_dir / "1").rename(model_dir / version)
     http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
     addresses = Addresses(host, http_port, grpc_port, metrics_port)
     cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",

@@ -2,8 +2,19 @@
 
 Runs in the serving environment (numpy < 2, onnxruntime, tokenizers; no Kiln, no torch). Decoupled:
 every request gets its responses through its own sender, one per text delta when `stream` is true,
-else one with the whole text. Requests that arrive while a batch is running wait for the next one;
-those that arrive together are decoded as one batch (`kiln_generation.generate`).
+else one with the whole text.
+
+In-flight batching (`kiln_generation.InflightBatch`): one worker thread decodes every running
+request one token per step; a request that arrives joins at the next step (prefilled on its own,
+then its keys and values placed in a free row), and a finished, stopped or cancelled request leaves
+the step it ends, its row reused. At most `max_batch` rows run; up to `max_queue` more wait, and a
+request beyond that is refused at once with "server busy". A request whose client has gone (gRPC
+stream cancelled or closed) stops within one step.
+
+Metrics on Triton's metrics port (Python backend custom metrics), labelled with the model name and
+version (the registry version when `kiln serve` serves a registered one): time to first token,
+inter-token latency, queue wait, generated tokens per request (histograms), running rows (gauge),
+cancelled requests (counter).
 
 Before loading, every file of this model version is checked against `manifest.json` (sha256); a
 changed or missing file stops the load with a log line, so the model never becomes ready.
@@ -13,6 +24,7 @@ import json
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +38,8 @@ import kiln_manifest  # noqa: E402
 import kiln_runtime  # noqa: E402
 
 PARAMS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 def scalar(request, name):
@@ -37,13 +51,74 @@ def text_of(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def error_response(message: str):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+def text_response(text: str):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
+
+
+class Metrics:
+    """The model's custom metrics, one set of labels per loaded model version."""
+
+    def __init__(self, labels: dict):
+        family = pb_utils.MetricFamily
+        self.families = []  # a Metric is usable only while its MetricFamily object lives
+
+        def metric(name, description, kind, **kwargs):
+            self.families.append(family(name=name, description=description, kind=kind))
+            return self.families[-1].Metric(labels=labels, **kwargs)
+
+        def histogram(name, description, buckets):
+            return metric(name, description, family.HISTOGRAM, buckets=buckets)
+
+        self.ttft = histogram("kiln_time_to_first_token_seconds", "Arrival to first generated token", SECONDS)
+        self.inter_token = histogram("kiln_inter_token_latency_seconds", "Time between two tokens of one request", SECONDS)
+        self.queue_wait = histogram("kiln_queue_wait_seconds", "Arrival to joining the running batch", SECONDS)
+        self.tokens = histogram("kiln_generated_tokens", "Tokens generated per finished request", TOKENS)
+        self.active = metric("kiln_active_rows", "Requests decoding in the running batch", family.GAUGE)
+        self.cancelled = metric("kiln_cancelled_requests_total", "Requests stopped because their client went away", family.COUNTER)
+
+
+class Client:
+    """One admitted request: how its text goes back, and its timings."""
+
+    def __init__(self, request, sender, stream: bool, arrived: float, metrics: Metrics):
+        self.request, self.sender, self.stream, self.arrived, self.metrics = request, sender, stream, arrived, metrics
+        self.text, self.tokens, self.last = "", 0, None
+        self.row = None
+
+    def gone(self) -> bool:
+        for obj in (self.request, self.sender):
+            check = getattr(obj, "is_cancelled", None)
+            if check is not None and check():
+                return True
+        return False
+
+    def emit(self, delta: str, finish_reason) -> None:
+        now = time.monotonic()
+        (self.metrics.ttft if self.last is None else self.metrics.inter_token).observe(now - (self.last or self.arrived))
+        self.last = now
+        self.tokens += 1
+        self.text += delta
+        if self.stream and delta:
+            self.sender.send(text_response(delta))
+        if finish_reason is not None:
+            self.metrics.tokens.observe(self.tokens)
+            if self.stream:
+                self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                self.sender.send(text_response(self.text), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
         try:
             kiln_manifest.check_folder(version_dir)
         except kiln_manifest.ManifestMismatch as e:
-            pb_utils.Logger.log_error(str(e))
+            pb_utils.Logger.log_error(f"kiln: refusing to load a model repository that differs from its manifest: {e}")
             raise
         from tokenizers import Tokenizer
 
@@ -53,73 +128,98 @@ class TritonPythonModel:
         self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
         self.eos_ids = set(serving["eos_token_ids"])
         self.limits = kiln_generation.Limits(**serving["limits"])
-        self.max_batch = serving["max_batch"]
+        self.max_batch = int(serving["max_batch"])
+        self.max_queue = int(serving.get("max_queue", 4 * self.max_batch))
+        self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.pending = queue.Queue()
-        self.worker = threading.Thread(target=self.run_batches, daemon=True)
+        self.clients = []  # admitted, not finished
+        self.worker = threading.Thread(target=self.run, daemon=True)
         self.worker.start()
 
     def execute(self, requests):
+        now = time.monotonic()
         for request in requests:
             sender = request.get_response_sender()
             try:
-                text = text_of(scalar(request, "text_input")[0])
-                params = {k: cast(v[0]) for k, cast in PARAMS.items() if (v := scalar(request, k)) is not None}
+                prompt = scalar(request, "text_input")
+                if prompt is None or len(prompt) != 1:
+                    raise kiln_generation.RequestError("text_input (one string) is required")
+                params = {k: cast(v[0]) for k, cast in PARAMS.items() if (v := scalar(request, k)) is not None and len(v)}
                 stop = scalar(request, "stop")
                 params["stop"] = [text_of(s) for s in stop] if stop is not None else []
                 stream = scalar(request, "stream")
-                parsed = kiln_generation.parse_request(text, params, self.tokenizer, self.limits)
-            except (kiln_generation.RequestError, ValueError, TypeError) as e:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))),
+                parsed = kiln_generation.parse_request(text_of(prompt[0]), params, self.tokenizer, self.limits)
+            except (kiln_generation.RequestError, ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:
+                sender.send(error_response(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            if self.pending.qsize() >= self.max_queue:
+                sender.send(error_response(f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later"),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            self.pending.put((sender, parsed, bool(stream[0]) if stream is not None else False))
+            self.pending.put((request, sender, parsed, bool(stream[0]) if stream is not None and len(stream) else False, now))
         return None
 
-    def run_batches(self):
+    def run(self):
+        running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
         while True:
-            first = self.pending.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    item = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.pending.put(None)
-                    break
-                batch.append(item)
-            self.serve(batch)
+            try:
+                if not self.iterate(running):
+                    return
+            except Exception as e:  # the server keeps serving; every running request gets the error
+                pb_utils.Logger.log_error(f"kiln: generation failed: {e!r}")
+                for client in self.clients:
+                    self.close(client, f"generation failed: {e}")
+                self.clients = []
+                running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
+            self.metrics.active.set(running.active)
 
-    def serve(self, batch):
-        texts = [""] * len(batch)
-
-        def emit(row, delta, finish_reason):
-            sender, _, stream = batch[row]
-            texts[row] += delta
-            if stream and delta:
-                sender.send(self.response(delta))
-            if finish_reason is not None:
-                if stream:
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                else:
-                    sender.send(self.response(texts[row]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
+    def iterate(self, running) -> bool:
+        """Admit what waits (block only when nothing runs), drop cancelled rows, decode one step.
+        False once finalize asked the worker to stop."""
         try:
-            kiln_generation.generate(self.lm, [req for _, req, _ in batch], self.tokenizer, self.eos_ids, emit)
-        except Exception as e:  # the server keeps serving; every open request gets the error
-            pb_utils.Logger.log_error(f"kiln: generation failed: {e!r}")
-            for sender, _, _ in batch:
-                try:
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"generation failed: {e}")),
-                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                except Exception:
-                    pass  # already completed
+            while running.free:
+                item = self.pending.get() if not running.active else self.pending.get_nowait()
+                if item is None:
+                    return False
+                self.admit(running, item)
+        except queue.Empty:
+            pass
+        for client in [c for c in self.clients if c.gone()]:
+            running.cancel(client.row)
+            self.metrics.cancelled.increment(1)
+            self.close(client, None)
+        running.step()
+        self.clients = [c for c in self.clients if c.row.seq.finish_reason is None]
+        return True
+
+    def admit(self, running, item):
+        request, sender, parsed, stream, arrived = item
+        client = Client(request, sender, stream, arrived, self.metrics)
+        if client.gone():  # cancelled while it waited
+            self.metrics.cancelled.increment(1)
+            self.close(client, None)
+            return
+        self.metrics.queue_wait.observe(time.monotonic() - arrived)
+        try:
+            client.row = running.admit(parsed, client.emit)
+        except Exception as e:
+            pb_utils.Logger.log_error(f"kiln: prefill failed: {e!r}")
+            self.close(client, f"generation failed: {e}")
+            return
+        if client.row.seq.finish_reason is None:
+            self.clients.append(client)
+        self.metrics.active.set(running.active)
 
     @staticmethod
-    def response(text):
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
+    def close(client, error):
+        """End a request that will produce no more text (cancelled, or failed with `error`)."""
+        try:
+            if error is None:
+                client.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                client.sender.send(error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:
+            pass  # already completed, or the client is gone
 
     def finalize(self):
         self.pending.put(None)

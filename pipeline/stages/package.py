@@ -87,10 +87,10 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {
         "session_options": {**engine.meta["session_options"], "model_file": engine.meta["model_file"]},
-        "limits": limits, "eos_token_ids": eos, "max_batch": cfg.max_batch,
+        "limits": limits, "eos_token_ids": eos, "max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
     })
     write_manifest(version_dir, {"engine_digest": engine.digest})
-    ctx.log(f"Triton model {cfg.model_name!r}: Python backend, decoupled, {cfg.instances} instance(s), batches of up to "
-            f"{cfg.max_batch}, context {limits['context_limit']} tokens, EOS ids {eos}")
+    ctx.log(f"Triton model {cfg.model_name!r}: Python backend, decoupled, {cfg.instances} instance(s), in-flight batches of up to "
+            f"{cfg.max_batch} ({cfg.max_queue} more queued), context {limits['context_limit']} tokens, EOS ids {eos}")
     return TritonRepository(path=ctx.out_dir, meta={"model_name": cfg.model_name, "limits": limits, "eos_token_ids": eos,
                                                          "max_batch": cfg.max_batch})

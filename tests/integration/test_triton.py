@@ -4,6 +4,7 @@ serving environment), spoken to only through tritonclient and HTTP."""
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -167,6 +168,57 @@ def test_sixteen_concurrent_clients_each_get_their_own_complete_answer(server, r
         assert status == 200 and body["text_output"] == reference(prompt, max_tokens), (i, body)
 
 
+def metric_lines(addresses, name: str) -> list[str]:
+    with urllib.request.urlopen(addresses.metrics, timeout=10) as response:
+        return [line for line in response.read().decode().splitlines() if line.startswith(name)]
+
+
+def metric_value(addresses, name: str) -> float:
+    lines = metric_lines(addresses, name + "{")
+    assert lines, f"no {name} on the metrics port"
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+def test_per_request_metrics_carry_model_and_version(server):
+    _, addresses, _ = server
+    before = metric_value(addresses, "kiln_time_to_first_token_seconds_count")
+    assert generate(addresses, {"text_input": "metrics", "max_tokens": 5})[0] == 200
+    labels = f'model="{MODEL}",version="1"'
+    for name in ("kiln_time_to_first_token_seconds_count", "kiln_inter_token_latency_seconds_count", "kiln_queue_wait_seconds_count",
+                 "kiln_generated_tokens_bucket", "kiln_active_rows", "kiln_cancelled_requests_total"):
+        assert any(labels in line for line in metric_lines(addresses, name)), name
+    assert metric_value(addresses, "kiln_time_to_first_token_seconds_count") == before + 1
+    assert metric_value(addresses, "kiln_active_rows") == 0
+
+
+def test_a_cancelled_stream_frees_its_row_within_a_step(env, tmp_path):
+    """A long generation (4000 tokens) whose gRPC stream the client cancels after the first piece
+    stops at once: the active-rows gauge falls to 0, the cancelled counter counts it, and the next
+    request is answered while the cancelled one would still be decoding."""
+    import tritonclient.grpc as grpcclient
+
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    run_kiln("run", str(TINY_RECIPE), "--set", "build.max_sequence_length=4200", "--set", "package.max_tokens_cap=4096",
+             artifacts=tmp_path, check=True)
+    summary = json.loads((tmp_path / "last_run.json").read_text())
+    repository = Path(next(s["path"] for s in summary["stages"] if s["stage"] == "package")) / "model_repository"
+    with triton_server(repository, env, tmp_path / "server.log") as (_proc, addresses):
+        first = threading.Event()
+        client = grpcclient.InferenceServerClient(addresses.grpc)
+        client.start_stream(callback=lambda result, error: first.set())
+        client.async_stream_infer(MODEL, streaming_request("a", 4000))
+        assert first.wait(30)
+        client.stop_stream(cancel_requests=True)
+        deadline = time.monotonic() + 5
+        while metric_value(addresses, "kiln_cancelled_requests_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric_value(addresses, "kiln_cancelled_requests_total") == 1
+        assert metric_value(addresses, "kiln_active_rows") == 0
+        assert generate(addresses, {"text_input": "after", "max_tokens": 4})[0] == 200
+        assert metric_value(addresses, "kiln_generated_tokens_count") == 1  # only "after" ran to its end
+
+
 def test_a_tampered_repository_is_refused_and_never_ready(package, env, tmp_path):
     copy = tmp_path / "model_repository"
     shutil.copytree(package, copy)
@@ -192,7 +244,7 @@ def test_server_shuts_down_cleanly_on_sigterm(package, env, tmp_path):
 
 
 def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int,
-                        store: str | None = None) -> tuple[str, str]:
+                        store: str | None = None, inspect=None) -> tuple[str, str]:
     """`kiln serve TARGET` as a user runs it: wait for its address line, generate once over HTTP, stop
     it with SIGTERM (exit 0). Returns the generated text and everything `kiln serve` printed."""
     import os
@@ -220,6 +272,8 @@ def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tok
                                      data=json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=60) as response:
             text = json.loads(response.read())["text_output"]
+        if inspect is not None:
+            inspect(info)
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]
@@ -228,14 +282,55 @@ def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tok
 
 
 def test_kiln_serve_a_registered_version_by_alias(tmp_path, env, reference):
-    """The user's path: run, promote to staging, `kiln serve models:/NAME@staging`, generate, stop."""
+    """The user's path: run, promote to staging, `kiln serve models:/NAME@staging`, generate, stop.
+    Triton serves it as the registry's version (2 here), in its metadata and its metrics' labels."""
     from tests.conftest import TINY_RECIPE, run_kiln
 
+    run_kiln("run", str(TINY_RECIPE), "--set", "quantize.method=none", artifacts=tmp_path, check=True)
     run_kiln("run", str(TINY_RECIPE), artifacts=tmp_path, check=True)
-    run_kiln("promote", MODEL, "1", "--to", "staging", artifacts=tmp_path, check=True)
-    text, printed = kiln_serve_generate(f"models:/{MODEL}@staging", MODEL, tmp_path, "hello", 6)
-    assert "Triton package sha256 verified" in printed
+    run_kiln("promote", MODEL, "2", "--to", "staging", artifacts=tmp_path, check=True)
+    seen = {}
+
+    def inspect(info):
+        with urllib.request.urlopen(f"{info['http']}/v2/models/{MODEL}", timeout=10) as r:
+            seen["versions"] = json.loads(r.read())["versions"]
+        with urllib.request.urlopen(info["metrics"], timeout=10) as r:
+            seen["metrics"] = r.read().decode()
+
+    text, printed = kiln_serve_generate(f"models:/{MODEL}@staging", MODEL, tmp_path, "hello", 6, inspect=inspect)
+    assert "Triton package sha256 verified" in printed and '"version": "2"' in printed
     assert text == reference("hello", 6)
+    assert seen["versions"] == ["2"] and f'kiln_active_rows{{model="{MODEL}",version="2"}}' in seen["metrics"]
+
+
+def test_kiln_serve_exits_non_zero_when_the_server_dies(tmp_path, env, package):
+    """tritonserver killed under `kiln serve`: it says so with the log's last lines and exits 12."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.serving.server import free_port
+    from tests.conftest import ROOT
+
+    ports = [str(free_port()) for _ in range(3)]
+    env_vars = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(package.parent), "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT, text=True,
+                            env={**env_vars, "KILN_ARTIFACTS": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("{"):
+                break
+        os.kill(json.loads(lines[-1])["pid"], signal.SIGKILL)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 12, rest
+    assert "tritonserver stopped serving (killed by SIGKILL)" in " ".join(rest.split()) and "last lines of" in rest
 
 
 def test_kiln_serve_a_non_llama_family(tmp_path, env):

@@ -105,3 +105,51 @@ def test_sampling_follows_temperature_top_k_and_seed():
     assert len(set(a)) == 1  # same seed, same draw
     nucleus = GenerationRequest(prompt_ids=(1,), max_tokens=1, temperature=1.0, top_p=0.3)
     assert {sample(logits, nucleus, np.random.default_rng(s)) for s in range(30)} == {1}
+
+
+def test_requests_joining_a_running_batch_get_their_solo_greedy_output(engine):
+    """In-flight batching: B joins after A has decoded 3 tokens, C after 5; D is cancelled mid-way.
+    Each finished row's text equals the same request decoded alone; the cancelled row's slot is
+    free at once and the others are unaffected."""
+    from pipeline.serving.generation import InflightBatch
+
+    lm, tokenizer = engine
+    prompts = [("def main():", 20), ("The quick brown fox", 12), ("import numpy as np\n", 9), ("Hello world", 30)]
+    reqs = [parse_request(p, {"max_tokens": n}, tokenizer, LIMITS) for p, n in prompts]
+    solo = [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
+
+    texts, reasons = [""] * 4, [None] * 4
+
+    def sink(i):
+        def emit(delta, finish):
+            assert reasons[i] is None, "text after the end"
+            texts[i] += delta
+            reasons[i] = finish
+        return emit
+
+    running = InflightBatch(lm, tokenizer, {256}, slots=3)
+    assert running.batched  # the tiny recipe builds the fused engine: one forward per step for all rows
+    running.admit(reqs[0], sink(0))
+    for _ in range(3):
+        running.step()
+    running.admit(reqs[1], sink(1))
+    running.admit(reqs[3], sink(3))
+    running.step()
+    running.step()
+    assert running.free == 0
+    row_d = next(r for r in running.rows if r is not None and r.seq.request is reqs[3])
+    running.cancel(row_d)
+    assert running.free == 1 and row_d.seq.finish_reason == "cancelled"
+    running.admit(reqs[2], sink(2))  # takes the cancelled row's slot
+    while running.active:
+        running.step()
+    assert texts[:3] == solo[:3]
+    assert reasons[3] is None and solo[3].startswith(texts[3])  # stopped where it was cancelled
+
+
+def test_more_requests_than_rows_queue_and_each_gets_its_solo_output(engine):
+    lm, tokenizer = engine
+    reqs = [parse_request(f"{i} + {i} =", {"max_tokens": 4 + 3 * i}, tokenizer, LIMITS) for i in range(5)]
+    texts = [""] * 5
+    generate(lm, reqs, tokenizer, {256}, lambda i, d, f: texts.__setitem__(i, texts[i] + d), slots=2)
+    assert texts == [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
