@@ -98,5 +98,6 @@ def side_by_side(metrics: dict) -> list[tuple[str, str, str]]:
     for row in METRICS:
         if row.summary and row.key in metrics:
             source = metrics.get(row.source_key) if row.source_key else None
-            rows.append((row.label, row.format(source) if source is not None else "", row.format(metrics[row.key])))
+            suffix = f" {row.unit}" if row.unit in ("%", "x") else ""  # other units are in the label
+            rows.append((row.label, row.format(source) + suffix if source is not None else "", row.format(metrics[row.key]) + suffix))
     return rows

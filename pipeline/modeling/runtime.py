@@ -109,6 +109,24 @@ class FusedOrtCausalLM:
         cache["row_lengths"][:] = 1
         return DecodeState(cache, 1)
 
+    def leading_rows(self, state: DecodeState, rows: int) -> DecodeState:
+        """A state over the first `rows` rows of a batch state, sharing its keys and values (batch
+        is the outermost dimension, so the view is contiguous): a step over a few live rows costs
+        a few rows, not the whole batch. Its `row_lengths` is a copy; the caller writes it back."""
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")
+        buffers, arrays = [], []
+        for past, present, array in zip(self.past_names, self.present_names, state.cache["arrays"]):
+            view = array[:rows]
+            buf = self._ort.OrtValue.ortvalue_from_numpy(view)
+            binding.bind_ortvalue_input(past, buf)
+            binding.bind_ortvalue_output(present, buf)
+            buffers.append(buf)
+            arrays.append(view)
+        return DecodeState({"binding": binding, "buffers": buffers, "arrays": arrays,
+                            "step_logits": np.empty((rows, 1, self.vocab), dtype=np.float32),
+                            "row_lengths": state.cache["row_lengths"][:rows].copy()}, state.length)
+
     def place(self, state: DecodeState, row: int, single: DecodeState) -> None:
         """Copy a one-row state (a request prefilled on its own) into `row` of a batch state: its
         keys, values and length; whatever the row held before is no longer attended to."""

@@ -51,6 +51,7 @@ def serve(
     http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/chat/completions); 0: none.")] = 8003,
     tracking_uri: StoreOpt = None,
     artifacts: ArtifactsOpt = None,
 ) -> None:
@@ -64,10 +65,11 @@ def serve(
     from pipeline.registry.fetch import fetch_triton_repository
     from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.environment import ensure_environment
+    from pipeline.serving.gateway import Served, run_gateway
     from pipeline.serving.server import ServerDied, exit_description, log_tail, triton_server
 
     console = make_console()
-    served_version = None
+    served_version = served_name = None
     try:
         if Path(target).exists():
             repository = local_repository(Path(target))
@@ -77,7 +79,7 @@ def serve(
             repository = fetch_triton_repository(registry.client, registry.tracking_uri, mv,
                                                  registry.workdir / f"{mv.name}-v{mv.version}-triton")
             console.print(f"{mv.name} version {mv.version}: Triton package sha256 verified")
-            served_version = str(mv.version)  # Triton's model version = the registry version
+            served_version, served_name = str(mv.version), mv.name  # Triton's model version = the registry version
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
@@ -97,9 +99,19 @@ def serve(
             console.print(f"Triton serving {', '.join(models)} (version {version}): HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  "
                           f"(log {log_file})")
             console.print(f"  curl -s -X POST {a.http}/v2/models/{models[0]}/generate -d '{example}'")
-            print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "models": models, "version": version,
-                              "pid": proc.pid}), flush=True)
-            proc.wait()
+            gateway, openai_url = None, None
+            if openai_port:
+                served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
+                gateway = run_gateway(served, host, openai_port)
+                openai_url = f"http://{host}:{openai_port}/v1"
+                console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
+            print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
+                              "version": version, "pid": proc.pid}), flush=True)
+            try:
+                proc.wait()
+            finally:
+                if gateway is not None:
+                    gateway.should_exit = True
             # only a signal to kiln serve stops the server on purpose; anything else is a death
             raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
                              f"{log_tail(log_file)}")

@@ -142,6 +142,7 @@ class InflightBatch:
         self.batched = hasattr(lm, "place") and slots > 1
         self.rows: list[Row | None] = [None] * slots
         self.state = lm.empty_state(slots) if self.batched else None
+        self.views: dict[int, Any] = {}  # leading-rows states by row count, made once each
 
     @property
     def active(self) -> int:
@@ -191,11 +192,20 @@ class InflightBatch:
                 logits, row.state = self.lm.forward(np.asarray([[row.next_token]], dtype=np.int64), row.state)
                 self._sample_and_send(row, logits[0, -1])
             return
-        ids = np.zeros((len(self.rows), 1), dtype=np.int64)
-        lengths = np.zeros(len(self.rows), dtype=np.int32)  # free rows feed a dummy token with length 0
+        # the step covers rows up to the last live one (new requests take the lowest free row), so a
+        # lightly loaded batch pays for its live rows, not for every slot
+        used = max(row.slot for row in live) + 1
+        ids = np.zeros((used, 1), dtype=np.int64)
+        lengths = np.zeros(used, dtype=np.int32)  # free rows feed a dummy token with length 0
         for row in live:
             ids[row.slot, 0], lengths[row.slot] = row.next_token, 1
-        logits, self.state = self.lm.forward(ids, self.state, lengths=lengths)
+        if used not in self.views:
+            self.views[used] = self.lm.leading_rows(self.state, used)
+        view = self.views[used]
+        view.cache["row_lengths"] = self.state.cache["row_lengths"][:used].copy()
+        logits, view = self.lm.forward(ids, view, lengths=lengths)
+        self.views[used] = view
+        self.state.cache["row_lengths"][:used] = view.cache["row_lengths"]
         for row in live:
             self._sample_and_send(row, logits[row.slot, -1])
 

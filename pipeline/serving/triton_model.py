@@ -13,7 +13,7 @@ stream cancelled or closed) stops within one step.
 
 Metrics on Triton's metrics port (Python backend custom metrics), labelled with the model name and
 version (the registry version when `kiln serve` serves a registered one): time to first token,
-inter-token latency, queue wait, generated tokens per request (histograms), running rows (gauge),
+time per output token (a request's mean), queue wait, generated tokens per request (histograms), running rows (gauge),
 cancelled requests (counter).
 
 Before loading, every file of this model version is checked against `manifest.json` (sha256); a
@@ -59,6 +59,17 @@ def text_response(text: str):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
 
 
+def final_response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int):
+    """The last response of a request: the text (all of it, or empty when streamed), why it ended
+    ("eos", "stop", "length", "cancelled") and the token counts an OpenAI `usage` needs."""
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
+        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object)),
+        pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
+        pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+    ])
+
+
 class Metrics:
     """The model's custom metrics, one set of labels per loaded model version."""
 
@@ -74,7 +85,7 @@ class Metrics:
             return metric(name, description, family.HISTOGRAM, buckets=buckets)
 
         self.ttft = histogram("kiln_time_to_first_token_seconds", "Arrival to first generated token", SECONDS)
-        self.inter_token = histogram("kiln_inter_token_latency_seconds", "Time between two tokens of one request", SECONDS)
+        self.per_token = histogram("kiln_time_per_output_token_seconds", "Mean time between the tokens of one request", SECONDS)
         self.queue_wait = histogram("kiln_queue_wait_seconds", "Arrival to joining the running batch", SECONDS)
         self.tokens = histogram("kiln_generated_tokens", "Tokens generated per finished request", TOKENS)
         self.active = metric("kiln_active_rows", "Requests decoding in the running batch", family.GAUGE)
@@ -84,21 +95,23 @@ class Metrics:
 class Client:
     """One admitted request: how its text goes back, and its timings."""
 
-    def __init__(self, request, sender, stream: bool, arrived: float, metrics: Metrics):
+    def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics):
         self.request, self.sender, self.stream, self.arrived, self.metrics = request, sender, stream, arrived, metrics
+        self.row_prompt = parsed.prompt_ids
         self.text, self.tokens, self.last = "", 0, None
         self.row = None
 
     def gone(self) -> bool:
-        for obj in (self.request, self.sender):
-            check = getattr(obj, "is_cancelled", None)
-            if check is not None and check():
-                return True
-        return False
+        # one call to the server per row and step (each is a round trip to tritonserver): the
+        # request's flag, which Triton sets when the gRPC stream is cancelled or closed
+        check = getattr(self.request, "is_cancelled", None)
+        return bool(check is not None and check())
 
     def emit(self, delta: str, finish_reason) -> None:
         now = time.monotonic()
-        (self.metrics.ttft if self.last is None else self.metrics.inter_token).observe(now - (self.last or self.arrived))
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.arrived)
+            self.first = now
         self.last = now
         self.tokens += 1
         self.text += delta
@@ -106,10 +119,11 @@ class Client:
             self.sender.send(text_response(delta))
         if finish_reason is not None:
             self.metrics.tokens.observe(self.tokens)
-            if self.stream:
-                self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                self.sender.send(text_response(self.text), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if self.tokens > 1:  # one observation per request: each observe is a round trip to the server
+                self.metrics.per_token.observe((now - self.first) / (self.tokens - 1))
+            completion = self.tokens - (finish_reason == "eos")  # an end-of-sequence token is not part of the text
+            self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.row_prompt), completion),
+                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 class TritonPythonModel:
@@ -133,6 +147,7 @@ class TritonPythonModel:
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.pending = queue.Queue()
         self.clients = []  # admitted, not finished
+        self.shown_active = 0
         self.worker = threading.Thread(target=self.run, daemon=True)
         self.worker.start()
 
@@ -171,7 +186,9 @@ class TritonPythonModel:
                     self.close(client, f"generation failed: {e}")
                 self.clients = []
                 running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
-            self.metrics.active.set(running.active)
+            if running.active != self.shown_active:  # a gauge update is a round trip to the server: only on change
+                self.metrics.active.set(running.active)
+                self.shown_active = running.active
 
     def iterate(self, running) -> bool:
         """Admit what waits (block only when nothing runs), drop cancelled rows, decode one step.
@@ -194,7 +211,7 @@ class TritonPythonModel:
 
     def admit(self, running, item):
         request, sender, parsed, stream, arrived = item
-        client = Client(request, sender, stream, arrived, self.metrics)
+        client = Client(request, sender, parsed, stream, arrived, self.metrics)
         if client.gone():  # cancelled while it waited
             self.metrics.cancelled.increment(1)
             self.close(client, None)
@@ -208,7 +225,6 @@ class TritonPythonModel:
             return
         if client.row.seq.finish_reason is None:
             self.clients.append(client)
-        self.metrics.active.set(running.active)
 
     @staticmethod
     def close(client, error):

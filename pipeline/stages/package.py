@@ -41,12 +41,21 @@ INPUTS = [  # name, Triton type, dims, optional
 ]
 
 
+OUTPUTS = [  # text in every response; the final response also says why it ended and how many tokens
+    ("text_output", "TYPE_STRING"),
+    ("finish_reason", "TYPE_STRING"),
+    ("prompt_tokens", "TYPE_INT32"),
+    ("completion_tokens", "TYPE_INT32"),
+]
+
+
 def config_pbtxt(name: str, cfg: PackageConfig) -> str:
     inputs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: {d}{" optional: true" if o else ""} }}' for n, t, d, o in INPUTS)
+    outputs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ 1 ] }}' for n, t in OUTPUTS)
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
             "model_transaction_policy { decoupled: true }\n"
             f"input [\n{inputs}\n]\n"
-            'output [\n  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+            f"output [\n{outputs}\n]\n"
             f"instance_group [ {{ kind: KIND_CPU count: {cfg.instances} }} ]\n")
 
 

@@ -79,7 +79,7 @@ def generate(addresses, body: dict) -> tuple[int, dict]:
 def stream_grpc(addresses, prompt: str, max_tokens: int) -> list[str]:
     import tritonclient.grpc as grpcclient
 
-    pieces, done, errors = [], threading.Event(), []
+    pieces, done, errors, finals = [], threading.Event(), [], []
 
     def callback(result, error):
         if error is not None:
@@ -87,8 +87,10 @@ def stream_grpc(addresses, prompt: str, max_tokens: int) -> list[str]:
             done.set()
             return
         response = result.get_response()
-        if response.outputs:
+        if response.outputs and result.as_numpy("finish_reason") is None:  # the final response sums up, below
             pieces.append(result.as_numpy("text_output")[0].decode())
+        elif response.outputs:
+            finals.append((result.as_numpy("finish_reason")[0].decode(), int(result.as_numpy("completion_tokens")[0])))
         if response.parameters.get("triton_final_response") and response.parameters["triton_final_response"].bool_param:
             done.set()
 
@@ -99,6 +101,7 @@ def stream_grpc(addresses, prompt: str, max_tokens: int) -> list[str]:
     assert done.wait(60), "no final response"
     client.stop_stream()
     assert not errors, errors
+    assert len(finals) == 1 and finals[0][0] in ("eos", "length") and 1 <= finals[0][1] <= max_tokens, finals
     return pieces
 
 
@@ -119,6 +122,8 @@ def test_generation_equals_the_engines_greedy_output(server, reference):
     status, body = generate(addresses, {"text_input": "def main():", "max_tokens": 12})
     assert status == 200, body
     assert body["text_output"] == reference("def main():", 12)
+    assert body["finish_reason"] in ("eos", "length") and body["prompt_tokens"] > 0
+    assert body["completion_tokens"] == 12 or body["finish_reason"] == "eos"
 
 
 def test_streaming_yields_the_same_text_token_by_token(server, reference):
@@ -184,7 +189,7 @@ def test_per_request_metrics_carry_model_and_version(server):
     before = metric_value(addresses, "kiln_time_to_first_token_seconds_count")
     assert generate(addresses, {"text_input": "metrics", "max_tokens": 5})[0] == 200
     labels = f'model="{MODEL}",version="1"'
-    for name in ("kiln_time_to_first_token_seconds_count", "kiln_inter_token_latency_seconds_count", "kiln_queue_wait_seconds_count",
+    for name in ("kiln_time_to_first_token_seconds_count", "kiln_time_per_output_token_seconds_count", "kiln_queue_wait_seconds_count",
                  "kiln_generated_tokens_bucket", "kiln_active_rows", "kiln_cancelled_requests_total"):
         assert any(labels in line for line in metric_lines(addresses, name)), name
     assert metric_value(addresses, "kiln_time_to_first_token_seconds_count") == before + 1

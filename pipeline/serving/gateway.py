@@ -1,0 +1,293 @@
+"""An OpenAI-compatible HTTP API in front of Kiln's Triton model: `/v1/models`, `/v1/completions`
+and `/v1/chat/completions`, whole or streamed as server-sent events.
+
+Glue only: FastAPI (served by uvicorn) takes the request, the model's own chat template (from its
+engine folder, rendered in Jinja's sandbox as transformers does) turns messages into a prompt, and
+tritonclient's asyncio gRPC stream carries it to Triton and the text back. Generation itself, its
+checks and its limits are the Triton model's: a request it refuses comes back as a 400 with its
+reason, "server busy" as a 503. A client that disconnects mid-stream closes the gRPC stream, which
+cancels the request in Triton. Bodies over `max_body_bytes` get a 413 before anything reads them.
+
+Every response's `model` is the registry reference `NAME/VERSION` of what is being served.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The OpenAI parameters Kiln's model understands; others are refused by name (extra=forbid),
+    except a few clients send by default and that change nothing here."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None  # accepted and ignored, as OpenAI's own servers log it only
+    presence_penalty: float = Field(0.0, ge=0, le=0)  # only the neutral value
+    frequency_penalty: float = Field(0.0, ge=0, le=0)
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: str
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def chat_template(engine_dir: Path) -> str | None:
+    """The model's chat template: `chat_template.jinja` (transformers 5), else tokenizer_config.json."""
+    file = engine_dir / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text()
+    config = engine_dir / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
+
+
+def special_tokens(engine_dir: Path) -> dict[str, str]:
+    config = engine_dir / "tokenizer_config.json"
+    doc = json.loads(config.read_text()) if config.is_file() else {}
+    return {k: v for k in ("bos_token", "eos_token") if isinstance(v := doc.get(k), str)}
+
+
+@dataclass
+class Served:
+    """What the gateway fronts: one Triton model, its registry identity, its chat template."""
+
+    grpc_url: str
+    triton_model: str
+    model_id: str  # NAME/VERSION: the `model` of every response
+    template: str | None
+    tokens: dict[str, str]
+
+    @classmethod
+    def from_repository(cls, grpc_url: str, repository: Path, model: str, name: str, version: str) -> "Served":
+        version_dir = next(p for p in (repository / model).iterdir() if p.is_dir())
+        engine = version_dir / "engine"
+        return cls(grpc_url, model, f"{name}/{version}", chat_template(engine), special_tokens(engine))
+
+    def accepts(self, requested: str) -> bool:
+        return requested in (self.model_id, self.model_id.split("/")[0], self.triton_model)
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        if self.template is None:
+            raise ApiError(400, f"{self.model_id} has no chat template; use /v1/completions with a prompt", param="messages")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(self.template).render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
+                                                         **self.tokens)
+        except TemplateError as e:
+            raise ApiError(400, f"the model's chat template failed on these messages: {e}", param="messages") from None
+
+
+def triton_inputs(prompt: str, req: Sampling) -> list:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, dtype, values, np_dtype):
+        t = grpcclient.InferInput(name, [len(values)], dtype)
+        t.set_data_from_numpy(np.array(values, dtype=np_dtype))
+        return t
+
+    inputs = [tensor("text_input", "BYTES", [prompt.encode()], object), tensor("stream", "BOOL", [True], bool),
+              tensor("temperature", "FP32", [req.temperature], np.float32), tensor("top_p", "FP32", [req.top_p], np.float32)]
+    if req.limit() is not None:
+        inputs.append(tensor("max_tokens", "INT32", [min(req.limit(), 2**31 - 1)], np.int32))
+    if req.seed is not None:
+        inputs.append(tensor("seed", "UINT64", [req.seed], np.uint64))
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if stops:
+        inputs.append(tensor("stop", "BYTES", [s.encode() for s in stops], object))
+    return inputs
+
+
+async def generate(served: Served, prompt: str, req: Sampling) -> AsyncIterator[tuple[str, dict | None]]:
+    """Text pieces from Triton, then ("", summary) with finish_reason and token counts. Leaving the
+    iteration early (a disconnected client) cancels the gRPC stream, and so the request."""
+    import tritonclient.grpc.aio as grpcaio
+
+    client = grpcaio.InferenceServerClient(served.grpc_url)
+
+    async def one_request():
+        yield {"model_name": served.triton_model, "inputs": triton_inputs(prompt, req)}
+
+    responses = client.stream_infer(inputs_iterator=one_request())
+    try:
+        async for result, error in responses:
+            if error is not None:
+                message = str(error.message() if hasattr(error, "message") else error)
+                raise ApiError(503 if "server busy" in message else 400, message,
+                               kind="server_error" if "server busy" in message else "invalid_request_error")
+            finish = result.as_numpy("finish_reason")
+            if finish is None:
+                yield result.as_numpy("text_output")[0].decode("utf-8"), None
+                continue
+            yield result.as_numpy("text_output")[0].decode("utf-8"), {
+                "finish_reason": finish[0].decode(), "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
+                "completion_tokens": int(result.as_numpy("completion_tokens")[0])}
+            return
+    finally:
+        responses.cancel()
+        await client.close()
+
+
+def usage(summary: dict) -> dict:
+    return {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"],
+            "total_tokens": summary["prompt_tokens"] + summary["completion_tokens"]}
+
+
+def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
+    # (FastAPI reads the handlers' annotations, so Request is imported at module level)
+    app = FastAPI(title="Kiln OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def cap_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return JSONResponse(ApiError(413, f"request body over {max_body_bytes} bytes").body(), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def parse(request: Request, model: type[Sampling]) -> Sampling:
+        raw = await request.body()
+        if len(raw) > max_body_bytes:  # chunked bodies have no content-length
+            raise ApiError(413, f"request body over {max_body_bytes} bytes")
+        try:
+            parsed = model.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
+        if not served.accepts(parsed.model):
+            raise ApiError(404, f"model {parsed.model!r} is not served here; this server serves {served.model_id!r}",
+                           kind="not_found_error", param="model")
+        return parsed
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.model_id, "object": "model", "created": 0, "owned_by": "kiln"}]}
+
+    async def respond(req: Sampling, prompt: str, chat: bool):
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        pieces = generate(served, prompt, req)
+        if not req.stream:
+            text, summary = "", None
+            async for piece, info in pieces:
+                text, summary = text + piece, info or summary
+            reason = FINISH[summary["finish_reason"]]
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
+                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            return {"id": ident, "object": obj, "created": created, "model": served.model_id, "choices": [choice],
+                    "usage": usage(summary)}
+        # the first piece is awaited before the response starts, so a refused request is a plain 400
+        first = await anext(pieces)
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                content = {"role": "assistant", "content": delta or ""} if role else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": content, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            body = {"id": ident, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": served.model_id,
+                    "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            piece, summary = first
+            try:
+                yield chunk(piece, None, role=True)
+                async for piece, info in pieces:
+                    summary = info or summary
+                    if piece:
+                        yield chunk(piece, None)
+            finally:  # also when the client went away: close the gRPC stream now, which cancels the request
+                await pieces.aclose()
+            yield chunk(None, FINISH[summary["finish_reason"]])
+            if req.stream_options and req.stream_options.include_usage:
+                body = {"id": ident, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": served.model_id,
+                        "choices": [], "usage": usage(summary)}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        return await respond(req, req.prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatRequest)
+        return await respond(req, served.render(req.messages), chat=True)
+
+    return app
+
+
+def run_gateway(served: Served, host: str, port: int, timeout: float = 30) -> Any:
+    """A uvicorn server for the gateway in a daemon thread, returned once it listens (set
+    `.should_exit` to stop it)."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(served), host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise OSError(f"the OpenAI-compatible API could not listen on {host}:{port}")
+        time.sleep(0.05)
+    return server

@@ -1,0 +1,121 @@
+"""`kiln serve`'s OpenAI-compatible API, spoken to only with the official `openai` client: models,
+chat and text completions (streamed and whole) with usage and finish reasons, the model's own chat
+template applied, the registry reference as `model`, and bad requests refused with their reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.serving.server import free_port
+from tests.conftest import ROOT
+from tests.integration.test_triton import MODEL, engine_greedy_text
+
+pytestmark = pytest.mark.integration
+openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run):
+    """`kiln serve models:/tiny-llama-int4/1` as a user runs it; yields (OpenAI client, model id, info)."""
+    from pipeline.serving.environment import ensure_environment
+
+    try:
+        ensure_environment()
+    except Exception as e:
+        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    ports = [str(free_port()) for _ in range(4)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"KILN_ARTIFACTS": str(tiny_run["artifacts"]), "MLFLOW_TRACKING_URI": tiny_run["registered"]["tracking_uri"]}
+    version = tiny_run["registered"]["version"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", f"models:/{MODEL}/{version}", "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2], "--openai-port", ports[3]],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("{"):
+            break
+    try:
+        info = json.loads(lines[-1])
+        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60)
+        yield client, f"{MODEL}/{version}", info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_run):
+    return engine_greedy_text(tiny_run["paths"]["build"], tiny_run["paths"]["package"], MODEL)
+
+
+def chat_prompt(tiny_run, messages) -> str:
+    from pipeline.serving.gateway import ChatMessage, Served, chat_template, special_tokens
+
+    engine = tiny_run["paths"]["build"]
+    served = Served("unused", MODEL, "m/1", chat_template(engine), special_tokens(engine))
+    return served.render([ChatMessage(**m) for m in messages])
+
+
+def test_models_lists_the_registered_version(served):
+    client, model_id, _ = served
+    assert [m.id for m in client.models.list().data] == [model_id]
+
+
+def test_chat_streams_with_usage_and_finish_reason(served, tiny_run, greedy):
+    client, model_id, _ = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Python?"}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.model == model_id for c in chunks)
+    prompt = chat_prompt(tiny_run, messages)
+    assert "<|im_start|>assistant\n" in prompt  # the model's own (ChatML) template, with the generation prompt
+    assert text == greedy(prompt, 8)
+    assert finishes in (["length"], ["stop"])
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.completion_tokens <= 8 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    whole = client.chat.completions.create(model=model_id, messages=messages, max_tokens=8, temperature=0)
+    assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == finishes[0]
+    assert whole.usage.completion_tokens == usage.completion_tokens and whole.model == model_id
+
+
+def test_text_completion_with_stop_and_seed(served, greedy):
+    client, model_id, _ = served
+    plain = client.completions.create(model=MODEL, prompt="def main():", max_tokens=10, temperature=0)
+    assert plain.choices[0].text == greedy("def main():", 10) and plain.model == model_id
+    sampled = [client.completions.create(model=MODEL, prompt="Once", max_tokens=8, temperature=0.9, top_p=0.9, seed=5).choices[0].text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded
+    # a stop string of plain ASCII from the greedy text (a random model's bytes often decode to U+FFFD,
+    # which any incomplete character also shows as)
+    full = client.completions.create(model=MODEL, prompt="hello", max_tokens=10, temperature=0).choices[0].text
+    windows = [i for i in range(1, len(full) - 1) if full[i : i + 2].isascii() and full[i : i + 2].isprintable()]
+    if windows:
+        stop = full[windows[0] : windows[0] + 2]
+        cut = client.completions.create(model=MODEL, prompt="hello", max_tokens=10, temperature=0, stop=[stop])
+        assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_their_reason(served):
+    client, _, _ = served
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be between 1 and 64"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.completions.create(model=MODEL, prompt="a " * (3 << 20), max_tokens=2)
+    assert too_big.value.status_code == 413
+    assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=2).choices[0].text is not None
