@@ -39,23 +39,32 @@ def mlflow_server(backend_uri: str, artifacts_dir: str | Path, log_file: Path, *
                                  "--workers", "1", *extra_args], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not become healthy:\n{log_file.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_ok(f"{url}/health", proc, log_file, "mlflow server")
         yield url
     finally:
-        proc.terminate()
+        terminate(proc)
+
+
+def wait_until_ok(url: str, proc: subprocess.Popen, log_file: Path, what: str, timeout: float = 120) -> None:
+    """Until `url` answers 200; RuntimeError with the log's tail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become healthy:\n{log_file.read_text()[-3000:]}")
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def postgres_bin() -> Path | None:

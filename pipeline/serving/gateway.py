@@ -288,6 +288,9 @@ def run_gateway(served: Served, host: str, port: int, timeout: float = 30) -> An
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise OSError(f"the OpenAI-compatible API could not listen on {host}:{port}")
+            from pipeline.serving.server import ServerNotReady
+
+            raise ServerNotReady(f"the OpenAI-compatible API could not listen on {host}:{port} (port in use?); "
+                                 "choose another with --openai-port, or 0 for none")
         time.sleep(0.05)
     return server

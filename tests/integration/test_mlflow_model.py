@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from pipeline.modeling.runtime import load_ort_engine
 from pipeline.serving import generation
-from tests.stores import free_port
+from tests.stores import free_port, terminate, wait_until_ok
 
 pytestmark = pytest.mark.integration
 
@@ -111,24 +110,12 @@ def test_mlflow_models_serve_answers(tiny_run, store_env, tmp_path):
                              "--host", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_ok(f"{url}/ping", proc, tmp_path / "serve.log", "mlflow models serve")
         status, body = post(f"{url}/invocations", {"inputs": {"prompt": PROMPTS[:2]}, "params": {"max_tokens": 5}})
         assert status == 200, body
         assert [p["text"] for p in body["predictions"]] == kiln_greedy(tiny_run, PROMPTS[:2], 5)
         status, body = post(f"{url}/invocations", {"inputs": {"prompt": ["Hello"]}, "params": {"max_tokens": 10**6}})
         assert status == 400 and "max_tokens must be between 1 and" in body["message"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
         log.close()

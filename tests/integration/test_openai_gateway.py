@@ -4,17 +4,11 @@ template applied, the registry reference as `model`, and bad requests refused wi
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from pipeline.serving.server import free_port
-from tests.conftest import ROOT
-from tests.integration.test_triton import MODEL, engine_greedy_text
+from tests.integration.test_triton import MODEL, engine_greedy_text, start_kiln_serve
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
@@ -29,20 +23,9 @@ def served(tiny_run):
         ensure_environment()
     except Exception as e:
         pytest.skip(f"the Triton serving environment could not be created here: {e}")
-    ports = [str(free_port()) for _ in range(4)]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env |= {"KILN_ARTIFACTS": str(tiny_run["artifacts"]), "MLFLOW_TRACKING_URI": tiny_run["registered"]["tracking_uri"]}
     version = tiny_run["registered"]["version"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", f"models:/{MODEL}/{version}", "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2], "--openai-port", ports[3]],
-                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("{"):
-            break
+    proc, info, _ = start_kiln_serve(f"models:/{MODEL}/{version}", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"])
     try:
-        info = json.loads(lines[-1])
         client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60)
         yield client, f"{MODEL}/{version}", info
     finally:
@@ -119,3 +102,18 @@ def test_bad_requests_get_their_reason(served):
         client.completions.create(model=MODEL, prompt="a " * (3 << 20), max_tokens=2)
     assert too_big.value.status_code == 413
     assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=2).choices[0].text is not None
+
+
+def test_malformed_json_is_a_400_and_the_server_stays_ready(served):
+    """What no SDK sends, so plain HTTP: a body that is not JSON, and one with ill-typed fields."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    client, _, info = served
+    for body in (b"{not json", json.dumps({"model": MODEL, "prompt": 3, "max_tokens": "many"}).encode()):
+        req = urllib.request.Request(f"{info['openai']}/completions", data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 400 and json.loads(refused.value.read())["error"]["type"] == "invalid_request_error"
+    assert client.completions.create(model=MODEL, prompt="still here", max_tokens=2).choices[0].finish_reason in ("length", "stop")

@@ -65,5 +65,5 @@ def test_gptq_beats_rtn_at_the_same_group_size(demo):
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     challenger = run_kiln("promote", name, rtn_v, "--to", "production", artifacts=artifacts)
     assert challenger.returncode == 7, challenger.stdout
-    assert f"champion v{gptq_v}" in challenger.stdout and "perplexity worse by" in challenger.stdout
+    assert f"champion v{gptq_v}" in challenger.stdout and "perplexity (held-out) worse by" in challenger.stdout
     assert f"{rtn['metrics']['engine_ppl']:.4g}" in challenger.stdout and f"{gptq['metrics']['engine_ppl']:.4g}" in challenger.stdout

@@ -248,30 +248,39 @@ def test_server_shuts_down_cleanly_on_sigterm(package, env, tmp_path):
     assert stop(proc) == 0
 
 
-def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int,
-                        store: str | None = None, inspect=None) -> tuple[str, str]:
-    """`kiln serve TARGET` as a user runs it: wait for its address line, generate once over HTTP, stop
-    it with SIGTERM (exit 0). Returns the generated text and everything `kiln serve` printed."""
+def start_kiln_serve(target: str, artifacts, store: str | None = None):
+    """`kiln serve TARGET` as a user runs it, on free ports, until its address line; returns
+    (process, address record, lines printed so far)."""
     import os
-    import signal
     import subprocess
     import sys
 
     from pipeline.serving.server import free_port
     from tests.conftest import ROOT
 
-    ports = [str(free_port()) for _ in range(3)]
-    env_vars = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", target, "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT, text=True,
-                            env={**env_vars, "KILN_ARTIFACTS": str(artifacts), **({"MLFLOW_TRACKING_URI": store} if store else {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ports = [str(free_port()) for _ in range(4)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"KILN_ARTIFACTS": str(artifacts), **({"MLFLOW_TRACKING_URI": store} if store else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", target, "--http-port", ports[0], "--grpc-port", ports[1],
+                             "--metrics-port", ports[2], "--openai-port", ports[3]], cwd=ROOT, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("{"):
+            return proc, json.loads(line), lines
+    proc.wait()
+    raise AssertionError(f"kiln serve exited {proc.returncode} before serving:\n{''.join(lines)}")
+
+
+def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int,
+                        store: str | None = None, inspect=None) -> tuple[str, str]:
+    """Generate once over HTTP from `kiln serve TARGET`, then stop it with SIGTERM (exit 0).
+    Returns the generated text and everything `kiln serve` printed."""
+    import signal
+
+    proc, info, lines = start_kiln_serve(target, artifacts, store)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("{"):
-                break
-        info = json.loads(lines[-1])
         assert info["models"] == [model], lines
         req = urllib.request.Request(f"{info['http']}/v2/models/{model}/generate",
                                      data=json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode(), method="POST")
@@ -312,24 +321,10 @@ def test_kiln_serve_exits_non_zero_when_the_server_dies(tmp_path, env, package):
     """tritonserver killed under `kiln serve`: it says so with the log's last lines and exits 12."""
     import os
     import signal
-    import subprocess
-    import sys
 
-    from pipeline.serving.server import free_port
-    from tests.conftest import ROOT
-
-    ports = [str(free_port()) for _ in range(3)]
-    env_vars = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(package.parent), "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT, text=True,
-                            env={**env_vars, "KILN_ARTIFACTS": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, info, _ = start_kiln_serve(str(package.parent), tmp_path)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("{"):
-                break
-        os.kill(json.loads(lines[-1])["pid"], signal.SIGKILL)
+        os.kill(info["pid"], signal.SIGKILL)
         rest = proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:

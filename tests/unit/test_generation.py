@@ -153,3 +153,22 @@ def test_more_requests_than_rows_queue_and_each_gets_its_solo_output(engine):
     texts = [""] * 5
     generate(lm, reqs, tokenizer, {256}, lambda i, d, f: texts.__setitem__(i, texts[i] + d), slots=2)
     assert texts == [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
+
+
+def test_an_engine_without_row_placement_interleaves_rows_with_their_own_states(engine):
+    """The portable engine cannot batch rows of different lengths: each row keeps its own state and
+    a step advances them in turn; outputs still equal each request alone."""
+    from pipeline.serving.generation import InflightBatch
+
+    lm, tokenizer = engine
+
+    class OneRowAtATime:  # what the portable engine offers: forward only
+        def forward(self, ids, state):
+            return lm.forward(ids, state)
+
+    reqs = [parse_request(p, {"max_tokens": n}, tokenizer, LIMITS) for p, n in (("abc", 9), ("x = 1", 5), ("Hello", 7))]
+    texts = [""] * 3
+    running = InflightBatch(OneRowAtATime(), tokenizer, {256}, slots=3)
+    assert not running.batched
+    generate(OneRowAtATime(), reqs, tokenizer, {256}, lambda i, d, f: texts.__setitem__(i, texts[i] + d), slots=3)
+    assert texts == [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
