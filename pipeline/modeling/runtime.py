@@ -127,12 +127,13 @@ class FusedOrtCausalLM:
                             "step_logits": np.empty((rows, 1, self.vocab), dtype=np.float32),
                             "row_lengths": state.cache["row_lengths"][:rows].copy()}, state.length)
 
-    def place(self, state: DecodeState, row: int, single: DecodeState) -> None:
-        """Copy a one-row state (a request prefilled on its own) into `row` of a batch state: its
-        keys, values and length; whatever the row held before is no longer attended to."""
-        length = int(single.cache["row_lengths"][0])
-        for batch_array, row_array in zip(state.cache["arrays"], single.cache["arrays"]):
-            batch_array[row, :, :length] = row_array[0, :, :length]
+    def place(self, state: DecodeState, row: int, prefilled: DecodeState, source_row: int = 0) -> None:
+        """Copy row `source_row` of a prefilled state (requests prefilled apart from the running
+        batch) into `row` of a batch state: its keys, values and length; whatever the row held
+        before is no longer attended to."""
+        length = int(prefilled.cache["row_lengths"][source_row])
+        for batch_array, row_array in zip(state.cache["arrays"], prefilled.cache["arrays"]):
+            batch_array[row, :, :length] = row_array[source_row, :, :length]
         state.cache["row_lengths"][row] = length
 
     def forward(self, input_ids: np.ndarray, state: DecodeState | None,

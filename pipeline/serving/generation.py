@@ -129,9 +129,9 @@ class Row:
 class InflightBatch:
     """Requests join a running batch between decode steps and leave it the step they finish.
 
-    `admit` prefills a request on its own, sends its first text and, on an engine that decodes rows
-    of different lengths (`place`), copies its keys and values into a free row of the shared batch
-    state; `step` advances every row by one token in one forward. A finished, stopped or cancelled
+    `admit_many` prefills the requests that arrived since the last step together (apart from the
+    running rows), sends each its first text and, on an engine that decodes rows of different
+    lengths (`place`), copies their keys and values into free rows of the shared batch state; `step` advances every row by one token in one forward. A finished, stopped or cancelled
     row frees its slot at once. On other engines each row keeps its own state and `step` runs them
     in turn: no batching, but a new request still starts within one step instead of after the others.
     Greedy output is the same as the request alone (tested): a row only ever attends to itself.
@@ -165,16 +165,32 @@ class InflightBatch:
 
     def admit(self, request: GenerationRequest, emit: Emit) -> Row:
         """Prefill `request` and send its first text; it takes a free slot (check `free` first)."""
-        slot = self.rows.index(None)
-        row = Row(Sequence(request, np.random.default_rng(request.seed)), emit, slot)
-        logits, state = self.lm.forward(np.asarray([request.prompt_ids], dtype=np.int64), None)
-        self.rows[slot] = row
-        if self.batched:
-            self.lm.place(self.state, slot, state)
-        else:
-            row.state = state
-        self._sample_and_send(row, logits[0, -1])
-        return row
+        return self.admit_many([(request, emit)])[0]
+
+    def admit_many(self, arrivals: list[tuple[GenerationRequest, Emit]]) -> list[Row]:
+        """Prefill requests that arrived together in one forward (rows right-padded, each at its
+        own length), place each in a free slot and send each its first text. At most `free`."""
+        if not arrivals:
+            return []
+        if not self.batched and len(arrivals) > 1:  # per-row states: each request prefilled alone
+            return [row for arrival in arrivals for row in self.admit_many([arrival])]
+        lengths = np.array([len(req.prompt_ids) for req, _ in arrivals])
+        ids = np.zeros((len(arrivals), int(lengths.max())), dtype=np.int64)
+        for j, (req, _) in enumerate(arrivals):
+            ids[j, : lengths[j]] = req.prompt_ids
+        logits, state = self.lm.forward(ids, None, **({"lengths": lengths} if len(arrivals) > 1 else {}))
+        rows = []
+        for j, (req, emit) in enumerate(arrivals):
+            row = Row(Sequence(req, np.random.default_rng(req.seed)), emit, self.rows.index(None))
+            self.rows[row.slot] = row
+            if self.batched:
+                self.lm.place(self.state, row.slot, state, source_row=j)
+            else:
+                row.state = state
+            rows.append(row)
+        for j, row in enumerate(rows):
+            self._sample_and_send(row, logits[j, lengths[j] - 1])
+        return rows
 
     def cancel(self, row: Row) -> None:
         """Stop a row now (its client went away): it gets finish_reason "cancelled" and frees its slot."""
@@ -218,7 +234,6 @@ def generate(lm, requests: list[GenerationRequest], tokenizer, eos_ids: set[int]
     running = InflightBatch(lm, tokenizer, eos_ids, slots if batch else 1)
     waiting = list(enumerate(requests))
     while waiting or running.active:
-        while waiting and running.free:
-            i, req = waiting.pop(0)
-            running.admit(req, lambda d, f, i=i: emit(i, d, f))
+        arrivals, waiting = waiting[: running.free], waiting[running.free :]
+        running.admit_many([(req, lambda d, f, i=i: emit(i, d, f)) for i, req in arrivals])
         running.step()

@@ -97,7 +97,7 @@ class Client:
 
     def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics):
         self.request, self.sender, self.stream, self.arrived, self.metrics = request, sender, stream, arrived, metrics
-        self.row_prompt = parsed.prompt_ids
+        self.parsed = parsed
         self.text, self.tokens, self.last = "", 0, None
         self.row = None
 
@@ -122,7 +122,7 @@ class Client:
             if self.tokens > 1:  # one observation per request: each observe is a round trip to the server
                 self.metrics.per_token.observe((now - self.first) / (self.tokens - 1))
             completion = self.tokens - (finish_reason == "eos")  # an end-of-sequence token is not part of the text
-            self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.row_prompt), completion),
+            self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion),
                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
@@ -193,14 +193,24 @@ class TritonPythonModel:
     def iterate(self, running) -> bool:
         """Admit what waits (block only when nothing runs), drop cancelled rows, decode one step.
         False once finalize asked the worker to stop."""
+        arrivals, stopping = [], False
         try:
-            while running.free:
-                item = self.pending.get() if not running.active else self.pending.get_nowait()
+            while len(arrivals) < running.free:
+                item = self.pending.get() if not running.active and not arrivals else self.pending.get_nowait()
                 if item is None:
-                    return False
-                self.admit(running, item)
+                    stopping = True
+                    break
+                client = Client(*item, self.metrics)
+                if client.gone():  # cancelled while it waited
+                    self.metrics.cancelled.increment(1)
+                    self.close(client, None)
+                    continue
+                arrivals.append(client)
         except queue.Empty:
             pass
+        self.admit(running, arrivals)
+        if stopping:
+            return False
         for client in [c for c in self.clients if c.gone()]:
             running.cancel(client.row)
             self.metrics.cancelled.increment(1)
@@ -209,22 +219,24 @@ class TritonPythonModel:
         self.clients = [c for c in self.clients if c.row.seq.finish_reason is None]
         return True
 
-    def admit(self, running, item):
-        request, sender, parsed, stream, arrived = item
-        client = Client(request, sender, parsed, stream, arrived, self.metrics)
-        if client.gone():  # cancelled while it waited
-            self.metrics.cancelled.increment(1)
-            self.close(client, None)
+    def admit(self, running, arrivals):
+        """The requests that arrived since the last step join the batch, prefilled together."""
+        if not arrivals:
             return
-        self.metrics.queue_wait.observe(time.monotonic() - arrived)
+        now = time.monotonic()
+        for client in arrivals:
+            self.metrics.queue_wait.observe(now - client.arrived)
         try:
-            client.row = running.admit(parsed, client.emit)
+            rows = running.admit_many([(client.parsed, client.emit) for client in arrivals])
         except Exception as e:
             pb_utils.Logger.log_error(f"kiln: prefill failed: {e!r}")
-            self.close(client, f"generation failed: {e}")
+            for client in arrivals:
+                self.close(client, f"generation failed: {e}")
             return
-        if client.row.seq.finish_reason is None:
-            self.clients.append(client)
+        for client, row in zip(arrivals, rows):
+            client.row = row
+            if row.seq.finish_reason is None:
+                self.clients.append(client)
 
     @staticmethod
     def close(client, error):

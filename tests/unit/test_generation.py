@@ -108,7 +108,8 @@ def test_sampling_follows_temperature_top_k_and_seed():
 
 
 def test_requests_joining_a_running_batch_get_their_solo_greedy_output(engine):
-    """In-flight batching: B joins after A has decoded 3 tokens, C after 5; D is cancelled mid-way.
+    """In-flight batching: B and D join together after A has decoded 3 tokens, C after 5; D is
+    cancelled mid-way.
     Each finished row's text equals the same request decoded alone; the cancelled row's slot is
     free at once and the others are unaffected."""
     from pipeline.serving.generation import InflightBatch
@@ -132,8 +133,7 @@ def test_requests_joining_a_running_batch_get_their_solo_greedy_output(engine):
     running.admit(reqs[0], sink(0))
     for _ in range(3):
         running.step()
-    running.admit(reqs[1], sink(1))
-    running.admit(reqs[3], sink(3))
+    running.admit_many([(reqs[1], sink(1)), (reqs[3], sink(3))])  # arrived together: one prefill, rows of different lengths
     running.step()
     running.step()
     assert running.free == 0
