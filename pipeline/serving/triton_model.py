@@ -5,8 +5,9 @@ every request gets its responses through its own sender, one per text delta when
 else one with the whole text.
 
 In-flight batching (`kiln_generation.InflightBatch`): one worker thread decodes every running
-request one token per step; a request that arrives joins at the next step (prefilled on its own,
-then its keys and values placed in a free row), and a finished, stopped or cancelled request leaves
+request one token per step; a request that arrives joins at the next step (prefilled together with
+the others that arrived since the last step, then its keys and values placed in a free row), and a
+finished, stopped or cancelled request leaves
 the step it ends, its row reused. At most `max_batch` rows run; up to `max_queue` more wait, and a
 request beyond that is refused at once with "server busy". A request whose client has gone (gRPC
 stream cancelled or closed) stops within one step.
