@@ -52,16 +52,13 @@ def signature(limits: dict):
 def serving_settings(engine: Artifact, package: Artifact | None) -> dict:
     """What the model needs besides the engine: limits, EOS ids and batch size, from the Triton
     package when there is one (one set of limits for both runtimes), else the package defaults."""
-    from pipeline.stages.package import context_limit, eos_token_ids
+    from pipeline.stages.package import eos_token_ids, request_limits
 
     if package is not None:
-        limits, eos = package.meta["limits"], package.meta["eos_token_ids"]
-        max_batch = int(package.meta.get("max_batch", PackageConfig().max_batch))
+        limits, eos, max_batch = package.meta["limits"], package.meta["eos_token_ids"], int(package.meta["max_batch"])
     else:
         cfg = PackageConfig()
-        limits = {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap,
-                  "default_max_tokens": cfg.default_max_tokens}
-        eos, max_batch = eos_token_ids(engine.path), cfg.max_batch
+        limits, eos, max_batch = request_limits(engine, cfg), eos_token_ids(engine.path), cfg.max_batch
     return {"engine_digest": engine.digest, "limits": limits, "eos_token_ids": eos, "max_batch": max_batch,
             "session_options": {**engine.meta["session_options"], "model_file": engine.meta["model_file"]}}
 

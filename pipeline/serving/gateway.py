@@ -13,6 +13,7 @@ Every response's `model` is the registry reference `NAME/VERSION` of what is bei
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -112,16 +113,20 @@ class Served:
     def accepts(self, requested: str) -> bool:
         return requested in (self.model_id, self.model_id.split("/")[0], self.triton_model)
 
+    @functools.cached_property
+    def compiled_template(self):
+        """The chat template compiled once (in Jinja's sandbox), not on every request."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.template)
+
     def render(self, messages: list[ChatMessage]) -> str:
         if self.template is None:
             raise ApiError(400, f"{self.model_id} has no chat template; use /v1/completions with a prompt", param="messages")
         from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         try:
-            return env.from_string(self.template).render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
-                                                         **self.tokens)
+            return self.compiled_template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True, **self.tokens)
         except TemplateError as e:
             raise ApiError(400, f"the model's chat template failed on these messages: {e}", param="messages") from None
 
@@ -162,8 +167,8 @@ async def generate(served: Served, prompt: str, req: Sampling) -> AsyncIterator[
         async for result, error in responses:
             if error is not None:
                 message = str(error.message() if hasattr(error, "message") else error)
-                raise ApiError(503 if "server busy" in message else 400, message,
-                               kind="server_error" if "server busy" in message else "invalid_request_error")
+                busy = "server busy" in message
+                raise ApiError(503 if busy else 400, message, kind="server_error" if busy else "invalid_request_error")
             finish = result.as_numpy("finish_reason")
             if finish is None:
                 yield result.as_numpy("text_output")[0].decode("utf-8"), None
@@ -233,15 +238,16 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
         # the first piece is awaited before the response starts, so a refused request is a plain 400
         first = await anext(pieces)
 
+        def event(choices: list, **extra) -> str:
+            body = {"id": ident, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": served.model_id,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
         def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
                 content = {"role": "assistant", "content": delta or ""} if role else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": content, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            body = {"id": ident, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": served.model_id,
-                    "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
+                return event([{"index": 0, "delta": content, "finish_reason": finish}])
+            return event([{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}])
 
         async def events():
             piece, summary = first
@@ -255,9 +261,7 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
                 await pieces.aclose()
             yield chunk(None, FINISH[summary["finish_reason"]])
             if req.stream_options and req.stream_options.include_usage:
-                body = {"id": ident, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": served.model_id,
-                        "choices": [], "usage": usage(summary)}
-                yield f"data: {json.dumps(body)}\n\n"
+                yield event([], usage=usage(summary))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -7,8 +7,7 @@ else one with the whole text.
 In-flight batching (`kiln_generation.InflightBatch`): one worker thread decodes every running
 request one token per step; a request that arrives joins at the next step (prefilled together with
 the others that arrived since the last step, then its keys and values placed in a free row), and a
-finished, stopped or cancelled request leaves
-the step it ends, its row reused. At most `max_batch` rows run; up to `max_queue` more wait, and a
+finished, stopped or cancelled request leaves the step it ends, its row reused. At most `max_batch` rows run; up to `max_queue` more wait, and a
 request beyond that is refused at once with "server busy". A request whose client has gone (gRPC
 stream cancelled or closed) stops within one step.
 
@@ -56,16 +55,20 @@ def error_response(message: str):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
+def string_tensor(name: str, text: str):
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=object))
+
+
 def text_response(text: str):
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
+    return pb_utils.InferenceResponse(output_tensors=[string_tensor("text_output", text)])
 
 
 def final_response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int):
     """The last response of a request: the text (all of it, or empty when streamed), why it ended
     ("eos", "stop", "length", "cancelled") and the token counts an OpenAI `usage` needs."""
     return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
-        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object)),
+        string_tensor("text_output", text),
+        string_tensor("finish_reason", finish_reason),
         pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
         pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
     ])
@@ -99,7 +102,7 @@ class Client:
     def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics):
         self.request, self.sender, self.stream, self.arrived, self.metrics = request, sender, stream, arrived, metrics
         self.parsed = parsed
-        self.text, self.tokens, self.last = "", 0, None
+        self.text, self.tokens, self.first = "", 0, None  # first: when the first token went out
         self.row = None
 
     def gone(self) -> bool:
@@ -110,10 +113,9 @@ class Client:
 
     def emit(self, delta: str, finish_reason) -> None:
         now = time.monotonic()
-        if self.last is None:
+        if self.first is None:
             self.metrics.ttft.observe(now - self.arrived)
             self.first = now
-        self.last = now
         self.tokens += 1
         self.text += delta
         if self.stream and delta:
@@ -144,7 +146,7 @@ class TritonPythonModel:
         self.eos_ids = set(serving["eos_token_ids"])
         self.limits = kiln_generation.Limits(**serving["limits"])
         self.max_batch = int(serving["max_batch"])
-        self.max_queue = int(serving.get("max_queue", 4 * self.max_batch))
+        self.max_queue = int(serving["max_queue"])
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.pending = queue.Queue()
         self.clients = []  # admitted, not finished

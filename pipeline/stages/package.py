@@ -76,6 +76,11 @@ def context_limit(engine: Engine) -> int:
     return int(json.loads((engine.path / "config.json").read_text()).get("max_position_embeddings", 2048))
 
 
+def request_limits(engine: Engine, cfg: PackageConfig) -> dict:
+    """What a request may ask of this engine: the Triton model's and the MLflow model's limits."""
+    return {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens}
+
+
 def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepository:
     if engine.target != "onnxruntime-cpu":
         raise StageFailed("package", f"the Triton package drives onnxruntime-cpu engines; this engine is {engine.target}")
@@ -92,7 +97,7 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
     link_tree(engine.path, engine_dir, ignore=shutil.ignore_patterns("manifest.json"))
-    limits = {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens}
+    limits = request_limits(engine, cfg)
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {
         "session_options": {**engine.meta["session_options"], "model_file": engine.meta["model_file"]},
