@@ -79,3 +79,32 @@ def test_version_plot_has_a_log_speed_axis_and_labels_that_do_not_overlap():
     boxes = [label.get_window_extent(renderer) for label in labels]
     assert not [(i, j) for i in range(12) for j in range(i + 1, 12) if boxes[i].overlaps(boxes[j])]
     plt.close(fig)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"MLFLOW_TRACKING_USERNAME": "ci", "GITHUB_ACTOR": "alice"}, "ci (for alice)"),  # the server-checked identity first
+    ({"MLFLOW_TRACKING_USERNAME": "ci"}, "ci"),
+    ({"GITHUB_ACTOR": "alice"}, "alice"),
+    ({"MLFLOW_TRACKING_USERNAME": "alice", "GITHUB_ACTOR": "alice"}, "alice"),
+])
+def test_promotions_are_recorded_as_the_identity_the_server_checked(monkeypatch, env, expected):
+    from pipeline.settings import actor_from_env
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "GITHUB_ACTOR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert actor_from_env() == expected
+
+
+def test_a_server_refusal_names_the_identity_and_anything_else_passes_through(monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST
+
+    from pipeline.registry.store import access_denied
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    denied = access_denied(MlflowException("Permission denied", error_code=PERMISSION_DENIED))
+    assert denied is not None and denied.exit_code == 11 and "did not allow this change for user 'reader'" in str(denied)
+    assert access_denied(MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)) is None
+    assert access_denied(ValueError("bug")) is None
