@@ -1,8 +1,9 @@
-"""One `forward(input_ids, state) -> (logits, state)` for an ONNX Runtime session and for a PyTorch
-model, so perplexity, agreement and latency are computed by the same code for source and engine.
+"""One `forward(input_ids, state) -> (logits, state)` for an ONNX Runtime session, a TensorRT engine
+and a PyTorch model, so perplexity, agreement and latency are computed by the same code for source
+and engine, and the server drives every target through the same decode loop.
 
-This module needs only numpy (onnxruntime and torch are imported where used): the Triton package
-copies it unchanged into the model repository, whose runtime environment has no Kiln."""
+This module needs only numpy (onnxruntime, tensorrt and torch are imported where used): the Triton
+package copies it unchanged into the model repository, whose runtime environment has no Kiln."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+
+class MissingRuntime(RuntimeError):
+    """What an engine's target needs is not here (onnxruntime-gpu, tensorrt, torch with CUDA, a GPU)."""
 
 
 class SequenceTooLong(ValueError):
@@ -238,6 +243,45 @@ def greedy_decode(lm: CausalLM, prompt: np.ndarray, new_tokens: int, clock) -> t
     return tokens, ttft, steps
 
 
+def load_engine(engine_dir, options: dict, device_id: int = 0, threads: int | None = None):
+    """The `CausalLM` for a built engine folder as its target runs it. `options`: what the package
+    stage records (`stages/package.engine_options`): `target`, `model_file` and, for ONNX Runtime,
+    the session options it was built with. `device_id`: the GPU of a GPU target (for a Triton
+    KIND_GPU instance, the one Triton gave it)."""
+    from pathlib import Path
+
+    target = options.get("target", "onnxruntime-cpu")
+    if target == "tensorrt":
+        return load_tensorrt_engine(Path(engine_dir) / options["model_file"], device_id)
+    if target == "onnxruntime-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise MissingRuntime(f"this engine runs on ONNX Runtime's CUDAExecutionProvider; onnxruntime {ort.__version__} here "
+                                 f"has only {ort.get_available_providers()}: install onnxruntime-gpu on a host with an NVIDIA GPU")
+        options = {**options, "providers": [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]}
+    return load_ort_engine(engine_dir, options, threads)
+
+
+def load_tensorrt_engine(plan_file, device_id: int = 0):
+    """A serialized TensorRT engine on GPU `device_id`, driven by `TensorRtCausalLM`."""
+    from pathlib import Path
+
+    try:
+        import tensorrt as trt
+        import torch
+    except ImportError as e:
+        raise MissingRuntime(f"this engine is a TensorRT plan: it needs the tensorrt package and torch with CUDA ({e})") from None
+    if not torch.cuda.is_available():
+        raise MissingRuntime(f"this engine is a TensorRT plan: torch {torch.__version__} here sees no CUDA device")
+    torch.cuda.set_device(device_id)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(plan_file).read_bytes())
+    if engine is None:
+        raise MissingRuntime(f"TensorRT {trt.__version__} could not deserialize {plan_file} (built by another TensorRT version, "
+                             "or for another GPU)")
+    return TensorRtCausalLM(engine)
+
+
 def load_ort_engine(engine_dir, session_options: dict, threads: int | None = None):
     """The `CausalLM` for a built ONNX Runtime engine folder, from the session options it was built with."""
     from pathlib import Path
@@ -249,3 +293,53 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
     if opts.get("graph") == "fused":
         return FusedOrtCausalLM(session, opts["max_sequence_length"])
     return OrtCausalLM(session)
+
+
+class TensorRtCausalLM:
+    """`forward(input_ids, state)` over a TensorRT engine. Buffers are torch CUDA tensors; the KV
+    cache stays on the GPU between steps (each step's present tensors are the next step's past)."""
+
+    def __init__(self, engine):
+        import tensorrt as trt
+        import torch
+
+        self.torch = torch
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                       trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+        self.dtypes = {n: torch_dtype[engine.get_tensor_dtype(n)] for n in names}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        kv_shape = engine.get_tensor_shape(self.past_names[0])
+        self.kv_heads, self.head_dim = kv_shape[1], kv_shape[3]
+        # TensorRT wants a non-null address even for an empty tensor (the first step's past).
+        self._placeholder = torch.empty(1, device="cuda")
+
+    def _address(self, tensor) -> int:
+        return tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr()
+
+    def forward(self, input_ids: np.ndarray, state: DecodeState | None) -> tuple[np.ndarray, DecodeState]:
+        torch = self.torch
+        batch, seq = input_ids.shape
+        past_len = state.length if state else 0
+        cache = state.cache if state else [torch.empty((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtypes[n], device="cuda")
+                                           for n in self.past_names]
+        positions, mask = positions_and_mask(batch, past_len, seq)
+        host = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask, "position_ids": positions}
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to("cuda").to(self.dtypes[n]) for n, a in host.items()}
+        tensors.update(zip(self.past_names, cache))
+        for name in self.inputs:
+            self.context.set_input_shape(name, tuple(tensors[name].shape))
+            self.context.set_tensor_address(name, self._address(tensors[name]))
+        outputs = {}
+        for name in self.outputs:
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+            self.context.set_tensor_address(name, self._address(outputs[name]))
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        logits = outputs["logits"].float().cpu().numpy()  # .cpu() waits for the stream
+        return logits, DecodeState([outputs[n] for n in self.present_names], past_len + seq)

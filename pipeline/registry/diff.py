@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.metric_table import METRICS
-from pipeline.registry.fetch import check_folder, expected_digests
+from pipeline.registry.fetch import fetch_validation
 
 # version tags that are bookkeeping, not lineage
 NOT_LINEAGE = ("kiln.audit.", "kiln.last_audit", "kiln.register_key")
@@ -35,13 +35,8 @@ class VersionDiff:
 
 def verified_gates(client, tracking_uri: str, mv) -> list[dict[str, Any]]:
     """The gates of the version's validation report, from a download that matches its registered digest."""
-    import mlflow.artifacts
-
     with tempfile.TemporaryDirectory(prefix="kiln-diff-") as tmp:
-        folder = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="validation", dst_path=tmp,
-                                                          tracking_uri=tracking_uri))
-        check_folder(folder, expected_digests(client, mv)["validation"], f"{mv.name} version {mv.version} validation")
-        return json.loads((folder / "validation.json").read_text())["gates"]
+        return json.loads((fetch_validation(client, tracking_uri, mv, Path(tmp)) / "validation.json").read_text())["gates"]
 
 
 def changed(a: dict[str, str], b: dict[str, str]) -> list[tuple[str, str | None, str | None]]:

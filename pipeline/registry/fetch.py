@@ -64,6 +64,16 @@ def check_folder(folder: Path, expected_digest: str, what: str) -> None:
         raise IntegrityError(f"{what}: manifest digest {manifest['digest'][:16]}… is not the registered {expected_digest[:16]}…")
 
 
+def fetch_validation(client, tracking_uri: str, mv, dst: Path) -> Path:
+    """The version's validation folder downloaded under `dst`, after it matched its registered digest."""
+    import mlflow.artifacts
+
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="validation", dst_path=str(dst),
+                                                      tracking_uri=tracking_uri))
+    check_folder(folder, expected_digests(client, mv)["validation"], f"{mv.name} version {mv.version} validation")
+    return folder
+
+
 def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True) -> FetchedVersion:
     """Download into `dest` (replaced only after the new copy verifies) and verify; with `reuse`, a
     copy already at `dest` that verifies is used as it is."""
@@ -86,11 +96,8 @@ def fetch_version(client, tracking_uri: str, mv, dest: Path, reuse: bool = True)
                                                           dst_path=str(partial / "source"), tracking_uri=tracking_uri))
         engine_of(source).rename(partial / "engine")
         shutil.rmtree(partial / "source")
-        mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="validation", dst_path=str(partial),
-                                            tracking_uri=tracking_uri)
-        what = f"{mv.name} version {mv.version}"
-        check_folder(partial / "engine", expected["engine"], f"{what} engine")
-        check_folder(partial / "validation", expected["validation"], f"{what} validation")
+        check_folder(partial / "engine", expected["engine"], f"{mv.name} version {mv.version} engine")
+        fetch_validation(client, tracking_uri, mv, partial)
         shutil.rmtree(dest, ignore_errors=True)
         partial.rename(dest)
     finally:

@@ -52,7 +52,7 @@ def signature(limits: dict):
 def serving_settings(engine: Artifact, package: Artifact | None) -> dict:
     """What the model needs besides the engine: limits, EOS ids and batch size, from the Triton
     package when there is one (one set of limits for both runtimes), else the package defaults."""
-    from pipeline.stages.package import eos_token_ids, request_limits
+    from pipeline.stages.package import engine_options, eos_token_ids, request_limits
 
     if package is not None:
         limits, eos, max_batch = package.meta["limits"], package.meta["eos_token_ids"], int(package.meta["max_batch"])
@@ -60,7 +60,7 @@ def serving_settings(engine: Artifact, package: Artifact | None) -> dict:
         cfg = PackageConfig()
         limits, eos, max_batch = request_limits(engine, cfg), eos_token_ids(engine.path), cfg.max_batch
     return {"engine_digest": engine.digest, "limits": limits, "eos_token_ids": eos, "max_batch": max_batch,
-            "session_options": {**engine.meta["session_options"], "model_file": engine.meta["model_file"]}}
+            "session_options": engine_options(engine)}
 
 
 def package_without_engine(package, view: Path) -> Path:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -45,13 +46,30 @@ def local_repository(path: Path) -> Path:
     return root / "model_repository"
 
 
+def refuse_gpu_engines(repository: Path) -> None:
+    """`kiln serve`'s serving environment runs CPU engines: a package whose engine needs a GPU is
+    refused here, before tritonserver starts, with where it can be served instead."""
+    from pipeline.errors import MissingDependency
+    from pipeline.targets import REQUIREMENTS
+
+    for serving in sorted(repository.glob("*/*/serving.json")):
+        target = json.loads(serving.read_text())["session_options"].get("target", "onnxruntime-cpu")
+        if REQUIREMENTS[target].needs_nvidia_gpu:
+            raise MissingDependency(
+                f"model {serving.parent.parent.name} runs a {target} engine on KIND_GPU instances; the serving environment "
+                "`kiln serve` builds runs CPU engines only (onnxruntime without CUDA, no TensorRT). Serve this package with "
+                "NVIDIA's Triton image on a GPU host, with onnxruntime-gpu or tensorrt and torch in its Python "
+                "(deploy/Dockerfile, docs/deploy.md)")
+
+
 def serve(
     target: Annotated[Optional[str], typer.Argument(help="models:/NAME@ALIAS, NAME/VERSION, or a local package / model repository folder")] = None,
     host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
-    http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port.")] = 8000,
+    http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port (Triton's HTTP API behind Kiln's body-size guard).")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/chat/completions); 0: none.")] = 8003,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body the HTTP and OpenAI ports accept.")] = 1 << 20,
     prepare: Annotated[bool, typer.Option("--prepare", help="Only create the serving environment (what `make setup` runs), then exit.")] = False,
     tracking_uri: StoreOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -69,7 +87,8 @@ def serve(
     from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.environment import ensure_environment
     from pipeline.serving.gateway import Served, run_gateway
-    from pipeline.serving.server import ServerDied, exit_description, log_tail, triton_server
+    from pipeline.serving.http_guard import HttpGuard
+    from pipeline.serving.server import ServerDied, exit_description, free_port, log_tail, run_app, triton_server
 
     console = make_console()
     if prepare:
@@ -92,6 +111,7 @@ def serve(
                                                  registry.workdir / f"{mv.name}-v{mv.version}-triton")
             console.print(f"{mv.name} version {mv.version}: Triton package sha256 verified")
             served_version, served_name = str(mv.version), mv.name  # Triton's model version = the registry version
+        refuse_gpu_engines(repository)
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
@@ -104,8 +124,12 @@ def serve(
     log_file = Settings.from_env(artifacts).artifacts_root / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     try:
-        with triton_server(repository, env, log_file, host=host, ports=(http_port, grpc_port, metrics_port),
-                           version=served_version) as (proc, a):
+        # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
+        # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
+        with triton_server(repository, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port),
+                           http_host="127.0.0.1", version=served_version) as (proc, triton):
+            guard = run_app(HttpGuard(triton.http, max_body_bytes), host, http_port, "--http-port", "the KServe HTTP port")
+            a = dataclasses.replace(triton, http_port=http_port, http_host=None)
             example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
             version = served_version or "1"
             console.print(f"Triton serving {', '.join(models)} (version {version}): HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  "
@@ -114,7 +138,7 @@ def serve(
             gateway, openai_url = None, None
             if openai_port:
                 served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
-                gateway = run_gateway(served, host, openai_port)
+                gateway = run_gateway(served, host, openai_port, max_body_bytes)
                 openai_url = f"http://{host}:{openai_port}/v1"
                 console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
             print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
@@ -122,8 +146,9 @@ def serve(
             try:
                 proc.wait()
             finally:
-                if gateway is not None:
-                    gateway.should_exit = True
+                for app in (guard, gateway):
+                    if app is not None:
+                        app.should_exit = True
             # only a signal to kiln serve stops the server on purpose; anything else is a death
             raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
                              f"{log_tail(log_file)}")

@@ -279,22 +279,8 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     return app
 
 
-def run_gateway(served: Served, host: str, port: int, timeout: float = 30) -> Any:
-    """A uvicorn server for the gateway in a daemon thread, returned once it listens (set
-    `.should_exit` to stop it)."""
-    import threading
+def run_gateway(served: Served, host: str, port: int, max_body_bytes: int = 1 << 20) -> Any:
+    """The gateway on uvicorn in a daemon thread, returned once it listens (set `.should_exit` to stop it)."""
+    from pipeline.serving.server import run_app
 
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(served), host=host, port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            from pipeline.serving.server import ServerNotReady
-
-            raise ServerNotReady(f"the OpenAI-compatible API could not listen on {host}:{port} (port in use?); "
-                                 "choose another with --openai-port, or 0 for none")
-        time.sleep(0.05)
-    return server
+    return run_app(create_app(served, max_body_bytes), host, port, "--openai-port (0: none)", "the OpenAI-compatible API")

@@ -30,7 +30,7 @@ class KilnEngineModel(PythonModel):
         config = context.model_config
         engine_dir = Path(context.artifacts["engine"])
         kiln_manifest.check_folder(engine_dir, config["engine_digest"])
-        self.lm = kiln_runtime.load_ort_engine(engine_dir, config["session_options"])
+        self.lm = kiln_runtime.load_engine(engine_dir, config["session_options"])
         self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
         self.eos_ids = set(config["eos_token_ids"])
         self.limits = kiln_generation.Limits(**config["limits"])
@@ -66,8 +66,7 @@ class KilnEngineModel(PythonModel):
             "text": texts,
             "finish_reason": finish,
             "prompt_tokens": [len(r.prompt_ids) for r in requests],
-            # an end-of-sequence token ends the text and is not part of it
-            "completion_tokens": [n - (f == "eos") for n, f in zip(sampled, finish)],
+            "completion_tokens": [kiln_generation.completion_tokens(n, f) for n, f in zip(sampled, finish)],
         })
 
 

@@ -9,6 +9,7 @@ with SIGTERM, and waited for.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -43,10 +44,11 @@ class Addresses:
     http_port: int
     grpc_port: int
     metrics_port: int
+    http_host: str | None = None  # where HTTP listens when not on `host`
 
     @property
     def http(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"http://{self.http_host or self.host}:{self.http_port}"
 
     @property
     def grpc(self) -> str:
@@ -89,8 +91,9 @@ def log_tail(log_file: Path, lines: int = 15) -> str:
 @contextlib.contextmanager
 def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
                   ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120,
-                  version: str | None = None) -> Iterator[tuple[subprocess.Popen, Addresses]]:
-    """`version`: serve each model as this version (the registry version) instead of the package's "1"."""
+                  version: str | None = None, http_host: str | None = None) -> Iterator[tuple[subprocess.Popen, Addresses]]:
+    """`version`: serve each model as this version (the registry version) instead of the package's "1".
+    `http_host`: HTTP's interface when not `host` (`kiln serve` keeps it on loopback, behind its guard)."""
     # Triton's Python backend writes __pycache__ beside model.py whatever the environment says
     # (measured), so the server runs on a hard-linked snapshot: the repository itself stays exactly
     # what its manifest lists.
@@ -101,9 +104,9 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
             if (model_dir / "1").is_dir():
                 (model_dir / "1").rename(model_dir / version)
     http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
-    addresses = Addresses(host, http_port, grpc_port, metrics_port)
+    addresses = Addresses(host, http_port, grpc_port, metrics_port, http_host)
     cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",
-           f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+           f"--http-address={http_host or host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0"]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
@@ -123,7 +126,29 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
         yield proc, addresses
     finally:
         stop(proc)
+        # the Python-backend stubs outlive a tritonserver that was killed (measured: a stub was
+        # still running 15 minutes after its server's SIGKILL); they are in the server's group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(snapshot.parent, ignore_errors=True)
+
+
+def run_app(app, host: str, port: int, option: str, what: str, timeout: float = 30):
+    """An ASGI app on uvicorn in a daemon thread, returned once it listens (set `.should_exit` to
+    stop it); a port it cannot take is a clear error naming the option that chooses another."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ServerNotReady(f"{what} could not listen on {host}:{port} (port in use?); choose another with {option}")
+        time.sleep(0.05)
+    return server
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> int:

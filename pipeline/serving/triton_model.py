@@ -124,7 +124,7 @@ class Client:
             self.metrics.tokens.observe(self.tokens)
             if self.tokens > 1:  # one observation per request: each observe is a round trip to the server
                 self.metrics.per_token.observe((now - self.first) / (self.tokens - 1))
-            completion = self.tokens - (finish_reason == "eos")  # an end-of-sequence token is not part of the text
+            completion = kiln_generation.completion_tokens(self.tokens, finish_reason)
             self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion),
                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -141,7 +141,14 @@ class TritonPythonModel:
 
         serving = json.loads((version_dir / "serving.json").read_text())
         engine_dir = version_dir / "engine"
-        self.lm = kiln_runtime.load_ort_engine(engine_dir, serving["session_options"])
+        # a KIND_GPU instance runs on the GPU Triton gave it; a target whose runtime is not in this
+        # Python (onnxruntime-gpu, tensorrt) stops the load with a log line: the model is never ready
+        device_id = int(args.get("model_instance_device_id") or 0)
+        try:
+            self.lm = kiln_runtime.load_engine(engine_dir, serving["session_options"], device_id)
+        except kiln_runtime.MissingRuntime as e:
+            pb_utils.Logger.log_error(f"kiln: cannot run this engine here: {e}")
+            raise
         self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
         self.eos_ids = set(serving["eos_token_ids"])
         self.limits = kiln_generation.Limits(**serving["limits"])

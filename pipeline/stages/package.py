@@ -20,11 +20,11 @@ import shutil
 from pathlib import Path
 
 from pipeline.artifacts import Engine, TritonRepository, link_tree, package_engine_dir, write_json_atomic, write_manifest
-from pipeline.errors import StageFailed
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
 from pipeline.runner import StageContext
 from pipeline.serving import generation, manifest_check
+from pipeline.targets import REQUIREMENTS
 
 # Copied into the package as files (not imported here): part of this stage's code for its cache key.
 CODE_FILES = ("serving/triton_model.py",)
@@ -49,14 +49,20 @@ OUTPUTS = [  # text in every response; the final response also says why it ended
 ]
 
 
-def config_pbtxt(name: str, cfg: PackageConfig) -> str:
+def instance_kind(target: str) -> str:
+    """Triton's instance kind for an engine target: GPU engines get KIND_GPU instances, one per
+    `instances` on every visible GPU (Triton's default), each loading the engine on its own GPU."""
+    return "KIND_GPU" if REQUIREMENTS[target].needs_nvidia_gpu else "KIND_CPU"
+
+
+def config_pbtxt(name: str, cfg: PackageConfig, target: str = "onnxruntime-cpu") -> str:
     inputs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: {d}{" optional: true" if o else ""} }}' for n, t, d, o in INPUTS)
     outputs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ 1 ] }}' for n, t in OUTPUTS)
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
             "model_transaction_policy { decoupled: true }\n"
             f"input [\n{inputs}\n]\n"
             f"output [\n{outputs}\n]\n"
-            f"instance_group [ {{ kind: KIND_CPU count: {cfg.instances} }} ]\n")
+            f"instance_group [ {{ kind: {instance_kind(target)} count: {cfg.instances} }} ]\n")
 
 
 def eos_token_ids(engine_dir: Path) -> list[int]:
@@ -70,6 +76,10 @@ def eos_token_ids(engine_dir: Path) -> list[int]:
 
 
 def context_limit(engine: Engine) -> int:
+    """Prompt + generated tokens the engine holds: its KV buffers (fused ONNX Runtime graph), its
+    optimization profile (TensorRT), else the model's positions."""
+    if engine.target == "tensorrt":
+        return int(engine.meta["build_settings"]["max_sequence_length"])
     opts = engine.meta["session_options"]
     if opts.get("graph") == "fused":
         return int(opts["max_sequence_length"])
@@ -78,17 +88,28 @@ def context_limit(engine: Engine) -> int:
 
 def request_limits(engine: Engine, cfg: PackageConfig) -> dict:
     """What a request may ask of this engine: the Triton model's and the MLflow model's limits."""
-    return {"context_limit": context_limit(engine), "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens}
+    from tokenizers import Tokenizer
+
+    limit = context_limit(engine)
+    limits = {"context_limit": limit, "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens,
+              "max_prompt_chars": generation.prompt_char_limit(Tokenizer.from_file(str(engine.path / "tokenizer.json")), limit)}
+    if engine.target == "tensorrt":  # the whole prompt is one call: at most the profile's new-token maximum
+        limits["max_prompt_tokens"] = int(engine.meta["build_settings"]["new_tokens"]["max"])
+    return limits
+
+
+def engine_options(engine: Engine) -> dict:
+    """How the serving code loads the engine (`kiln_runtime.load_engine`): its target, its file and,
+    for ONNX Runtime, the session options it was built with."""
+    return {**engine.meta.get("session_options", {}), "model_file": engine.meta["model_file"], "target": engine.target}
 
 
 def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepository:
-    if engine.target != "onnxruntime-cpu":
-        raise StageFailed("package", f"the Triton package drives onnxruntime-cpu engines; this engine is {engine.target}")
     engine_dir = ctx.out_dir / package_engine_dir(cfg.model_name)
     version_dir = engine_dir.parent
     model_dir = version_dir.parent
     version_dir.mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(cfg.model_name, cfg))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(cfg.model_name, cfg, engine.target))
     # triton_model.py imports Triton's own module, so it is copied as a file, never imported here
     shutil.copy2(Path(generation.__file__).parent.parent / CODE_FILES[0], version_dir / "model.py")
     shutil.copy2(runtime.__file__, version_dir / "kiln_runtime.py")
@@ -100,11 +121,12 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     limits = request_limits(engine, cfg)
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {
-        "session_options": {**engine.meta["session_options"], "model_file": engine.meta["model_file"]},
+        "session_options": engine_options(engine),
         "limits": limits, "eos_token_ids": eos, "max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
     })
     write_manifest(version_dir, {"engine_digest": engine.digest})
-    ctx.log(f"Triton model {cfg.model_name!r}: Python backend, decoupled, {cfg.instances} instance(s), in-flight batches of up to "
+    ctx.log(f"Triton model {cfg.model_name!r}: Python backend, decoupled, {cfg.instances} {instance_kind(engine.target)} "
+            f"instance(s) running the {engine.target} engine, in-flight batches of up to "
             f"{cfg.max_batch} ({cfg.max_queue} more queued), context {limits['context_limit']} tokens, EOS ids {eos}")
     return TritonRepository(path=ctx.out_dir, meta={"model_name": cfg.model_name, "limits": limits, "eos_token_ids": eos,
                                                          "max_batch": cfg.max_batch})

@@ -85,9 +85,6 @@ def recipe_problems(recipe: Any) -> list[str]:
     if recipe.validation.gates.max_gpu_memory_mb is not None and not REQUIREMENTS[target].needs_nvidia_gpu:
         problems.append(f"validate.gates.max_gpu_memory_mb: target {target} runs on the CPU; the gate applies to "
                         "onnxruntime-cuda and tensorrt")
-    if recipe.package is not None and target != "onnxruntime-cpu":
-        problems.append(f"package: the Triton package runs onnxruntime-cpu engines only in this Kiln version; "
-                        f"target {target} is not packaged (remove the package section)")
     return problems
 
 

@@ -26,11 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from pipeline.errors import EngineMismatch, StageFailed
 from pipeline.hashing import sha256_file
-from pipeline.modeling.runtime import DecodeState, OrtCausalLM, make_ort_session, positions_and_mask
+from pipeline.modeling.runtime import MissingRuntime, OrtCausalLM, load_tensorrt_engine, make_ort_session
 from pipeline.modeling.tensorrt_graph import TENSORRT_DOC, has_zero_point, tensorrt_unsupported, write_tensorrt_graph
 from pipeline.targets.gpu import check_engine_compatible, device_facts
 
@@ -186,61 +184,9 @@ class TensorRt:
         return check
 
     def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
-        import tensorrt as trt
-
         engine_dir = Path(engine_dir)
         check_engine_compatible(meta["hardware"], device_facts(), f"the TensorRT engine in {engine_dir}")
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine((engine_dir / PLAN_FILE).read_bytes())
-        if engine is None:
-            raise EngineMismatch(f"TensorRT {trt.__version__} could not deserialize {engine_dir / PLAN_FILE}")
-        return TensorRtCausalLM(engine)
-
-
-class TensorRtCausalLM:
-    """`forward(input_ids, state)` over a TensorRT engine. Buffers are torch CUDA tensors; the KV
-    cache stays on the GPU between steps (each step's present tensors are the next step's past)."""
-
-    def __init__(self, engine):
-        import tensorrt as trt
-        import torch
-
-        self.torch = torch
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                       trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
-        self.dtypes = {n: torch_dtype[engine.get_tensor_dtype(n)] for n in names}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-        kv_shape = engine.get_tensor_shape(self.past_names[0])
-        self.kv_heads, self.head_dim = kv_shape[1], kv_shape[3]
-        # TensorRT wants a non-null address even for an empty tensor (the first step's past).
-        self._placeholder = torch.empty(1, device="cuda")
-
-    def _address(self, tensor) -> int:
-        return tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr()
-
-    def forward(self, input_ids: np.ndarray, state: DecodeState | None) -> tuple[np.ndarray, DecodeState]:
-        torch = self.torch
-        batch, seq = input_ids.shape
-        past_len = state.length if state else 0
-        cache = state.cache if state else [torch.empty((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtypes[n], device="cuda")
-                                           for n in self.past_names]
-        positions, mask = positions_and_mask(batch, past_len, seq)
-        host = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask, "position_ids": positions}
-        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to("cuda").to(self.dtypes[n]) for n, a in host.items()}
-        tensors.update(zip(self.past_names, cache))
-        for name in self.inputs:
-            self.context.set_input_shape(name, tuple(tensors[name].shape))
-            self.context.set_tensor_address(name, self._address(tensors[name]))
-        outputs = {}
-        for name in self.outputs:
-            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, self._address(outputs[name]))
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        logits = outputs["logits"].float().cpu().numpy()  # .cpu() waits for the stream
-        return logits, DecodeState([outputs[n] for n in self.present_names], past_len + seq)
+        try:
+            return load_tensorrt_engine(engine_dir / PLAN_FILE)
+        except MissingRuntime as e:
+            raise EngineMismatch(str(e)) from None

@@ -139,6 +139,7 @@ def test_streaming_yields_the_same_text_token_by_token(server, reference):
     ({"text_input": "hi", "temperature": -1.0}, "temperature must be >= 0"),
     ({"text_input": "hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
     ({"text_input": "x" * 250, "max_tokens": 16}, "exceeds the context limit of 256 tokens"),
+    ({"text_input": "x" * 100_000, "max_tokens": 4}, "characters cannot fit the context limit of 256 tokens"),  # never tokenized
 ])
 def test_bad_requests_are_rejected_and_the_server_keeps_serving(server, reference, body, message):
     _, addresses, _ = server
@@ -248,8 +249,8 @@ def test_server_shuts_down_cleanly_on_sigterm(package, env, tmp_path):
     assert stop(proc) == 0
 
 
-def start_kiln_serve(target: str, artifacts, store: str | None = None):
-    """`kiln serve TARGET` as a user runs it, on free ports, until its address line; returns
+def start_kiln_serve(target: str, artifacts, store: str | None = None, *options: str):
+    """`kiln serve TARGET [OPTIONS]` as a user runs it, on free ports, until its address line; returns
     (process, address record, lines printed so far)."""
     import os
     import subprocess
@@ -262,7 +263,7 @@ def start_kiln_serve(target: str, artifacts, store: str | None = None):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"KILN_ARTIFACTS": str(artifacts), **({"MLFLOW_TRACKING_URI": store} if store else {})}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", target, "--http-port", ports[0], "--grpc-port", ports[1],
-                             "--metrics-port", ports[2], "--openai-port", ports[3]], cwd=ROOT, text=True, env=env,
+                             "--metrics-port", ports[2], "--openai-port", ports[3], *options], cwd=ROOT, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     for line in proc.stdout:
@@ -331,6 +332,204 @@ def test_kiln_serve_exits_non_zero_when_the_server_dies(tmp_path, env, package):
             proc.kill()
     assert proc.returncode == 12, rest
     assert "tritonserver stopped serving (killed by SIGKILL)" in " ".join(rest.split()) and "last lines of" in rest
+
+
+def post(url: str, body: bytes, content_type: str | None = None) -> tuple[int, dict]:
+    """POST as urllib does by default: without a content type it sends application/x-www-form-urlencoded,
+    as `curl -d` does."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_no_request_on_kiln_serves_http_port_crashes_the_server(tmp_path, env, package, reference):
+    """Measured: a form-encoded body over ~4 MiB kills tritonserver 2.51 (libevhtp parses it as a
+    query string onto its stack), and tritonserver answers malformed JSON with 500. On the HTTP port
+    `kiln serve` publishes: 5 MB is a 400 (cap), a form-encoded 5 MB body under a raised cap reaches
+    the model as JSON (its 400), malformed or ill-typed JSON is a 400 naming the field, and after
+    all of it the server is ready and answers, whole and streamed, exactly as before."""
+    import signal
+
+    five_mb = json.dumps({"text_input": "a " * (5 << 19), "max_tokens": 4}).encode()
+    proc, info, lines = start_kiln_serve(str(package.parent), tmp_path, None, "--max-body-bytes", str(8 << 20))
+    try:
+        url = f"{info['http']}/v2/models/{MODEL}/generate"
+        status, answer = post(url, five_mb)  # form-encoded, yet it reaches the model (as JSON), which refuses it
+        assert status == 400 and "characters cannot fit the context limit" in answer["error"], answer
+        for body, message in [(b"x" * (9 << 20), "over this server's limit of 8388608 bytes"),
+                              (b'{"text_input": "hi", "max_tokens": ', "the request body is not JSON"),
+                              (b"\x00\xff garbage", "the request body is not JSON"),
+                              (b"[1, 2]", "must be a JSON object"),
+                              (b'{"text_input": 5}', "text_input must be a string (BYTES), got 5"),
+                              (b'{"text_input": "hi", "max_tokens": 3000000000}', "max_tokens must be an integer from -2147483648 to 2147483647"),
+                              (b'{"text_input": "hi", "seed": -1}', "seed must be an integer from 0 to"),
+                              (b'{"text_input": "hi", "stream": 1}', "stream must be true or false")]:
+            status, answer = post(url, body)
+            assert status == 400 and message in answer["error"], (body[:60], status, answer)
+        assert http_status(f"{info['http']}/v2/health/ready") == 200
+        status, answer = post(url, json.dumps({"text_input": "ok", "max_tokens": 3}).encode(), "application/json")
+        assert status == 200 and answer["text_output"] == reference("ok", 3) and answer["model_version"] == "1"
+        req = urllib.request.Request(f"{info['http']}/v2/models/{MODEL}/generate_stream", method="POST",
+                                     data=json.dumps({"text_input": "ok", "max_tokens": 3, "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        assert "".join(e["text_output"] for e in events) == reference("ok", 3) and events[-1]["finish_reason"] in ("eos", "length")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, "".join(lines) + rest
+
+
+def test_the_container_entrypoint_puts_the_guard_in_front_and_ends_with_either_process(tmp_path, env, package, reference):
+    """deploy/entrypoint.sh (the image's entry point; the image itself is not built here) with this
+    machine's tritonserver: the published HTTP port is the guard (a 5 MB form-encoded body is a
+    400, generation works), and tritonserver dying ends the entry point with a failure status."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.serving.server import free_port
+    from tests.conftest import ROOT
+
+    repository = tmp_path / "models"
+    shutil.copytree(package, repository)  # the Python backend writes __pycache__ into it
+    python = tmp_path / "python"  # the guard runs on Kiln's interpreter, without the serving PYTHONPATH
+    python.write_text(f"#!/bin/sh\nunset PYTHONPATH\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    http = free_port()
+    proc = subprocess.Popen(
+        [str(ROOT / "deploy" / "entrypoint.sh"), f"--backend-directory={env.backends}", f"--grpc-port={free_port()}",
+         f"--metrics-port={free_port()}", "--http-thread-count=2"],
+        env={**env.process_env(), "MODEL_REPOSITORY": str(repository), "HTTP_PORT": str(http), "TRITON_HTTP_PORT": str(free_port()),
+             "TRITONSERVER": str(env.tritonserver), "PYTHON": str(python), "HTTP_GUARD": str(ROOT / "pipeline/serving/http_guard.py")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + 120
+        while http_status(f"{url}/v2/health/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.3)
+        status, answer = post(f"{url}/v2/models/{MODEL}/generate", json.dumps({"text_input": "a " * (5 << 19)}).encode())
+        assert status == 400 and "over this server's limit of 1048576 bytes" in answer["error"], answer
+        status, answer = post(f"{url}/v2/models/{MODEL}/generate", json.dumps({"text_input": "ok", "max_tokens": 3}).encode())
+        assert status == 200 and answer["text_output"] == reference("ok", 3)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        triton = next(int(pid) for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver")
+        os.kill(triton, signal.SIGKILL)
+        proc.wait(60)
+        assert proc.returncode != 0
+        assert http_status(f"{url}/v2/health/live") is None  # the guard went with it
+    finally:  # the whole group: also a Python-backend stub its killed server left behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def package_as(tiny_run, tmp_path, target: str = "onnxruntime-cpu", package: dict | None = None, **meta) -> Path:
+    """The package stage on the tiny engine recorded as a `target` engine (its files stay the CPU
+    build's: what this checks is the packaging and the refusals, not a GPU run), with the package
+    manifest the runner writes."""
+    from rich.console import Console
+
+    from pipeline.artifacts import Engine, write_manifest
+    from pipeline.recipe import PackageConfig
+    from pipeline.runner import RunContext, StageContext
+    from pipeline.settings import Settings
+    from pipeline.stages import package as package_stage
+
+    build = tiny_run["paths"]["build"]
+    out = tmp_path / f"package-{target}"
+    out.mkdir()
+    ctx = StageContext(RunContext(Settings.from_env(tmp_path / "artifacts"), Console(quiet=True), "test"), "package", out)
+    engine = Engine(build, meta={**read_manifest(build)["meta"], "target": target, **meta})
+    cfg = PackageConfig(model_name=MODEL, **(package or {"instances": 2}))
+    write_manifest(out, dict(package_stage.run(cfg, engine, ctx=ctx).meta))
+    return out
+
+
+def test_a_full_queue_refuses_at_once_with_server_busy_and_serves_the_rest(tiny_run, env, tmp_path, reference):
+    """One row (max_batch 1) and one waiting place (max_queue 1): while a long request decodes, of
+    ten more sent at once one waits and the others are refused at once with "server busy"; the
+    long one and the one that waited are answered in full, and the server serves on."""
+    import tritonclient.grpc as grpcclient
+
+    package = package_as(tiny_run, tmp_path, package={"max_batch": 1, "max_queue": 1})
+    with triton_server(package / "model_repository", env, tmp_path / "server.log") as (_proc, addresses):
+        results: dict[str, list] = {}
+        errors: list[str] = []  # a stream's error carries no request id
+        done = threading.Event()
+
+        def callback(result, error):
+            if error is not None:
+                errors.append(str(error))
+            else:
+                response = result.get_response()
+                final = response.parameters.get("triton_final_response")
+                results.setdefault(response.id, []).append(("final" if final and final.bool_param else "piece",
+                                                            result.as_numpy("text_output")))
+            if len(errors) + sum(any(kind == "final" for kind, _ in r) for r in results.values()) == 11:
+                done.set()
+
+        client = grpcclient.InferenceServerClient(addresses.grpc)
+        client.start_stream(callback=callback)
+        client.async_stream_infer(MODEL, streaming_request("a", 230), request_id="long", enable_empty_final_response=True)
+        deadline = time.monotonic() + 30
+        while "long" not in results and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for i in range(10):
+            client.async_stream_infer(MODEL, streaming_request("ok", 3), request_id=f"short-{i}", enable_empty_final_response=True)
+        assert done.wait(120), (results, errors)
+        client.stop_stream()
+    answered = [rid for rid, r in results.items() if any(kind == "final" for kind, _ in r)]
+    assert errors and all("server busy: 1 requests running and 1 waiting; retry later" in e for e in errors), errors
+    assert "long" in answered and len(answered) + len(errors) == 11 and len(answered) >= 2, (answered, errors)
+    for rid in answered:
+        text = "".join(piece[0].decode() for kind, piece in results[rid] if kind == "piece" and piece is not None)
+        assert text == (reference("a", 230) if rid == "long" else reference("ok", 3)), rid
+
+
+@pytest.mark.parametrize("target, meta, missing", [
+    ("onnxruntime-cuda", {}, "this engine runs on ONNX Runtime's CUDAExecutionProvider; onnxruntime"),
+    ("tensorrt", {"model_file": "engine.plan", "build_settings": {"max_sequence_length": 256, "new_tokens": {"max": 64}}},
+     "this engine is a TensorRT plan: it needs the tensorrt package and torch with CUDA"),
+])
+def test_gpu_engines_are_packaged_for_gpu_instances_and_refused_clearly_where_they_cannot_run(tiny_run, env, tmp_path,
+                                                                                                target, meta, missing):
+    """A GPU engine's package: KIND_GPU instances, the target and its limits in serving.json. Here
+    (no GPU, CPU onnxruntime, no tensorrt) `kiln serve` refuses it before starting anything, and
+    tritonserver given the same model on an instance it can create (KIND_CPU) logs the model's own
+    refusal and never reports it ready."""
+    package = package_as(tiny_run, tmp_path, target, **meta)
+    model_dir = package / "model_repository" / MODEL
+    assert "instance_group [ { kind: KIND_GPU count: 2 } ]" in (model_dir / "config.pbtxt").read_text()
+    serving = json.loads((model_dir / "1" / "serving.json").read_text())
+    assert serving["session_options"]["target"] == target
+    if target == "tensorrt":
+        assert serving["limits"]["context_limit"] == 256 and serving["limits"]["max_prompt_tokens"] == 64
+
+    from tests.conftest import run_kiln
+
+    out = run_kiln("serve", str(package), artifacts=tmp_path)
+    assert out.returncode == 5 and f"runs a {target} engine on KIND_GPU instances" in out.stdout, out.stdout
+    assert "deploy/Dockerfile" in out.stdout and "Traceback" not in out.stdout
+
+    repository = tmp_path / "as-cpu"
+    shutil.copytree(package / "model_repository", repository)
+    config = repository / MODEL / "config.pbtxt"
+    config.write_text(config.read_text().replace("KIND_GPU", "KIND_CPU"))
+    log = tmp_path / "server.log"
+    with triton_server(repository, env, log, wait_ready=False) as (_proc, addresses):
+        deadline = time.monotonic() + 60
+        while "cannot run this engine here" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert http_status(f"{addresses.http}/v2/models/{MODEL}/ready") != 200
+    text = " ".join(log.read_text(errors="replace").split())
+    assert "kiln: cannot run this engine here: " + missing in text, text[-2000:]
 
 
 def test_kiln_serve_a_non_llama_family(tmp_path, env):

@@ -9,7 +9,17 @@ from tokenizers import Tokenizer
 
 from pipeline.artifacts import read_manifest
 from pipeline.modeling.runtime import greedy_decode
-from pipeline.serving.generation import GenerationRequest, Limits, RequestError, Sequence, advance, generate, parse_request, sample
+from pipeline.serving.generation import (
+    GenerationRequest,
+    Limits,
+    RequestError,
+    Sequence,
+    advance,
+    generate,
+    parse_request,
+    prompt_char_limit,
+    sample,
+)
 from pipeline.targets import get_target
 
 LIMITS = Limits(context_limit=256, max_tokens_cap=64, default_max_tokens=16)
@@ -47,6 +57,26 @@ def run(lm, tokenizer, requests, batch=True):
 def test_bad_requests_name_the_field(engine, text, params, message):
     with pytest.raises(RequestError, match=re.escape(message)):
         parse_request(text, params, engine[1], LIMITS)
+
+
+class NeverTokenize:
+    def encode(self, text):
+        raise AssertionError("a prompt over the character limit was tokenized")
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(engine):
+    tokenizer = engine[1]
+    limit = prompt_char_limit(tokenizer, LIMITS.context_limit)
+    limits = Limits(**{**LIMITS.__dict__, "max_prompt_chars": limit})
+    with pytest.raises(RequestError, match=f"prompt of {limit + 1} characters cannot fit the context limit of 256 tokens"):
+        parse_request("a" * (limit + 1), {}, NeverTokenize(), limits)
+    # the bound is sound: text made of the vocabulary's longest entries, the fewest tokens per
+    # character, still needs more tokens than the context holds once it is over the limit
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    longest = max(vocab, key=len)
+    text = tokenizer.decode([vocab[longest]], skip_special_tokens=False) * (limit // len(longest) + 1)
+    assert len(text) > limit and len(tokenizer.encode(text).ids) > LIMITS.context_limit
+    assert parse_request("a short prompt", {}, tokenizer, limits).prompt_ids  # and ordinary prompts still pass
 
 
 def test_greedy_equals_the_engines_decode_loop(engine):

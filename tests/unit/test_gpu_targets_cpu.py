@@ -51,10 +51,7 @@ def test_tensorrt_settings_refused_for_another_target():
 
 def test_target_recipe_problems():
     problems = recipe_problems(load_recipe(TINY_RECIPE, ["build.target=tensorrt", "quantize.bits=8"]))
-    assert problems == [
-        "quantize.bits: target tensorrt takes blocked DequantizeLinear for int4 weights only; allowed: 4 (got 8)",
-        "package: the Triton package runs onnxruntime-cpu engines only in this Kiln version; target tensorrt is not "
-        "packaged (remove the package section)"]
+    assert problems == ["quantize.bits: target tensorrt takes blocked DequantizeLinear for int4 weights only; allowed: 4 (got 8)"]
     assert recipe_problems(load_recipe(TINY_RECIPE, TRT)) == []
     assert recipe_problems(load_recipe(TINY_RECIPE, [*TRT, "build.int4_compute=int8"])) == [
         "build.int4_compute: int8 is ONNX Runtime CPU's MatMulNBits setting; target tensorrt allows: fp32"]
