@@ -18,7 +18,9 @@ tritonserver's HTTP listens on loopback only, and this guard, on the published p
     integer too large for INT32 into a negative one (measured: max_tokens 3000000000 arrived as
     -1294967296); here they are 400s naming the field;
   - passes everything else through unchanged (health, metadata, infer, generate, the
-    `generate_stream` event stream), streamed both ways; 503 when tritonserver does not answer.
+    `generate_stream` event stream), streamed both ways; 503 when tritonserver does not answer;
+  - closes its connection to tritonserver when the client disconnects mid-stream, which Triton
+    takes as the request's cancellation (without that, the row decoded on for a client long gone).
 
 Self-contained (uvicorn and httpx only, no Kiln imports) so a container can run this file beside
 tritonserver: `python http_guard.py --listen 0.0.0.0:8000 --upstream http://127.0.0.1:8010`.
@@ -27,6 +29,7 @@ tritonserver: `python http_guard.py --listen 0.0.0.0:8000 --upstream http://127.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 
@@ -42,7 +45,7 @@ GENERATE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/generate(?:_str
 
 
 def integer_range(datatype: str) -> tuple[int, int]:
-    bits = int(datatype.lstrip("UINT"))
+    bits = int(datatype.removeprefix("U").removeprefix("INT"))
     return (0, 2**bits - 1) if datatype.startswith("U") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
 
@@ -66,8 +69,10 @@ def generate_body_problem(body: bytes, inputs: dict[str, str]) -> str | None:
     Keys that are not inputs are request parameters, which Triton checks itself."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError included
         return f"the request body is not JSON: {e}"
+    except RecursionError:
+        return "the request body nests JSON arrays or objects too deeply"
     if not isinstance(doc, dict):
         return "the request body must be a JSON object of input names and values"
     for name, value in doc.items():
@@ -93,7 +98,7 @@ class HttpGuard:
         headers = {k.lower(): v for k, v in scope["headers"]}
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length and (not length.isdigit() or int(length) > DRAIN_LIMIT):
-            return await self.error(send, f"request body of {length} bytes is over this server's limit of {self.max_body_bytes} bytes")
+            return await self.error(send, self.too_big(length))
         body, size = bytearray(), 0
         while True:
             message = await receive()
@@ -108,8 +113,7 @@ class HttpGuard:
             if not message.get("more_body"):
                 break
         if size > self.max_body_bytes:
-            return await self.error(send, f"request body of {size} bytes is over this server's limit of "
-                                          f"{self.max_body_bytes} bytes (kiln serve --max-body-bytes)")
+            return await self.error(send, self.too_big(size))
         forwarded = [(k, b"application/json" if k.lower() == b"content-type" and v.split(b";")[0].strip().lower() == FORM else v)
                      for k, v in scope["headers"] if k.lower() not in REQUEST_DROP]
         url = self.upstream + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
@@ -127,16 +131,34 @@ class HttpGuard:
                                               stream=True)
         except httpx.HTTPError as e:
             return await self.error(send, f"tritonserver is not answering: {e}", status=503)
-        try:
+
+        async def relay():
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]})
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
+
+        async def client_gone():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        # A client that disconnects mid-stream: the connection to tritonserver is closed at once,
+        # which Triton takes as the request's cancellation (the row stops within a step, measured)
+        tasks = [asyncio.ensure_future(relay()), asyncio.ensure_future(client_gone())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0].done() and not tasks[0].cancelled():
+                tasks[0].exception()  # tritonserver or the client went away mid-response: nothing more to say
         except (httpx.HTTPError, OSError):
-            pass  # tritonserver or the client went away mid-response: nothing more can be said on it
+            pass
         finally:
+            for task in tasks:
+                task.cancel()
             await response.aclose()
+
+    def too_big(self, size) -> str:
+        return f"request body of {size} bytes is over this server's limit of {self.max_body_bytes} bytes (kiln serve --max-body-bytes)"
 
     async def model_inputs(self, model: str, version: str | None) -> dict[str, str] | None:
         """{input name: KServe datatype} from the model's metadata (asked once per model and

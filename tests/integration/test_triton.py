@@ -197,19 +197,26 @@ def test_per_request_metrics_carry_model_and_version(server):
     assert metric_value(addresses, "kiln_active_rows") == 0
 
 
-def test_a_cancelled_stream_frees_its_row_within_a_step(env, tmp_path):
+@pytest.fixture(scope="module")
+def long_package(tmp_path_factory) -> Path:
+    """The tiny recipe's package with room for 4000-token generations: a cancelled one would still
+    be decoding long after its cancellation is seen."""
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    artifacts = tmp_path_factory.mktemp("long")
+    run_kiln("run", str(TINY_RECIPE), "--set", "build.max_sequence_length=4200", "--set", "package.max_tokens_cap=4096",
+             artifacts=artifacts, check=True)
+    summary = json.loads((artifacts / "last_run.json").read_text())
+    return Path(next(s["path"] for s in summary["stages"] if s["stage"] == "package"))
+
+
+def test_a_cancelled_stream_frees_its_row_within_a_step(env, tmp_path, long_package):
     """A long generation (4000 tokens) whose gRPC stream the client cancels after the first piece
     stops at once: the active-rows gauge falls to 0, the cancelled counter counts it, and the next
     request is answered while the cancelled one would still be decoding."""
     import tritonclient.grpc as grpcclient
 
-    from tests.conftest import TINY_RECIPE, run_kiln
-
-    run_kiln("run", str(TINY_RECIPE), "--set", "build.max_sequence_length=4200", "--set", "package.max_tokens_cap=4096",
-             artifacts=tmp_path, check=True)
-    summary = json.loads((tmp_path / "last_run.json").read_text())
-    repository = Path(next(s["path"] for s in summary["stages"] if s["stage"] == "package")) / "model_repository"
-    with triton_server(repository, env, tmp_path / "server.log") as (_proc, addresses):
+    with triton_server(long_package / "model_repository", env, tmp_path / "server.log") as (_proc, addresses):
         first = threading.Event()
         client = grpcclient.InferenceServerClient(addresses.grpc)
         client.start_stream(callback=lambda result, error: first.set())
@@ -377,6 +384,35 @@ def test_no_request_on_kiln_serves_http_port_crashes_the_server(tmp_path, env, p
         with urllib.request.urlopen(req, timeout=60) as response:
             events = [json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
         assert "".join(e["text_output"] for e in events) == reference("ok", 3) and events[-1]["finish_reason"] in ("eos", "length")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, "".join(lines) + rest
+
+
+def test_an_http_stream_whose_client_disconnects_stops_its_row(env, tmp_path, long_package):
+    """`/generate_stream` through kiln serve's HTTP port: the client reads one event and closes
+    its connection; the guard closes its own to tritonserver, which cancels the request: the
+    cancelled counter counts it and the active-rows gauge falls to 0."""
+    import http.client
+    import signal
+    import types
+
+    proc, info, lines = start_kiln_serve(str(long_package), tmp_path)
+    try:
+        host, port = info["http"].removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("POST", f"/v2/models/{MODEL}/generate_stream", json.dumps({"text_input": "a", "max_tokens": 4000, "stream": True}))
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        connection.sock.close()
+        connection.close()
+        server = types.SimpleNamespace(metrics=info["metrics"])  # what metric_value reads
+        deadline = time.monotonic() + 10
+        while metric_value(server, "kiln_cancelled_requests_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metric_value(server, "kiln_cancelled_requests_total") == 1
+        assert metric_value(server, "kiln_active_rows") == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]

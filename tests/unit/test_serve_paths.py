@@ -1,4 +1,5 @@
-"""`kiln serve` checks the whole package's manifest whichever of its folders it is given."""
+"""`kiln serve`: the whole package's manifest is checked whichever of its folders it is given; the HTTP
+guard checks generate bodies against the model's declared inputs."""
 
 import shutil
 
@@ -39,3 +40,23 @@ def test_a_model_repository_without_a_manifest_is_refused(package, tmp_path):
         local_repository(bare / "model_repository")
     proc = run_kiln("serve", str(bare / "model_repository"), artifacts=tmp_path)
     assert proc.returncode == 6 and "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b'{"text_input": "hi", "max_tokens": 4, "stream": false, "seed": 18446744073709551615}', None),
+    (b'{"text_input": ["hi"], "stop": ["a", "b"], "temperature": 0}', None),
+    (b'{"text_input": "hi", "unknown": {"a": 1}}', None),  # not an input: a parameter, Triton's to check
+    (b'{"text_input": "hi", "max_tokens": 2147483648}', "max_tokens must be an integer from -2147483648 to 2147483647 (INT32)"),
+    (b'{"text_input": "hi", "seed": 18446744073709551616}', "seed must be an integer from 0 to 18446744073709551615"),
+    (b'{"text_input": "hi", "temperature": true}', "temperature must be a number (FP32), got true"),
+    (b'{"text_input": "hi", "stop": ["a", 3]}', "stop must be a string (BYTES), got 3"),
+    (b"[" * 100_000, "nests JSON arrays or objects too deeply"),
+    (b"\xff\xfe\x00", "the request body is not JSON"),
+])
+def test_the_http_guard_checks_generate_bodies_against_the_model_inputs(body, problem):
+    from pipeline.serving.http_guard import generate_body_problem
+
+    inputs = {"text_input": "BYTES", "max_tokens": "INT32", "temperature": "FP32", "seed": "UINT64", "stop": "BYTES",
+              "stream": "BOOL"}
+    found = generate_body_problem(body, inputs)
+    assert (found is None) if problem is None else (found is not None and problem in found), found
