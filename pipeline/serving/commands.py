@@ -145,10 +145,10 @@ def serve(
                               "version": version, "pid": proc.pid}), flush=True)
             try:
                 proc.wait()
-            finally:
+            finally:  # before tritonserver stops: the guard's connections to it close first
                 for app in (guard, gateway):
                     if app is not None:
-                        app.should_exit = True
+                        app.stop()
             # only a signal to kiln serve stops the server on purpose; anything else is a death
             raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
                              f"{log_tail(log_file)}")

@@ -280,7 +280,7 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
 
 
 def run_gateway(served: Served, host: str, port: int, max_body_bytes: int = 1 << 20) -> Any:
-    """The gateway on uvicorn in a daemon thread, returned once it listens (set `.should_exit` to stop it)."""
+    """The gateway on uvicorn in a daemon thread (a `server.RunningApp`), returned once it listens."""
     from pipeline.serving.server import run_app
 
     return run_app(create_app(served, max_body_bytes), host, port, "--openai-port (0: none)", "the OpenAI-compatible API")

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pipeline.artifacts import link_tree
 from pipeline.errors import KilnError
@@ -133,14 +133,27 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
         shutil.rmtree(snapshot.parent, ignore_errors=True)
 
 
-def run_app(app, host: str, port: int, option: str, what: str, timeout: float = 30):
-    """An ASGI app on uvicorn in a daemon thread, returned once it listens (set `.should_exit` to
-    stop it); a port it cannot take is a clear error naming the option that chooses another."""
+@dataclass
+class RunningApp:
+    server: Any  # uvicorn.Server
+    thread: Any  # threading.Thread
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop serving and wait for the app's shutdown (the HTTP guard closes its connections to
+        tritonserver, which otherwise waits out its 30 s exit timeout for them, measured)."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def run_app(app, host: str, port: int, option: str, what: str, timeout: float = 30) -> RunningApp:
+    """An ASGI app on uvicorn in a daemon thread, returned once it listens; a port it cannot take
+    is a clear error naming the option that chooses another. Open requests get 5 s at shutdown."""
     import threading
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="auto", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -148,7 +161,7 @@ def run_app(app, host: str, port: int, option: str, what: str, timeout: float = 
         if not thread.is_alive() or time.monotonic() > deadline:
             raise ServerNotReady(f"{what} could not listen on {host}:{port} (port in use?); choose another with {option}")
         time.sleep(0.05)
-    return server
+    return RunningApp(server, thread)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
