@@ -158,6 +158,7 @@ class TritonPythonModel:
         self.pending = queue.Queue()
         self.clients = []  # admitted, not finished
         self.shown_active = 0
+        self.free_rows = self.max_batch  # written by the worker after each step, read by execute
         self.worker = threading.Thread(target=self.run, daemon=True)
         self.worker.start()
 
@@ -177,7 +178,9 @@ class TritonPythonModel:
             except (kiln_generation.RequestError, ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:
                 sender.send(error_response(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            if self.pending.qsize() >= self.max_queue:
+            # a request waits only for a row: as many as are free (the worker's last count) go
+            # straight in, `max_queue` more may wait, and any beyond that are refused now
+            if self.pending.qsize() >= self.free_rows + self.max_queue:
                 sender.send(error_response(f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later"),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
@@ -196,6 +199,7 @@ class TritonPythonModel:
                     self.close(client, f"generation failed: {e}")
                 self.clients = []
                 running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
+            self.free_rows = running.free
             if running.active != self.shown_active:  # a gauge update is a round trip to the server: only on change
                 self.metrics.active.set(running.active)
                 self.shown_active = running.active
