@@ -199,10 +199,13 @@ class TritonPythonModel:
                     self.close(client, f"generation failed: {e}")
                 self.clients = []
                 running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
-            self.free_rows = running.free
-            if running.active != self.shown_active:  # a gauge update is a round trip to the server: only on change
-                self.metrics.active.set(running.active)
-                self.shown_active = running.active
+            self.show_active(running)
+
+    def show_active(self, running):
+        self.free_rows = running.free
+        if running.active != self.shown_active:  # a gauge update is a round trip to the server: only on change
+            self.metrics.active.set(running.active)
+            self.shown_active = running.active
 
     def iterate(self, running) -> bool:
         """Admit what waits (block only when nothing runs), drop cancelled rows, decode one step.
@@ -225,10 +228,13 @@ class TritonPythonModel:
         self.admit(running, arrivals)
         if stopping:
             return False
-        for client in [c for c in self.clients if c.gone()]:
+        gone = [c for c in self.clients if c.gone()]
+        for client in gone:
             running.cancel(client.row)
-            self.metrics.cancelled.increment(1)
             self.close(client, None)
+        if gone:  # the gauge shows the rows gone before the counter counts them: a reader never sees one without the other
+            self.show_active(running)
+            self.metrics.cancelled.increment(len(gone))
         running.step()
         self.clients = [c for c in self.clients if c.row.seq.finish_reason is None]
         return True
