@@ -4,11 +4,9 @@ template applied, the registry reference as `model`, and bad requests refused wi
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
-from tests.integration.test_triton import MODEL, engine_greedy_text, start_kiln_serve
+from tests.integration.test_triton import MODEL, engine_greedy_text, kiln_serving
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
@@ -24,13 +22,8 @@ def served(tiny_run):
     except Exception as e:
         pytest.skip(f"the Triton serving environment could not be created here: {e}")
     version = tiny_run["registered"]["version"]
-    proc, info, _ = start_kiln_serve(f"models:/{MODEL}/{version}", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"])
-    try:
-        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60)
-        yield client, f"{MODEL}/{version}", info
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+    with kiln_serving(f"models:/{MODEL}/{version}", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"]) as (info, _):
+        yield openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60), f"{MODEL}/{version}", info
 
 
 @pytest.fixture(scope="module")

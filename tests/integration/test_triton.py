@@ -1,6 +1,7 @@
 """The tiny recipe's Triton package served by the real Triton server (from nvidia-pytriton, in the
 serving environment), spoken to only through tritonclient and HTTP."""
 
+import contextlib
 import json
 import shutil
 import threading
@@ -68,9 +69,15 @@ def reference(tiny_run):
 
 
 def generate(addresses, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{addresses.http}/v2/models/{MODEL}/generate", data=json.dumps(body).encode(), method="POST")
+    return post(f"{addresses.http}/v2/models/{MODEL}/generate", json.dumps(body).encode())
+
+
+def post(url: str, body: bytes, content_type: str | None = None) -> tuple[int, dict]:
+    """POST as urllib does by default: without a content type it sends application/x-www-form-urlencoded,
+    as `curl -d` does."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type} if content_type else {})
     try:
-        with urllib.request.urlopen(req, timeout=60) as response:
+        with urllib.request.urlopen(req, timeout=120) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -281,30 +288,37 @@ def start_kiln_serve(target: str, artifacts, store: str | None = None, *options:
     raise AssertionError(f"kiln serve exited {proc.returncode} before serving:\n{''.join(lines)}")
 
 
-def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int,
-                        store: str | None = None, inspect=None) -> tuple[str, str]:
-    """Generate once over HTTP from `kiln serve TARGET`, then stop it with SIGTERM (exit 0).
-    Returns the generated text and everything `kiln serve` printed."""
+@contextlib.contextmanager
+def kiln_serving(target: str, artifacts, store: str | None = None, *options: str):
+    """`kiln serve TARGET [OPTIONS]` for the block (its address record and printed lines), then
+    SIGTERM: it must exit 0, its output joins the lines, and the guard must have closed its
+    keep-alive connections before tritonserver stopped (else tritonserver counts them down for its
+    30 s exit timeout: "Timeout 30: Found 1 HTTP service connections")."""
     import signal
 
-    proc, info, lines = start_kiln_serve(target, artifacts, store)
+    proc, info, lines = start_kiln_serve(target, artifacts, store, *options)
     try:
-        assert info["models"] == [model], lines
-        req = urllib.request.Request(f"{info['http']}/v2/models/{model}/generate",
-                                     data=json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=60) as response:
-            text = json.loads(response.read())["text_output"]
-        if inspect is not None:
-            inspect(info)
+        yield info, lines
     finally:
         proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, rest
-    # the guard closed its keep-alive connections before tritonserver stopped (else tritonserver
-    # counts them down for its 30 s exit timeout: "Timeout 30: Found 1 HTTP service connections")
+        lines.append(proc.communicate(timeout=60)[0])
+    assert proc.returncode == 0, "".join(lines)
     for log in Path(artifacts).glob("logs/tritonserver-*.log"):
         assert "HTTP service connections" not in log.read_text(errors="replace"), log
-    return text, "".join(lines) + rest
+
+
+def kiln_serve_generate(target: str, model: str, artifacts, prompt: str, max_tokens: int,
+                        store: str | None = None, inspect=None) -> tuple[str, str]:
+    """Generate once over HTTP from `kiln serve TARGET`, then stop it. Returns the generated text
+    and everything `kiln serve` printed."""
+    with kiln_serving(target, artifacts, store) as (info, lines):
+        assert info["models"] == [model], lines
+        status, answer = post(f"{info['http']}/v2/models/{model}/generate",
+                              json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode())
+        assert status == 200, answer
+        if inspect is not None:
+            inspect(info)
+    return answer["text_output"], "".join(lines)
 
 
 def test_kiln_serve_a_registered_version_by_alias(tmp_path, env, reference):
@@ -345,28 +359,14 @@ def test_kiln_serve_exits_non_zero_when_the_server_dies(tmp_path, env, package):
     assert "tritonserver stopped serving (killed by SIGKILL)" in " ".join(rest.split()) and "last lines of" in rest
 
 
-def post(url: str, body: bytes, content_type: str | None = None) -> tuple[int, dict]:
-    """POST as urllib does by default: without a content type it sends application/x-www-form-urlencoded,
-    as `curl -d` does."""
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type} if content_type else {})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_no_request_on_kiln_serves_http_port_crashes_the_server(tmp_path, env, package, reference):
     """Measured: a form-encoded body over ~4 MiB kills tritonserver 2.51 (libevhtp parses it as a
     query string onto its stack), and tritonserver answers malformed JSON with 500. On the HTTP port
     `kiln serve` publishes: 5 MB is a 400 (cap), a form-encoded 5 MB body under a raised cap reaches
     the model as JSON (its 400), malformed or ill-typed JSON is a 400 naming the field, and after
     all of it the server is ready and answers, whole and streamed, exactly as before."""
-    import signal
-
     five_mb = json.dumps({"text_input": "a " * (5 << 19), "max_tokens": 4}).encode()
-    proc, info, lines = start_kiln_serve(str(package.parent), tmp_path, None, "--max-body-bytes", str(8 << 20))
-    try:
+    with kiln_serving(str(package.parent), tmp_path, None, "--max-body-bytes", str(8 << 20)) as (info, _):
         url = f"{info['http']}/v2/models/{MODEL}/generate"
         status, answer = post(url, five_mb)  # form-encoded, yet it reaches the model (as JSON), which refuses it
         assert status == 400 and "characters cannot fit the context limit" in answer["error"], answer
@@ -388,10 +388,6 @@ def test_no_request_on_kiln_serves_http_port_crashes_the_server(tmp_path, env, p
         with urllib.request.urlopen(req, timeout=60) as response:
             events = [json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
         assert "".join(e["text_output"] for e in events) == reference("ok", 3) and events[-1]["finish_reason"] in ("eos", "length")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, "".join(lines) + rest
 
 
 def test_an_http_stream_whose_client_disconnects_stops_its_row(env, tmp_path, long_package):
@@ -399,11 +395,9 @@ def test_an_http_stream_whose_client_disconnects_stops_its_row(env, tmp_path, lo
     its connection; the guard closes its own to tritonserver, which cancels the request: the
     cancelled counter counts it and the active-rows gauge falls to 0."""
     import http.client
-    import signal
     import types
 
-    proc, info, lines = start_kiln_serve(str(long_package), tmp_path)
-    try:
+    with kiln_serving(str(long_package), tmp_path) as (info, _):
         host, port = info["http"].removeprefix("http://").split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=60)
         connection.request("POST", f"/v2/models/{MODEL}/generate_stream", json.dumps({"text_input": "a", "max_tokens": 4000, "stream": True}))
@@ -417,17 +411,12 @@ def test_an_http_stream_whose_client_disconnects_stops_its_row(env, tmp_path, lo
             time.sleep(0.01)
         assert metric_value(server, "kiln_cancelled_requests_total") == 1
         assert metric_value(server, "kiln_active_rows") == 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, "".join(lines) + rest
 
 
 def test_the_container_entrypoint_puts_the_guard_in_front_and_ends_with_either_process(tmp_path, env, package, reference):
     """deploy/entrypoint.sh (the image's entry point; the image itself is not built here) with this
     machine's tritonserver: the published HTTP port is the guard (a 5 MB form-encoded body is a
     400, generation works), and tritonserver dying ends the entry point with a failure status."""
-    import contextlib
     import os
     import signal
     import subprocess
