@@ -1,0 +1,62 @@
+"""Decode step time by live rows, engine alone (no server): how well an engine batches rows.
+
+    .venv/bin/python benchmarks/batch_rows.py artifacts/cache/build/<key> [artifacts/cache/build/<key> ...]
+
+For each engine folder and 1, 2, 4, 8 rows: a 32-token prefill, then the median of 40 one-token
+decode steps. Engines are measured in turn, twice (the faster round counts), in one process, and
+the table gives each row count's tokens/s and its ratio to the same engine at one row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.artifacts import read_manifest
+from pipeline.targets import get_target
+
+ROWS = (1, 2, 4, 8)
+
+
+def step_ms(lm, rows: int, steps: int = 40) -> float:
+    _, state = lm.forward(np.full((rows, 32), 100, dtype=np.int64), None)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        _, state = lm.forward(np.full((rows, 1), 5, dtype=np.int64), state)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engines", type=Path, nargs="+", help="build stage folders")
+    args = parser.parse_args()
+    engines = []
+    for folder in args.engines:
+        meta = read_manifest(folder)["meta"]
+        name = f"{folder.name[:8]} ({meta['target']}, {meta.get('session_options', {}).get('int4_compute', '-')} activations)"
+        engines.append((name, get_target(meta["target"]).load(folder, meta)))
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(2):
+        for name, lm in engines:
+            for rows in ROWS:
+                ms = step_ms(lm, rows)
+                best[name, rows] = min(ms, best.get((name, rows), ms))
+    table = Table(title="decode step by live rows: step ms / tokens/s / × one row's tokens/s")
+    table.add_column("engine")
+    for rows in ROWS:
+        table.add_column(f"{rows} row{'s' if rows > 1 else ''}", justify="right")
+    for name, _ in engines:
+        one = best[name, 1]
+        table.add_row(name, *(f"{best[name, r]:.2f} / {r / best[name, r] * 1e3:.0f} / {r * one / best[name, r]:.2f}×" for r in ROWS))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
