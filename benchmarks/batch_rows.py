@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/batch_rows.py artifacts/cache/build/<key> [artifacts/cache/build/<key> ...]
 
-For each engine folder and 1, 2, 4, 8 rows: a 32-token prefill, then the median of 40 one-token
+For each engine folder and 1, 2, 4, 8, 16, 32 rows: a 32-token prefill, then the median of 40 one-token
 decode steps. Engines are measured in turn, twice (the faster round counts), in one process, and
 the table gives each row count's tokens/s and its ratio to the same engine at one row.
 """
@@ -20,7 +20,7 @@ from rich.table import Table
 from pipeline.artifacts import read_manifest
 from pipeline.targets import get_target
 
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 8, 16, 32)
 
 
 def step_ms(lm, rows: int, steps: int = 40) -> float:

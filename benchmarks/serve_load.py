@@ -69,7 +69,7 @@ def stream_once(client, model: str, prompt: str, max_tokens: int, cancel_after_f
 
 
 def run_clients(address: str, model: str, clients: int, max_tokens: int, *, requests: int | None = None,
-                seconds: float | None = None) -> tuple[list[dict], float]:
+                seconds: float | None = None, prompts: list[str] = PROMPTS) -> tuple[list[dict], float]:
     """`clients` threads, each its own gRPC client sending one request after another, until
     `requests` in all were sent or `seconds` passed (then each finishes the request it has open)."""
     import tritonclient.grpc as grpcclient
@@ -83,7 +83,7 @@ def run_clients(address: str, model: str, clients: int, max_tokens: int, *, requ
             i = next(counter)
             if (requests is not None and i >= requests) or (seconds is not None and time.perf_counter() - t0 > seconds):
                 return
-            r = stream_once(client, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+            r = stream_once(client, model, prompts[i % len(prompts)], max_tokens)
             with lock:
                 results.append(r)
 

@@ -315,6 +315,9 @@ class BuildConfig(Section):
       max_sequence_length: 2048   # KV buffer and rotary table length (prompt + generated tokens)
       optimization_level: all     # basic | extended | all (ONNX Runtime targets)
       int4_compute: fp32          # fp32: exact dequantized math; int8: faster, ~0.5% matmul error (onnxruntime-cpu)
+      prefill_int4_compute: null  # the same for prompts (fused graph): null = fp32 (elsewhere int4_compute), which ONNX Runtime runs faster
+                                  #   than int8 on prompts of 64+ tokens (measured, docs/results.md); a value other
+                                  #   than int4_compute adds a second graph file sharing the engine's weights
       threads: null               # ONNX Runtime intra-op threads; null = all cores
       tensorrt: {...}             # see TensorRtConfig
     ```
@@ -325,6 +328,7 @@ class BuildConfig(Section):
     max_sequence_length: int = Field(2048, ge=16)
     optimization_level: Literal["basic", "extended", "all"] = "all"
     int4_compute: Literal["fp32", "int8"] = "fp32"
+    prefill_int4_compute: Literal["fp32", "int8"] | None = None
     threads: int | None = Field(None, ge=1)
     tensorrt: TensorRtConfig | None = None
 
@@ -336,6 +340,11 @@ class BuildConfig(Section):
         if self.graph == "fused" and self.target != "onnxruntime-cpu":
             raise ValueError(f"graph: fused is built for onnxruntime-cpu only (fp32 GroupQueryAttention on CPU); "
                              f"target {self.target} allows: portable")
+        if self.prefill_int4_compute is None:
+            object.__setattr__(self, "prefill_int4_compute", "fp32" if self.graph == "fused" else self.int4_compute)
+        if self.prefill_int4_compute != self.int4_compute and self.graph != "fused":
+            raise ValueError(f"prefill_int4_compute: a separate prompt kernel is a fused-graph feature; graph {self.graph} "
+                             f"runs prompts with int4_compute ({self.int4_compute}): leave it unset or equal to int4_compute")
         if self.target == "tensorrt":
             object.__setattr__(self, "tensorrt", (self.tensorrt or TensorRtConfig()).resolved(self.max_sequence_length))
             if self.tensorrt.new_tokens.max > self.max_sequence_length:
@@ -431,6 +440,9 @@ class PackageConfig(Section):
       max_queue: 32             # requests waiting for a row; beyond that a request is refused ("server busy")
       max_tokens_cap: 512       # the largest max_tokens a request may ask for
       default_max_tokens: 64
+      prefill_chunk: 256        # prompt tokens per decode step: a long prompt is prefilled over several
+                                #   steps, so running rows wait at most one chunk (fused graph)
+      prefix_cache_mb: 256      # keys/values of prompt prefixes kept for reuse (0: off; fused graph)
     ```
     """
 
@@ -440,6 +452,8 @@ class PackageConfig(Section):
     max_queue: int = Field(32, ge=0, le=100_000)
     max_tokens_cap: int = Field(512, ge=1)
     default_max_tokens: int = Field(64, ge=1)
+    prefill_chunk: int = Field(256, ge=16, le=65_536)
+    prefix_cache_mb: int = Field(256, ge=0, le=1_048_576)
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> "PackageConfig":

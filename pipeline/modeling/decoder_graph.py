@@ -14,7 +14,10 @@ divisor, soft-capping). What each step becomes is the `ops` object's business:
   inside, `local_window_size` for sliding layers, `softcap`), `SkipSimplifiedLayerNormalization`
   wherever a norm follows a residual add, q/k/v and gate/up packed into one int4 matmul each.
   Inputs: input_ids; seqlens_k [batch] int32 (each row's total length - 1); total_sequence_length
-  [] int32; past_key_values.* as above (bound to a shared buffer of max_sequence_length positions).
+  [] int32; logits_index [batch, keep] int64 (the positions of this call whose logits are wanted:
+  a prompt needs only its last one, and the head is the largest matmul of a long prompt);
+  past_key_values.* as above (bound to a shared buffer of max_sequence_length positions).
+  Outputs: logits [batch, keep, vocab], present.* as above.
 
 The two differ in the operators they emit, never in which layers exist.
 """
@@ -56,7 +59,7 @@ def write_decoder(spec: DecoderSpec, weights, ops) -> None:
         h = mlp_block(spec, weights, ops, i, x)
         next_norm = spec.norm_weight(i + 1, "attn_in") if i + 1 < spec.num_layers else "model.norm.weight"
         x, residual = ops.add_norm(h, residual, next_norm, weights, f"model.layers.{i}/next_in")
-    logits = ops.linear(x, head)
+    logits = ops.linear(ops.head_input(x), head)
     if spec.logit_divisor != 1.0:
         logits = g.op("Div", [logits, g.const(spec.logit_divisor, F32)])
     if spec.final_softcap:
@@ -153,6 +156,9 @@ class CommonOps:
 
 class PortableOps(CommonOps):
     """Standard opset-21 operators."""
+
+    def head_input(self, x: str) -> str:
+        return x  # logits at every position
 
     def __init__(self, spec, rope, external: ExternalData | None = None):
         super().__init__(spec, rope, external)
@@ -284,6 +290,11 @@ class FusedOps(CommonOps):
             y = g.op("Add", [y, g.init(f"{packed}.bias", bias.astype(F32))])
         return g.op("Split", [y, g.const([layer.out_features for layer in layers])], axis=-1, outputs=len(layers))
 
+    def head_input(self, x: str) -> str:
+        """Only the positions `logits_index` names reach the head: [batch, seq, hidden] -> [batch, keep, hidden]."""
+        g = self.g
+        return g.op("GatherND", [x, g.op("Unsqueeze", ["logits_index", g.const([-1])])], batch_dims=1)
+
     def rotary_cache(self, key: str) -> tuple[str, str]:
         """cos/sin [max_positions, rotary_dim/2], in float32 the way the portable graph computes them."""
         if key not in self._caches:
@@ -314,9 +325,11 @@ class FusedOps(CommonOps):
     def model(self, graph_name: str) -> onnx.ModelProto:
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                   helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+                  helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "keep"])]
         kv_in, kv_out = self.kv_io("past_sequence", "present_sequence")
-        return self.finish(inputs + kv_in, [self.logits_output()] + kv_out, graph_name, [(MS_DOMAIN, 1)])
+        logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "keep", self.spec.vocab_size])
+        return self.finish(inputs + kv_in, [logits] + kv_out, graph_name, [(MS_DOMAIN, 1)])
 
 
 def portable_graph(spec: DecoderSpec, weights, rope: dict[str, tuple[np.ndarray, float]],

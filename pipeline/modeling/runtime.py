@@ -7,6 +7,7 @@ package copies it unchanged into the model repository, whose runtime environment
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,81 +72,125 @@ class OrtCausalLM:
         return out["logits"], DecodeState([out[n] for n in self.present_names], past_len + seq)
 
 
+def page_backed_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A zero array in anonymous memory of its own, so `release_pages` can hand parts of it back to
+    the operating system: memory is taken page by page as positions are written (as np.zeros
+    does) and, unlike np.zeros, given back when a row is done."""
+    count = int(np.prod(shape))
+    size = max(count * np.dtype(dtype).itemsize, 1)
+    if hasattr(mmap, "MAP_ANONYMOUS"):  # private: a shared mapping's released pages would stay in shmem
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:
+        buffer = mmap.mmap(-1, size)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+
+
+def release_pages(array: np.ndarray, start: int, stop: int) -> None:
+    """Return the whole pages inside bytes [start, stop) of a `page_backed_zeros` array to the OS;
+    they read as zeros afterwards. A no-op where madvise is not available."""
+    buffer = array.base
+    while isinstance(buffer, np.ndarray):
+        buffer = buffer.base
+    if isinstance(buffer, memoryview):  # np.frombuffer keeps a memoryview of the mmap
+        buffer = buffer.obj
+    if not isinstance(buffer, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, stop // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 class FusedOrtCausalLM:
     """Drives the ONNX Runtime-specific fused graph (`decoder_graph.FusedOps`): each sequence batch gets
     KV buffers of `max_sequence_length` positions, bound with IO binding as both past and present
     of every layer, so a decode step copies nothing but the new token's keys and values (written in
-    place by GroupQueryAttention) and the logits. Rows of a batch may have different lengths."""
+    place by GroupQueryAttention) and the logits. Rows of a batch may have different lengths.
 
-    def __init__(self, session, max_sequence_length: int):
+    `prefill_session`: the same graph with another matmul kernel for prompts (an int8-activation
+    engine's prompts run with fp32 activations: at 512 tokens ONNX Runtime's int8 MatMulNBits is
+    slower than its fp32 one, measured in docs/results.md). It shares the KV buffers."""
+
+    def __init__(self, session, max_sequence_length: int, prefill_session=None):
         import onnxruntime as ort
 
         self._ort = ort
         self.session = session
+        self.prefill_session = prefill_session
         self.max_sequence_length = max_sequence_length
         past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
         self.vocab = session.get_outputs()[0].shape[2]
+        # engines built before logits_index existed compute logits at every position
+        self.selects_logits = any(i.name == "logits_index" for i in session.get_inputs())
+
+    def without_prefill(self) -> "FusedOrtCausalLM":
+        """The engine with its decode kernel for every call (what validate scores: the kernel that
+        produces generated tokens)."""
+        return FusedOrtCausalLM(self.session, self.max_sequence_length)
+
+    def _bindings(self, arrays: list[np.ndarray]) -> dict:
+        """One IO binding per session over the same KV arrays (on CPU an OrtValue wraps the array's
+        memory, so both sessions read and write the live cache)."""
+        bindings = {}
+        for kind, session in (("decode", self.session), ("prefill", self.prefill_session)):
+            if session is None:
+                continue
+            binding = session.io_binding()
+            binding.bind_output("logits", "cpu")  # bound first: output 0 of every run
+            for past, present, array in zip(self.past_names, self.present_names, arrays):
+                value = self._ort.OrtValue.ortvalue_from_numpy(array)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            bindings[kind] = binding
+        return bindings
 
     def new_cache(self, batch: int):
-        """Fresh buffers per sequence batch, so two live states never share memory. np.zeros maps
-        pages lazily: only the positions a sequence reaches are ever touched."""
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # bound first: output 0 of every run
-        buffers, arrays = [], []
-        for past, present in zip(self.past_names, self.present_names):
-            # on CPU the OrtValue wraps the array's memory: `arrays` are views of the live cache
-            array = np.zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim), dtype=np.float32)
-            buf = self._ort.OrtValue.ortvalue_from_numpy(array)
-            binding.bind_ortvalue_input(past, buf)
-            binding.bind_ortvalue_output(present, buf)
-            buffers.append(buf)
-            arrays.append(array)
-        step_logits = np.empty((batch, 1, self.vocab), dtype=np.float32)
-        return {"binding": binding, "buffers": buffers, "arrays": arrays, "step_logits": step_logits,
-                "row_lengths": np.zeros(batch, dtype=np.int32)}
+        """Fresh buffers per sequence batch, so two live states never share memory. Pages are taken
+        lazily: only the positions a sequence reaches are ever touched (`release_rows` gives a
+        finished row's back)."""
+        arrays = [page_backed_zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim)) for _ in self.past_names]
+        return {"bindings": self._bindings(arrays), "arrays": arrays,
+                "step_logits": np.empty((batch, 1, self.vocab), dtype=np.float32), "row_lengths": np.zeros(batch, dtype=np.int32)}
 
     def empty_state(self, batch: int) -> DecodeState:
-        """A batch of `batch` free rows for in-flight batching: rows are filled with `place`. Each
-        free row counts one (zero) position, so a step that passes it length 0 stays in bounds."""
-        cache = self.new_cache(batch)
-        cache["row_lengths"][:] = 1
-        return DecodeState(cache, 1)
+        """A batch of `batch` free rows for in-flight batching (`kiln_engine.Scheduler`)."""
+        return DecodeState(self.new_cache(batch), 0)
 
-    def leading_rows(self, state: DecodeState, rows: int) -> DecodeState:
-        """A state over the first `rows` rows of a batch state, sharing its keys and values (batch
-        is the outermost dimension, so the view is contiguous): a step over a few live rows costs
-        a few rows, not the whole batch. Its `row_lengths` is a copy; the caller writes it back."""
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")
-        buffers, arrays = [], []
-        for past, present, array in zip(self.past_names, self.present_names, state.cache["arrays"]):
-            view = array[:rows]
-            buf = self._ort.OrtValue.ortvalue_from_numpy(view)
-            binding.bind_ortvalue_input(past, buf)
-            binding.bind_ortvalue_output(present, buf)
-            buffers.append(buf)
-            arrays.append(view)
-        return DecodeState({"binding": binding, "buffers": buffers, "arrays": arrays,
+    def row_view(self, state: DecodeState, start: int, rows: int) -> DecodeState:
+        """A state over rows [start, start + rows) of a batch state, sharing its keys and values (batch
+        is the outermost dimension, so the view is contiguous): a step over a few rows costs a few
+        rows, not the whole batch. Its `row_lengths` is a copy; the caller writes it back."""
+        arrays = [array[start:start + rows] for array in state.cache["arrays"]]
+        return DecodeState({"bindings": self._bindings(arrays), "arrays": arrays,
                             "step_logits": np.empty((rows, 1, self.vocab), dtype=np.float32),
-                            "row_lengths": state.cache["row_lengths"][:rows].copy()}, state.length)
+                            "row_lengths": state.cache["row_lengths"][start:start + rows].copy()}, state.length)
 
-    def place(self, state: DecodeState, row: int, prefilled: DecodeState, source_row: int = 0) -> None:
-        """Copy row `source_row` of a prefilled state (requests prefilled apart from the running
-        batch) into `row` of a batch state: its keys, values and length; whatever the row held
-        before is no longer attended to."""
-        length = int(prefilled.cache["row_lengths"][source_row])
-        for batch_array, row_array in zip(state.cache["arrays"], prefilled.cache["arrays"]):
-            batch_array[row, :, :length] = row_array[source_row, :, :length]
-        state.cache["row_lengths"][row] = length
+    def release_rows(self, state: DecodeState, rows) -> None:
+        """Give the memory of these rows' keys and values back (their requests are done)."""
+        for array in state.cache["arrays"]:
+            row_bytes = array[0].nbytes
+            for row in rows:
+                release_pages(array, row * row_bytes, (row + 1) * row_bytes)
+        state.cache["row_lengths"][list(rows)] = 0
 
-    def forward(self, input_ids: np.ndarray, state: DecodeState | None,
-                lengths: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
+    def read_positions(self, state: DecodeState, row: int, start: int, stop: int) -> np.ndarray:
+        """Keys and values of positions [start, stop) of one row: [layers × (key, value), kv_heads, positions, head_dim]."""
+        return np.stack([array[row, :, start:stop] for array in state.cache["arrays"]])
+
+    def write_positions(self, state: DecodeState, row: int, start: int, kv: np.ndarray) -> None:
+        """Put `read_positions`' keys and values at positions [start, start + n) of one row."""
+        for array, block in zip(state.cache["arrays"], kv):
+            array[row, :, start:start + block.shape[1]] = block
+
+    def forward(self, input_ids: np.ndarray, state: DecodeState | None, lengths: np.ndarray | None = None, *,
+                last_only: bool = False, kernel: str | None = None) -> tuple[np.ndarray, DecodeState]:
         """`lengths`: valid tokens per row of `input_ids` for rows of different lengths (right-padded;
         row b's next-token logits are at position lengths[b] - 1). Rows keep their own positions:
-        GroupQueryAttention reads and writes each row's cache up to its own length."""
+        GroupQueryAttention reads and writes each row's cache up to its own length. `last_only`:
+        logits [batch, 1, vocab] at each row's last valid position. `kernel`: "prefill" or "decode"
+        (default: prefill for more than one token, where the engine has a prefill session)."""
         batch, seq = input_ids.shape
         new = np.full(batch, seq, dtype=np.int32) if lengths is None else np.asarray(lengths, dtype=np.int32)
         totals = (state.cache["row_lengths"] if state else np.zeros(batch, dtype=np.int32)) + new
@@ -154,19 +199,27 @@ class FusedOrtCausalLM:
             raise SequenceTooLong(f"sequence of {total} tokens exceeds the engine's max_sequence_length {self.max_sequence_length} "
                             "(set build.max_sequence_length in the recipe and rebuild)")
         cache = dict(state.cache) if state else self.new_cache(batch)
-        binding = cache["binding"]
+        kernel = kernel or ("prefill" if seq > 1 else "decode")
+        if kernel not in cache["bindings"]:  # no prefill session: one kernel for everything
+            kernel = "decode"
+        binding, session = cache["bindings"][kernel], self.prefill_session if kernel == "prefill" else self.session
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", totals - 1)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        if seq == 1:  # decode: logits land in one preallocated buffer
+        last = np.maximum(new - 1, 0).astype(np.int64)[:, None]
+        if self.selects_logits:
+            binding.bind_cpu_input("logits_index", last if last_only else np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy())
+        if seq == 1 or (last_only and self.selects_logits):  # one position per row: logits land in one preallocated buffer
             logits = cache["step_logits"]
             binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             logits = logits.copy()
         else:
             binding.bind_output("logits", "cpu")
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             logits = binding.get_outputs()[0].numpy()
+            if last_only:
+                logits = np.take_along_axis(logits, last[:, :, None], axis=1)
         cache["row_lengths"] = totals
         return logits, DecodeState(cache, total)
 
@@ -227,10 +280,18 @@ def make_ort_session(model_path, *, threads: int | None = None, optimization: st
     return ort.InferenceSession(str(model_path), so, providers=list(providers))
 
 
+def prompt_forward(lm: CausalLM, input_ids: np.ndarray, state: DecodeState | None = None) -> tuple[np.ndarray, DecodeState]:
+    """A prompt's forward when only its next token is wanted: engines that can compute logits at
+    the last position only (`selects_logits`) do so."""
+    if getattr(lm, "selects_logits", False):
+        return lm.forward(input_ids, state, last_only=True)
+    return lm.forward(input_ids, state)
+
+
 def greedy_decode(lm: CausalLM, prompt: np.ndarray, new_tokens: int, clock) -> tuple[list[int], float, list[float]]:
     """Greedy generation at batch 1. Returns the tokens, time to first token and each decode step's time."""
     t0 = clock()
-    logits, state = lm.forward(prompt[None, :], None)
+    logits, state = prompt_forward(lm, prompt[None, :])
     token = int(logits[0, -1].argmax())
     ttft = clock() - t0
     tokens, steps = [token], []
@@ -287,12 +348,17 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
     from pathlib import Path
 
     opts = session_options
-    session = make_ort_session(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads=threads or opts["threads"],
-                               optimization=opts["optimization_level"], int4_compute=opts["int4_compute"],
-                               providers=opts.get("providers", ["CPUExecutionProvider"]))
+
+    def session(model_file: str):
+        return make_ort_session(Path(engine_dir) / model_file, threads=threads or opts["threads"],
+                                optimization=opts["optimization_level"], int4_compute=opts["int4_compute"],
+                                providers=opts.get("providers", ["CPUExecutionProvider"]))
+
+    decode = session(opts.get("model_file", "engine.onnx"))
     if opts.get("graph") == "fused":
-        return FusedOrtCausalLM(session, opts["max_sequence_length"])
-    return OrtCausalLM(session)
+        prefill = session(opts["prefill_model_file"]) if opts.get("prefill_model_file") else None
+        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill)
+    return OrtCausalLM(decode)
 
 
 class TensorRtCausalLM:

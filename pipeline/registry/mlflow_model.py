@@ -4,7 +4,8 @@ whose artifacts are the engine (with its sha256 manifest and tokenizer) and the 
 
     model/MLmodel                    flavor, signature (prompt -> text, finish_reason, token counts; params)
     model/pyfunc_model.py            the model's code (models from code: nothing pickled)
-    model/code/kiln_*.py             the decode loop, request checks and sampling, the manifest check
+    model/code/kiln_*.py             the engine's forward (kiln_runtime), the manifest check
+    model/code/kiln_engine/          the decode engine: request checks, sampling, scheduler, prefix cache
     model/artifacts/engine/...       the build stage's folder, manifest.json included
     model/artifacts/triton/...       the Triton package, without the engine files engine/ holds
 """
@@ -18,14 +19,13 @@ from pathlib import Path
 from pipeline.artifacts import Artifact, link_tree
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
-from pipeline.serving import generation, manifest_check
+from pipeline.serving import manifest_check
 
 MODEL_PATH = "model"  # the run's artifact path of the MLflow model; the version's source
 ENGINE_PATH = f"{MODEL_PATH}/artifacts/engine"
 PACKAGE_PATH = f"{MODEL_PATH}/artifacts/triton"
 PYFUNC_FILE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
-SHIPPED_MODULES = {"kiln_runtime.py": runtime.__file__, "kiln_generation.py": generation.__file__,
-              "kiln_manifest.py": manifest_check.__file__}
+SHIPPED_MODULES = {"kiln_runtime.py": runtime.__file__, "kiln_manifest.py": manifest_check.__file__}
 EXAMPLE_PROMPT = "The Python programming language is"
 RUNTIME_LIBRARIES = ("numpy", "pandas", "onnxruntime", "tokenizers")
 
@@ -52,15 +52,17 @@ def signature(limits: dict):
 def serving_settings(engine: Artifact, package: Artifact | None) -> dict:
     """What the model needs besides the engine: limits, EOS ids and batch size, from the Triton
     package when there is one (one set of limits for both runtimes), else the package defaults."""
-    from pipeline.stages.package import engine_options, eos_token_ids, request_limits
+    from pipeline.stages.package import engine_options, eos_token_ids, request_limits, scheduler_settings
 
     if package is not None:
         limits, eos, max_batch = package.meta["limits"], package.meta["eos_token_ids"], int(package.meta["max_batch"])
+        scheduler = package.meta.get("scheduler", scheduler_settings(PackageConfig()))
     else:
         cfg = PackageConfig()
         limits, eos, max_batch = request_limits(engine, cfg), eos_token_ids(engine.path), cfg.max_batch
+        scheduler = scheduler_settings(cfg)
     return {"engine_digest": engine.digest, "limits": limits, "eos_token_ids": eos, "max_batch": max_batch,
-            "session_options": engine_options(engine)}
+            "scheduler": scheduler, "session_options": engine_options(engine)}
 
 
 def package_without_engine(package, view: Path) -> Path:
@@ -75,11 +77,14 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
     """Write the MLflow model folder for this build at `dest` (a new folder) and return it."""
     import mlflow.pyfunc
 
+    from pipeline.stages.package import copy_engine_package
+
     settings = serving_settings(engine, package)
     code = scratch / "code"
     code.mkdir(parents=True)
     for name, src in SHIPPED_MODULES.items():  # under the names the model's code imports
         shutil.copy2(src, code / name)
+    copy_engine_package(code / "kiln_engine")
     # MLflow names an artifact's folder after its source folder: hard-linked views under the names
     # fetching expects (ENGINE_PATH, PACKAGE_PATH)
     link_tree(engine.path, scratch / "engine")
@@ -88,7 +93,7 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
         artifacts["triton"] = str(package_without_engine(package, scratch / "triton"))
     mlflow.pyfunc.save_model(
         str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
-        code_paths=[str(code / name) for name in SHIPPED_MODULES], model_config=settings,
+        code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
         signature=signature(settings["limits"]),
         input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
         pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],

@@ -88,7 +88,7 @@ def serve(
     from pipeline.serving.environment import ensure_environment
     from pipeline.serving.gateway import Served, run_gateway
     from pipeline.serving.http_guard import HttpGuard
-    from pipeline.serving.server import ServerDied, exit_description, free_port, log_tail, run_app, triton_server
+    from pipeline.serving.server import ServerDied, exit_description, free_port, log_tail, run_app, start_draining, triton_server
 
     console = make_console()
     if prepare:
@@ -117,6 +117,10 @@ def serve(
         fail(console, e)
 
     def stop(signum, frame):
+        # once: a second SIGTERM (a supervisor repeating itself) must not cut the clean stop short,
+        # which would leave tritonserver running after kiln serve has gone
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -145,7 +149,8 @@ def serve(
                               "version": version, "pid": proc.pid}), flush=True)
             try:
                 proc.wait()
-            finally:  # before tritonserver stops: the guard's connections to it close first
+            finally:  # running requests end first, then the guard's connections to tritonserver close, then it stops
+                start_draining(proc)
                 for app in (guard, gateway):
                     if app is not None:
                         app.stop()

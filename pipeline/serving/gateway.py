@@ -167,7 +167,7 @@ async def generate(served: Served, prompt: str, req: Sampling) -> AsyncIterator[
         async for result, error in responses:
             if error is not None:
                 message = str(error.message() if hasattr(error, "message") else error)
-                busy = "server busy" in message
+                busy = "server busy" in message or "server shutting down" in message  # retry elsewhere or later
                 raise ApiError(503 if busy else 400, message, kind="server_error" if busy else "invalid_request_error")
             finish = result.as_numpy("finish_reason")
             if finish is None:

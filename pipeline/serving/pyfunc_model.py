@@ -2,7 +2,7 @@
 code, saved with each registered version; `pipeline/registry/mlflow_model.py` writes the model).
 
 Loaded by `mlflow.pyfunc.load_model` and `mlflow models serve`, without Kiln installed: it needs
-numpy, pandas, onnxruntime and tokenizers, plus `kiln_runtime`, `kiln_generation` and
+numpy, pandas, onnxruntime and tokenizers, plus `kiln_runtime`, `kiln_engine` and
 `kiln_manifest`, which the model carries as code paths. Before the engine loads, every file of it
 is checked against its sha256 manifest and that manifest against the digest recorded at
 registration (in the model config); a mismatch stops the load.
@@ -22,7 +22,7 @@ PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 
 class KilnEngineModel(PythonModel):
     def load_context(self, context):
-        import kiln_generation
+        import kiln_engine
         import kiln_manifest
         import kiln_runtime
         from tokenizers import Tokenizer
@@ -33,11 +33,12 @@ class KilnEngineModel(PythonModel):
         self.lm = kiln_runtime.load_engine(engine_dir, config["session_options"])
         self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
         self.eos_ids = set(config["eos_token_ids"])
-        self.limits = kiln_generation.Limits(**config["limits"])
+        self.limits = kiln_engine.Limits(**config["limits"])
         self.max_batch = int(config["max_batch"])
+        self.scheduler = dict(config.get("scheduler", {}))
 
     def predict(self, context, model_input, params=None):
-        import kiln_generation
+        import kiln_engine
         import pandas as pd
 
         prompts = [str(p) for p in (model_input["prompt"] if hasattr(model_input, "columns") else model_input)]
@@ -47,8 +48,8 @@ class KilnEngineModel(PythonModel):
         if isinstance(settings.get("stop"), str):
             settings["stop"] = [settings["stop"]] if settings["stop"] else []
         try:
-            requests = [kiln_generation.parse_request(p, settings, self.tokenizer, self.limits) for p in prompts]
-        except kiln_generation.RequestError as e:  # the scoring server answers 400 with the reason
+            requests = [kiln_engine.parse_request(p, settings, self.tokenizer, self.limits) for p in prompts]
+        except kiln_engine.RequestError as e:  # the scoring server answers 400 with the reason
             from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
@@ -61,12 +62,12 @@ class KilnEngineModel(PythonModel):
                 finish[i] = finish_reason
 
         # one in-flight batch of max_batch rows; the next prompt takes a row as soon as one is free
-        kiln_generation.generate(self.lm, requests, self.tokenizer, self.eos_ids, emit, slots=self.max_batch)
+        kiln_engine.generate(self.lm, requests, self.tokenizer, self.eos_ids, emit, slots=self.max_batch, **self.scheduler)
         return pd.DataFrame({
             "text": texts,
             "finish_reason": finish,
             "prompt_tokens": [len(r.prompt_ids) for r in requests],
-            "completion_tokens": [kiln_generation.completion_tokens(n, f) for n, f in zip(sampled, finish)],
+            "completion_tokens": [kiln_engine.completion_tokens(n, f) for n, f in zip(sampled, finish)],
         })
 
 

@@ -26,6 +26,9 @@ from pipeline.artifacts import link_tree
 from pipeline.errors import KilnError
 from pipeline.serving.environment import ServingEnvironment
 
+EXIT_TIMEOUT_S = 5
+DRAIN_VARIABLE = "KILN_DRAIN_FILE"  # read by the Triton model (serving/triton_model.py)
+
 
 class ServerNotReady(KilnError):
     exit_code = 9
@@ -99,6 +102,7 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
     # what its manifest lists.
     snapshot = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "model_repository"
     link_tree(repository, snapshot)
+    drain = snapshot.parent / "drain"
     if version is not None and version != "1":
         for model_dir in snapshot.iterdir():
             if (model_dir / "1").is_dir():
@@ -107,10 +111,14 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
     addresses = Addresses(host, http_port, grpc_port, metrics_port, http_host)
     cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",
            f"--http-address={http_host or host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-           f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0"]
+           f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0",
+           # at SIGTERM tritonserver waits this long for in-flight requests (default 30 s); the model
+           # ends its own at unload, and `kiln serve` has already closed its clients' connections
+           f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env.process_env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env.process_env(), DRAIN_VARIABLE: str(drain)},
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while http_status(f"{addresses.http}/v2/health/live") != 200:
@@ -125,12 +133,24 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
                 time.sleep(0.3)
         yield proc, addresses
     finally:
-        stop(proc)
+        start_draining(proc)
+        # tritonserver 2.51 cannot finish while a gRPC client keeps its stream open (measured: it
+        # waits past its own exit timeout until killed; Triton's gRPC graceful shutdown came later)
+        stop(proc, EXIT_TIMEOUT_S + 3)
         # the Python-backend stubs outlive a tritonserver that was killed (measured: a stub was
         # still running 15 minutes after its server's SIGKILL); they are in the server's group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(snapshot.parent, ignore_errors=True)
+
+
+def start_draining(proc: subprocess.Popen) -> None:
+    """Tell the server's Kiln models to end their running requests now (finish_reason "cancelled")
+    and refuse new ones: at SIGTERM tritonserver waits for in-flight requests (up to its exit
+    timeout) before a model learns of the stop, so `kiln serve` says it first, through the file
+    `$KILN_DRAIN_FILE` beside the served repository snapshot."""
+    repository = next(a.split("=", 1)[1] for a in proc.args if a.startswith("--model-repository="))
+    (Path(repository).parent / "drain").touch()
 
 
 @dataclass

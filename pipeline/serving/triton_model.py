@@ -4,23 +4,29 @@ Runs in the serving environment (numpy < 2, onnxruntime, tokenizers; no Kiln, no
 every request gets its responses through its own sender, one per text delta when `stream` is true,
 else one with the whole text.
 
-In-flight batching (`kiln_generation.InflightBatch`): one worker thread decodes every running
-request one token per step; a request that arrives joins at the next step (prefilled together with
-the others that arrived since the last step, then its keys and values placed in a free row), and a
-finished, stopped or cancelled request leaves the step it ends, its row reused. At most `max_batch` rows run; up to `max_queue` more wait, and a
-request beyond that is refused at once with "server busy". A request whose client has gone (gRPC
-stream cancelled or closed) stops within one step.
+In-flight batching (`kiln_engine.Scheduler`): one worker thread runs the scheduler's steps; a
+request that arrives takes a free row at the next step (its prompt prefilled in chunks shared with
+the running rows' decode steps, a cached prefix reused), and a finished, stopped or cancelled request
+leaves the step it ends, its row and its KV memory freed. At most `max_batch` rows run; up to
+`max_queue` more wait, and a request beyond that is refused at once with "server busy". A request
+whose client has gone (gRPC stream cancelled or closed) stops within one step. When `kiln serve`
+stops (it creates the file `$KILN_DRAIN_FILE` before it sends tritonserver SIGTERM) or the model is
+unloaded, every request still running or waiting gets its final response within one step
+(finish_reason "cancelled") and new ones are refused ("server shutting down"), so tritonserver
+finds nothing in flight and unloads the model gracefully instead of waiting out its exit timeout.
 
 Metrics on Triton's metrics port (Python backend custom metrics), labelled with the model name and
 version (the registry version when `kiln serve` serves a registered one): time to first token,
 time per output token (a request's mean), queue wait, generated tokens per request (histograms), running rows (gauge),
-cancelled requests (counter).
+cancelled requests, prompt tokens and prompt tokens served from the prefix cache (counters: their
+ratio is the hit rate).
 
 Before loading, every file of this model version is checked against `manifest.json` (sha256); a
 changed or missing file stops the load with a log line, so the model never becomes ready.
 """
 
 import json
+import os
 import queue
 import sys
 import threading
@@ -33,7 +39,7 @@ import triton_python_backend_utils as pb_utils
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import kiln_generation  # noqa: E402  (copied beside this file by Kiln's package stage)
+import kiln_engine  # noqa: E402  (copied beside this file by Kiln's package stage)
 import kiln_manifest  # noqa: E402
 import kiln_runtime  # noqa: E402
 
@@ -94,6 +100,9 @@ class Metrics:
         self.tokens = histogram("kiln_generated_tokens", "Tokens generated per finished request", TOKENS)
         self.active = metric("kiln_active_rows", "Requests decoding in the running batch", family.GAUGE)
         self.cancelled = metric("kiln_cancelled_requests_total", "Requests stopped because their client went away", family.COUNTER)
+        self.prompt_tokens = metric("kiln_prompt_tokens_total", "Prompt tokens of admitted requests", family.COUNTER)
+        self.cached_tokens = metric("kiln_prefix_cache_hit_tokens_total", "Prompt tokens whose keys and values came from the prefix cache",
+                                    family.COUNTER)
 
 
 class Client:
@@ -124,7 +133,7 @@ class Client:
             self.metrics.tokens.observe(self.tokens)
             if self.tokens > 1:  # one observation per request: each observe is a round trip to the server
                 self.metrics.per_token.observe((now - self.first) / (self.tokens - 1))
-            completion = kiln_generation.completion_tokens(self.tokens, finish_reason)
+            completion = kiln_engine.completion_tokens(self.tokens, finish_reason)
             self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion),
                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -151,14 +160,17 @@ class TritonPythonModel:
             raise
         self.tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
         self.eos_ids = set(serving["eos_token_ids"])
-        self.limits = kiln_generation.Limits(**serving["limits"])
+        self.limits = kiln_engine.Limits(**serving["limits"])
         self.max_batch = int(serving["max_batch"])
         self.max_queue = int(serving["max_queue"])
+        self.scheduler_options = dict(serving.get("scheduler", {}))
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.pending = queue.Queue()
         self.clients = []  # admitted, not finished
         self.shown_active = 0
         self.free_rows = self.max_batch  # written by the worker after each step, read by execute
+        self.stopping = threading.Event()
+        self.drain_file = os.environ.get("KILN_DRAIN_FILE")
         self.worker = threading.Thread(target=self.run, daemon=True)
         self.worker.start()
 
@@ -169,14 +181,17 @@ class TritonPythonModel:
             try:
                 prompt = scalar(request, "text_input")
                 if prompt is None or len(prompt) != 1:
-                    raise kiln_generation.RequestError("text_input (one string) is required")
+                    raise kiln_engine.RequestError("text_input (one string) is required")
                 params = {k: cast(v[0]) for k, cast in PARAMS.items() if (v := scalar(request, k)) is not None and len(v)}
                 stop = scalar(request, "stop")
                 params["stop"] = [text_of(s) for s in stop] if stop is not None else []
                 stream = scalar(request, "stream")
-                parsed = kiln_generation.parse_request(text_of(prompt[0]), params, self.tokenizer, self.limits)
-            except (kiln_generation.RequestError, ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:
+                parsed = kiln_engine.parse_request(text_of(prompt[0]), params, self.tokenizer, self.limits)
+            except (kiln_engine.RequestError, ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:
                 sender.send(error_response(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            if self.stopping.is_set():
+                sender.send(error_response("server shutting down"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             # a request waits only for a row: as many as are free (the worker's last count) go
             # straight in, `max_queue` more may wait, and any beyond that are refused now
@@ -187,19 +202,45 @@ class TritonPythonModel:
             self.pending.put((request, sender, parsed, bool(stream[0]) if stream is not None and len(stream) else False, now))
         return None
 
+    def new_scheduler(self):
+        return kiln_engine.Scheduler(self.lm, self.tokenizer, self.eos_ids, self.max_batch, **self.scheduler_options)
+
     def run(self):
-        running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
+        running = self.new_scheduler()
         while True:
             try:
                 if not self.iterate(running):
-                    return
+                    break
             except Exception as e:  # the server keeps serving; every running request gets the error
                 pb_utils.Logger.log_error(f"kiln: generation failed: {e!r}")
                 for client in self.clients:
                     self.close(client, f"generation failed: {e}")
                 self.clients = []
-                running = kiln_generation.InflightBatch(self.lm, self.tokenizer, self.eos_ids, self.max_batch)
+                running = self.new_scheduler()
             self.show_active(running)
+        self.end_all(running)
+
+    def end_all(self, running):
+        """Stopping: every admitted or waiting request gets its final response now, finish_reason "cancelled"."""
+        for client in self.clients:
+            running.cancel(client.row)
+            try:
+                client.emit("", "cancelled")
+            except Exception:
+                pass  # its client is gone
+        self.clients = []
+        while True:
+            try:
+                item = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:  # a final response, not an error: tritonserver 2.51 then never unloads the model (measured)
+                request, sender, parsed = item[:3]
+                self.metrics.cancelled.increment(1)
+                try:
+                    sender.send(final_response("", "cancelled", len(parsed.prompt_ids), 0), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:
+                    pass  # its client is gone
 
     def show_active(self, running):
         self.free_rows = running.free
@@ -210,6 +251,9 @@ class TritonPythonModel:
     def iterate(self, running) -> bool:
         """Admit what waits (block only when nothing runs), drop cancelled rows, decode one step.
         False once finalize asked the worker to stop."""
+        if self.stopping.is_set() or (self.drain_file and os.path.exists(self.drain_file)):
+            self.stopping.set()
+            return False
         arrivals, stopping = [], False
         try:
             while len(arrivals) < running.free:
@@ -246,17 +290,14 @@ class TritonPythonModel:
         now = time.monotonic()
         for client in arrivals:
             self.metrics.queue_wait.observe(now - client.arrived)
-        try:
-            rows = running.admit_many([(client.parsed, client.emit) for client in arrivals])
-        except Exception as e:
-            pb_utils.Logger.log_error(f"kiln: prefill failed: {e!r}")
-            for client in arrivals:
-                self.close(client, f"generation failed: {e}")
-            return
+        rows = running.admit_many([(client.parsed, client.emit) for client in arrivals])
         for client, row in zip(arrivals, rows):
             client.row = row
-            if row.seq.finish_reason is None:
-                self.clients.append(client)
+            self.clients.append(client)
+        self.metrics.prompt_tokens.increment(sum(len(row.prompt) for row in rows))
+        cached = sum(row.cached for row in rows)
+        if cached:
+            self.metrics.cached_tokens.increment(cached)
 
     @staticmethod
     def close(client, error):
@@ -270,5 +311,7 @@ class TritonPythonModel:
             pass  # already completed, or the client is gone
 
     def finalize(self):
+        # the worker reads the queue only when a row is free: under full load the event stops it
+        self.stopping.set()
         self.pending.put(None)
-        self.worker.join(timeout=30)
+        self.worker.join(timeout=10)

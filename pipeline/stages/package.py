@@ -2,8 +2,8 @@
 
     model_repository/NAME/config.pbtxt         Python backend, decoupled (streams tokens), inputs/outputs
     model_repository/NAME/1/model.py           pipeline/serving/triton_model.py
-    model_repository/NAME/1/kiln_runtime.py    pipeline/modeling/runtime.py (the engine's decode loop)
-    model_repository/NAME/1/kiln_generation.py pipeline/serving/generation.py (checks, sampling, batching)
+    model_repository/NAME/1/kiln_runtime.py    pipeline/modeling/runtime.py (the engine's forward)
+    model_repository/NAME/1/kiln_engine/       pipeline/engine/ (request checks, sampling, scheduler, prefix cache)
     model_repository/NAME/1/kiln_manifest.py   pipeline/serving/manifest_check.py (the sha256 check)
     model_repository/NAME/1/engine/...         the engine folder (graph, session options, tokenizer)
     model_repository/NAME/1/serving.json       limits, EOS ids, batch size
@@ -19,11 +19,12 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline import engine as decode_engine
 from pipeline.artifacts import Engine, TritonRepository, link_tree, package_engine_dir, write_json_atomic, write_manifest
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
 from pipeline.runner import StageContext
-from pipeline.serving import generation, manifest_check
+from pipeline.serving import manifest_check
 from pipeline.targets import REQUIREMENTS
 
 # Copied into the package as files (not imported here): part of this stage's code for its cache key.
@@ -92,7 +93,7 @@ def request_limits(engine: Engine, cfg: PackageConfig) -> dict:
 
     limit = context_limit(engine)
     limits = {"context_limit": limit, "max_tokens_cap": cfg.max_tokens_cap, "default_max_tokens": cfg.default_max_tokens,
-              "max_prompt_chars": generation.prompt_char_limit(Tokenizer.from_file(str(engine.path / "tokenizer.json")), limit)}
+              "max_prompt_chars": decode_engine.prompt_char_limit(Tokenizer.from_file(str(engine.path / "tokenizer.json")), limit)}
     if engine.target == "tensorrt":  # the whole prompt is one call: at most the profile's new-token maximum
         limits["max_prompt_tokens"] = int(engine.meta["build_settings"]["new_tokens"]["max"])
     return limits
@@ -104,6 +105,16 @@ def engine_options(engine: Engine) -> dict:
     return {**engine.meta.get("session_options", {}), "model_file": engine.meta["model_file"], "target": engine.target}
 
 
+def copy_engine_package(dest: Path) -> None:
+    """pipeline/engine as the package `kiln_engine` (its .py files only)."""
+    shutil.copytree(Path(decode_engine.__file__).parent, dest, ignore=lambda _d, names: [n for n in names if not n.endswith(".py")])
+
+
+def scheduler_settings(cfg: PackageConfig) -> dict:
+    """The scheduler's options (`kiln_engine.Scheduler`) as serving.json and the MLflow model carry them."""
+    return {"prefill_chunk": cfg.prefill_chunk, "prefix_cache_bytes": cfg.prefix_cache_mb << 20}
+
+
 def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepository:
     engine_dir = ctx.out_dir / package_engine_dir(cfg.model_name)
     version_dir = engine_dir.parent
@@ -111,9 +122,9 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     version_dir.mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(config_pbtxt(cfg.model_name, cfg, engine.target))
     # triton_model.py imports Triton's own module, so it is copied as a file, never imported here
-    shutil.copy2(Path(generation.__file__).parent.parent / CODE_FILES[0], version_dir / "model.py")
+    shutil.copy2(Path(manifest_check.__file__).parent.parent / CODE_FILES[0], version_dir / "model.py")
     shutil.copy2(runtime.__file__, version_dir / "kiln_runtime.py")
-    shutil.copy2(generation.__file__, version_dir / "kiln_generation.py")
+    copy_engine_package(version_dir / "kiln_engine")
     shutil.copy2(manifest_check.__file__, version_dir / "kiln_manifest.py")
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
@@ -123,10 +134,11 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     write_json_atomic(version_dir / "serving.json", {
         "session_options": engine_options(engine),
         "limits": limits, "eos_token_ids": eos, "max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
+        "scheduler": scheduler_settings(cfg),
     })
     write_manifest(version_dir, {"engine_digest": engine.digest})
     ctx.log(f"Triton model {cfg.model_name!r}: Python backend, decoupled, {cfg.instances} {instance_kind(engine.target)} "
             f"instance(s) running the {engine.target} engine, in-flight batches of up to "
             f"{cfg.max_batch} ({cfg.max_queue} more queued), context {limits['context_limit']} tokens, EOS ids {eos}")
     return TritonRepository(path=ctx.out_dir, meta={"model_name": cfg.model_name, "limits": limits, "eos_token_ids": eos,
-                                                         "max_batch": cfg.max_batch})
+                                                         "max_batch": cfg.max_batch, "scheduler": scheduler_settings(cfg)})

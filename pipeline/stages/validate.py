@@ -28,7 +28,9 @@ from pipeline.targets import get_target
 
 
 def score(lm: CausalLM, windows: list[np.ndarray], advance) -> tuple[float, int, np.ndarray]:
-    """Summed NLL, predicted-token count and greedy predictions over all windows."""
+    """Summed NLL, predicted-token count and greedy predictions over all windows. An engine with a
+    separate prompt kernel is scored with its decode kernel: the one that produces generated tokens."""
+    lm = lm.without_prefill() if hasattr(lm, "without_prefill") else lm
     nll_sum, count, preds = 0.0, 0, []
     for w in windows:
         logits, _ = lm.forward(w[None, :], None)

@@ -27,6 +27,7 @@ from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, load_ort_en
 PROVIDERS = {"onnxruntime-cpu": ["CPUExecutionProvider"], "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 ENGINE_FILE = "engine.onnx"
+PREFILL_FILE = "prefill.onnx"
 # Fused vs exported graph, same weights: fp32 reordering noise only. Relative to the largest logit.
 FUSION_RTOL = 1e-3
 
@@ -130,6 +131,21 @@ def check_fusion(exported, fused_file: Path, max_positions: int, threads: int) -
     return check
 
 
+def write_prefill_graph(engine: Path, int4_compute: str, out_file: Path) -> None:
+    """The optimized engine with its int4 matmuls set to another compute type, for prompts: only the
+    graph file (kB) is new; it reads the engine's own weights file."""
+    import onnx
+
+    model = onnx.load(str(engine), load_external_data=False)
+    level = {"fp32": 0, "int8": 4}[int4_compute]  # as make_ort_session's qdq_matmulnbits_accuracy_level
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+    onnx.save(model, str(out_file))
+
+
 class OnnxRuntime:
     def __init__(self, name: str):
         self.name = name
@@ -162,6 +178,11 @@ class OnnxRuntime:
             if session.get_providers()[0] != self.providers[0]:
                 raise StageFailed("build", f"ONNX Runtime did not enable {self.providers[0]} (session providers: "
                                            f"{session.get_providers()})")
+        if cfg.graph == "fused" and cfg.prefill_int4_compute != cfg.int4_compute:
+            write_prefill_graph(engine, cfg.prefill_int4_compute, out_dir / PREFILL_FILE)
+            options["prefill_model_file"] = PREFILL_FILE
+            options["prefill_int4_compute"] = cfg.prefill_int4_compute
+            log(f"prompts run with {cfg.prefill_int4_compute} int4 compute ({PREFILL_FILE}, the engine's weights), decode steps with {cfg.int4_compute}")
         counts = op_counts(engine)
         log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
             f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline import engine as decode_engine
 from pipeline.modeling.runtime import load_ort_engine
-from pipeline.serving import generation
 from tests.stores import free_port, terminate, wait_until_ok
 
 pytestmark = pytest.mark.integration
@@ -47,12 +47,12 @@ def kiln_greedy(tiny_run, prompts, max_tokens):
     meta = json.loads((engine / "manifest.json").read_text())["meta"]
     lm = load_ort_engine(engine, {**meta["session_options"], "model_file": meta["model_file"]})
     tok = Tokenizer.from_file(str(engine / "tokenizer.json"))
-    limits = generation.Limits(context_limit=10_000, max_tokens_cap=10_000, default_max_tokens=max_tokens)
+    limits = decode_engine.Limits(context_limit=10_000, max_tokens_cap=10_000, default_max_tokens=max_tokens)
     texts = []
     for p in prompts:
         out = [""]
-        req = generation.parse_request(p, {"max_tokens": max_tokens}, tok, limits)
-        generation.generate(lm, [req], tok, eos_ids(tiny_run), lambda _i, d, _f, out=out: out.__setitem__(0, out[0] + d))
+        req = decode_engine.parse_request(p, {"max_tokens": max_tokens}, tok, limits)
+        decode_engine.generate(lm, [req], tok, eos_ids(tiny_run), lambda _i, d, _f, out=out: out.__setitem__(0, out[0] + d))
         texts.append(out[0])
     return texts
 

@@ -413,6 +413,55 @@ def test_an_http_stream_whose_client_disconnects_stops_its_row(env, tmp_path, lo
         assert metric_value(server, "kiln_active_rows") == 0
 
 
+def test_sigterm_under_load_ends_every_stream_and_leaves_no_process(env, tmp_path, long_package):
+    """12 OpenAI-API clients stream 4000-token completions through kiln serve's gateway (8 rows
+    decode, 4 wait for a row) and kiln serve gets SIGTERM mid-stream. It exits 0 within 10 s, every
+    stream, running or waiting, ends with a finish reason and [DONE], tritonserver unloads the model
+    gracefully (no exit timeout in its log) and its process is gone."""
+    import asyncio
+    import os
+    import signal
+
+    import httpx
+
+    proc, info, lines = start_kiln_serve(str(long_package), tmp_path)
+    model = httpx.get(f"{info['openai']}/models").json()["data"][0]["id"]
+    streaming = asyncio.Event()
+
+    async def one(client):
+        body = {"model": model, "prompt": "a", "max_tokens": 4000, "temperature": 0, "stream": True}
+        finish, done = None, False
+        async with client.stream("POST", f"{info['openai']}/completions", json=body, timeout=60) as response:
+            if response.status_code != 200:
+                return response.status_code
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    streaming.set()
+                    finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+        return finish, done
+
+    async def load():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as client:
+            tasks = [asyncio.create_task(one(client)) for _ in range(12)]
+            await asyncio.wait_for(streaming.wait(), 60)
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks), started
+
+    ended, started = asyncio.run(load())
+    lines.append(proc.communicate(timeout=60)[0])
+    took = time.monotonic() - started
+    assert proc.returncode == 0 and took < 10, (took, "".join(lines))
+    assert ended == [("stop", True)] * 12, ended  # the model's "cancelled", as OpenAI's finish_reason
+    log = next(Path(tmp_path).glob("logs/tritonserver-*.log")).read_text(errors="replace")
+    assert "Exit timeout expired" not in log and "Non-graceful termination" not in log, log[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(info["pid"], 0)
+
+
 def test_the_container_entrypoint_puts_the_guard_in_front_and_ends_with_either_process(tmp_path, env, package, reference):
     """deploy/entrypoint.sh (the image's entry point; the image itself is not built here) with this
     machine's tritonserver: the published HTTP port is the guard (a 5 MB form-encoded body is a

@@ -180,13 +180,13 @@ def stage_keys(tmp_path) -> dict[str, str]:
 
 
 def test_a_stage_is_keyed_on_the_code_it_runs_not_the_whole_package(tmp_path, monkeypatch):
-    """Editing the serving code changes the keys of the stages that ship it and no build stage's; editing the
+    """Editing the decode engine changes the keys of the stages that ship it and no build stage's; editing the
     quantizer changes quantize's and not source's."""
     from pipeline import hashing
 
     before = stage_keys(tmp_path)
     real = hashing.Path.read_bytes
-    edited = {"serving/generation.py"}
+    edited = {"engine/scheduler.py"}
 
     def read_bytes(path):
         data = real(path)

@@ -1,5 +1,6 @@
-"""The serving code's generation logic (pipeline/serving/generation.py) on the tiny engine, without
-Triton: request checks, stop strings, sampling, and batches equal to single requests."""
+"""The decode engine (pipeline/engine) on the tiny engine, without Triton: request checks, stop
+strings, sampling, batches equal to single requests, chunked prefill, KV memory given back, and the
+prefix cache."""
 
 import re
 
@@ -8,11 +9,11 @@ import pytest
 from tokenizers import Tokenizer
 
 from pipeline.artifacts import read_manifest
-from pipeline.modeling.runtime import greedy_decode
-from pipeline.serving.generation import (
+from pipeline.engine import (
     GenerationRequest,
     Limits,
     RequestError,
+    Scheduler,
     Sequence,
     advance,
     generate,
@@ -20,6 +21,7 @@ from pipeline.serving.generation import (
     prompt_char_limit,
     sample,
 )
+from pipeline.modeling.runtime import greedy_decode
 from pipeline.targets import get_target
 
 LIMITS = Limits(context_limit=256, max_tokens_cap=64, default_max_tokens=16)
@@ -142,8 +144,6 @@ def test_requests_joining_a_running_batch_get_their_solo_greedy_output(engine):
     cancelled mid-way.
     Each finished row's text equals the same request decoded alone; the cancelled row's slot is
     free at once and the others are unaffected."""
-    from pipeline.serving.generation import InflightBatch
-
     lm, tokenizer = engine
     prompts = [("def main():", 20), ("The quick brown fox", 12), ("import numpy as np\n", 9), ("Hello world", 30)]
     reqs = [parse_request(p, {"max_tokens": n}, tokenizer, LIMITS) for p, n in prompts]
@@ -158,12 +158,12 @@ def test_requests_joining_a_running_batch_get_their_solo_greedy_output(engine):
             reasons[i] = finish
         return emit
 
-    running = InflightBatch(lm, tokenizer, {256}, slots=3)
+    running = Scheduler(lm, tokenizer, {256}, slots=3)
     assert running.batched  # the tiny recipe builds the fused engine: one forward per step for all rows
     running.admit(reqs[0], sink(0))
     for _ in range(3):
         running.step()
-    running.admit_many([(reqs[1], sink(1)), (reqs[3], sink(3))])  # arrived together: one prefill, rows of different lengths
+    running.admit_many([(reqs[1], sink(1)), (reqs[3], sink(3))])  # arrived together: rows of different lengths
     running.step()
     running.step()
     assert running.free == 0
@@ -188,8 +188,6 @@ def test_more_requests_than_rows_queue_and_each_gets_its_solo_output(engine):
 def test_an_engine_without_row_placement_interleaves_rows_with_their_own_states(engine):
     """The portable engine cannot batch rows of different lengths: each row keeps its own state and
     a step advances them in turn; outputs still equal each request alone."""
-    from pipeline.serving.generation import InflightBatch
-
     lm, tokenizer = engine
 
     class OneRowAtATime:  # what the portable engine offers: forward only
@@ -198,7 +196,175 @@ def test_an_engine_without_row_placement_interleaves_rows_with_their_own_states(
 
     reqs = [parse_request(p, {"max_tokens": n}, tokenizer, LIMITS) for p, n in (("abc", 9), ("x = 1", 5), ("Hello", 7))]
     texts = [""] * 3
-    running = InflightBatch(OneRowAtATime(), tokenizer, {256}, slots=3)
+    running = Scheduler(OneRowAtATime(), tokenizer, {256}, slots=3)
     assert not running.batched
     generate(OneRowAtATime(), reqs, tokenizer, {256}, lambda i, d, f: texts.__setitem__(i, texts[i] + d), slots=3)
     assert texts == [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
+
+
+def sinks(n):
+    texts, reasons = [""] * n, [None] * n
+
+    def sink(i):
+        def emit(delta, finish):
+            assert reasons[i] is None, "text after the end"
+            texts[i] += delta
+            reasons[i] = finish
+        return emit
+    return texts, reasons, sink
+
+
+LONG_PROMPT = "values = [" + ", ".join(str(i) for i in range(40)) + "]\n"  # ~150 byte-level tokens
+
+
+def test_chunked_prefill_keeps_rows_moving_and_every_answer_is_its_solo_answer(engine):
+    """A prompt of ~10 chunks joins a running row: the running row gains a token every step while
+    the long prompt is prefilled chunk by chunk; a row joins mid-prefill; one is cancelled inside
+    its prefill. Finished rows equal each request decoded alone."""
+    lm, tokenizer = engine
+    prompts = [("def main():", 40), (LONG_PROMPT, 10), ("Hello world, again", 12), (LONG_PROMPT[:70] + "#", 8)]
+    reqs = [parse_request(p, {"max_tokens": n}, tokenizer, LIMITS) for p, n in prompts]
+    assert len(reqs[1].prompt_ids) > 8 * 16
+    solo = [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
+    texts, reasons, sink = sinks(4)
+    running = Scheduler(lm, tokenizer, {256}, slots=4, prefill_chunk=16)
+    running.admit(reqs[0], sink(0))
+    running.step()
+    long_row = running.admit(reqs[1], sink(1))
+    for _ in range(3):
+        before = len(running.rows[0].seq.ids)
+        running.step()
+        assert len(running.rows[0].seq.ids) == before + 1  # the running row never waits a whole prompt
+    assert 0 < long_row.prompt_done < len(reqs[1].prompt_ids) and long_row.next_token is None
+    running.admit(reqs[2], sink(2))  # joins while the long prompt is mid-prefill
+    cancelled = running.admit(reqs[3], sink(3))
+    while cancelled.prompt_done == 0:
+        running.step()
+    assert cancelled.prompt_done < len(reqs[3].prompt_ids)
+    running.cancel(cancelled)  # inside its prefill: its row is free at once, nothing was sent
+    assert cancelled.seq.finish_reason == "cancelled" and texts[3] == "" and running.rows[cancelled.slot] is None
+    while running.active:
+        running.step()
+    assert texts[:3] == solo[:3] and all(r in ("eos", "length") for r in reasons[:3])
+
+
+def test_chunks_never_leave_a_one_token_tail():
+    from pipeline.engine import chunk_size
+
+    assert chunk_size(17, 16) == 15  # 16 would leave 1
+    assert chunk_size(16, 16) == 16 and chunk_size(1, 16) == 1 and chunk_size(2, 16) == 2
+    assert chunk_size(40, 1) == 0  # under two tokens of budget: wait for the next step
+    assert chunk_size(3, 2) == 0  # 2 would leave 1
+
+
+def rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_released_rows_give_their_memory_back_and_read_as_zeros():
+    from pipeline.modeling.runtime import page_backed_zeros, release_pages
+
+    rows, row_floats = 4, 4 << 20  # 16 MiB a row
+    kv = page_backed_zeros((rows, row_floats))
+    base = rss_bytes()
+    kv[:] = 1.0
+    touched = rss_bytes()
+    assert touched - base > 0.9 * kv.nbytes
+    release_pages(kv, kv[0].nbytes, 3 * kv[0].nbytes)  # rows 1 and 2
+    assert touched - rss_bytes() > 0.9 * 2 * kv[0].nbytes
+    assert not kv[1:3].any() and kv[0].all() and kv[3].all()
+
+
+def test_a_finished_request_frees_its_kv_rows(engine):
+    lm, tokenizer = engine
+    running = Scheduler(lm, tokenizer, {256}, slots=2)
+    released = []
+    original = lm.release_rows
+    try:
+        lm.release_rows = lambda state, rows: (released.extend(rows), original(state, rows))
+        running.admit(parse_request("abc", {"max_tokens": 3}, tokenizer, LIMITS), lambda d, f: None)
+        while running.active:
+            running.step()
+    finally:
+        del lm.release_rows
+    assert released == [0] and running.state.cache["row_lengths"][0] == 0
+
+
+SYSTEM = "You are Kiln's assistant. Answer in one short sentence, and never guess.\n"  # 4+ blocks of 16
+
+
+def prefill_logits(lm, state, row, prompt, start):
+    view = lm.row_view(state, row, 1)
+    view.cache["row_lengths"][:] = start
+    logits, view = lm.forward(np.asarray([prompt[start:]], dtype=np.int64), view, last_only=True, kernel="prefill")
+    state.cache["row_lengths"][row] = view.cache["row_lengths"][0]
+    return logits
+
+
+def test_a_prefix_cache_hit_computes_exactly_what_a_miss_computes(engine):
+    from pipeline.engine import BLOCK_TOKENS, PrefixCache
+
+    lm, tokenizer = engine
+    first = tuple(tokenizer.encode(SYSTEM + "Q: what is 2 + 2?").ids)
+    second = tuple(tokenizer.encode(SYSTEM + "Q: name a colour.").ids)
+    state = lm.empty_state(3)
+    cache = PrefixCache(lm, 1 << 20)
+    prefill_logits(lm, state, 0, first, 0)
+    cache.store(state, 0, first)
+    hit = cache.load(state, 1, second)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert hit == shared // BLOCK_TOKENS * BLOCK_TOKENS >= 4 * BLOCK_TOKENS
+    with_hit = prefill_logits(lm, state, 1, second, hit)
+    miss = prefill_logits(lm, state, 2, second, 0)
+    np.testing.assert_array_equal(with_hit, miss)  # bit for bit, not merely close
+    for kv in state.cache["arrays"]:  # and the keys and values the hit's row goes on with
+        np.testing.assert_array_equal(kv[1, :, :len(second)], kv[2, :, :len(second)])
+
+
+def test_prefixes_never_mix_and_hits_are_counted(engine):
+    """Three prompts through one scheduler with a prefix cache: the repeat of the first hits all
+    its whole blocks but the last two tokens' block; the second shares only the system prompt;
+    a prompt whose later block equals the first's but whose beginning differs hits nothing. Every
+    answer equals the same request decoded alone without any cache."""
+    from pipeline.engine import BLOCK_TOKENS
+
+    lm, tokenizer = engine
+    questions = [SYSTEM + "Q: what is 2 + 2?", SYSTEM + "Q: name a colour.", SYSTEM + "Q: what is 2 + 2?",
+                 "x" * 16 + SYSTEM[16:] + "Q: what is 2 + 2?"]
+    reqs = [parse_request(q, {"max_tokens": 12}, tokenizer, LIMITS) for q in questions]
+    solo = [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
+    running = Scheduler(lm, tokenizer, {256}, slots=2, prefix_cache_bytes=1 << 20)
+    texts, _, sink = sinks(4)
+    hits = []
+    for i, req in enumerate(reqs):  # one after the other: each finds what the earlier ones left
+        row = running.admit(req, sink(i))
+        hits.append(row.cached)
+        while running.active:
+            running.step()
+    assert texts == solo
+    n = len(reqs[0].prompt_ids)
+    assert hits[0] == 0 and hits[3] == 0
+    assert hits[2] == (n - 2) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert 0 < hits[1] < hits[2]
+    stats = running.prefix_cache.stats
+    assert stats.hit_tokens == sum(hits) and stats.prompt_tokens == sum(len(r.prompt_ids) for r in reqs)
+    assert 0 < stats.hit_rate < 1
+
+
+def test_the_prefix_cache_stays_within_its_budget(engine):
+    from pipeline.engine import PrefixCache
+
+    lm, tokenizer = engine
+    state = lm.empty_state(1)
+    block_bytes = lm.read_positions(state, 0, 0, 16).nbytes
+    cache = PrefixCache(lm, capacity_bytes=5 * block_bytes)
+    for i in range(4):
+        prompt = tuple(tokenizer.encode(f"{i} " + LONG_PROMPT[:60]).ids)
+        prefill_logits(lm, state, 0, prompt, 0)
+        cache.store(state, 0, prompt)
+        assert cache.stats.bytes <= 5 * block_bytes
+    assert cache.stats.evicted_blocks > 0
+    assert cache.load(state, 0, prompt) > 0  # the newest prompt survived
