@@ -46,6 +46,18 @@ def run(lm, tokenizer, requests, batch=True):
     return texts, reasons
 
 
+def sinks(n):
+    texts, reasons = [""] * n, [None] * n
+
+    def sink(i):
+        def emit(delta, finish):
+            assert reasons[i] is None, "text after the end"
+            texts[i] += delta
+            reasons[i] = finish
+        return emit
+    return texts, reasons, sink
+
+
 @pytest.mark.parametrize("text,params,message", [
     ("", {}, "text_input is empty"),
     ("  ", {}, "text_input is empty"),
@@ -148,16 +160,7 @@ def test_requests_joining_a_running_batch_get_their_solo_greedy_output(engine):
     prompts = [("def main():", 20), ("The quick brown fox", 12), ("import numpy as np\n", 9), ("Hello world", 30)]
     reqs = [parse_request(p, {"max_tokens": n}, tokenizer, LIMITS) for p, n in prompts]
     solo = [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
-
-    texts, reasons = [""] * 4, [None] * 4
-
-    def sink(i):
-        def emit(delta, finish):
-            assert reasons[i] is None, "text after the end"
-            texts[i] += delta
-            reasons[i] = finish
-        return emit
-
+    texts, reasons, sink = sinks(4)
     running = Scheduler(lm, tokenizer, {256}, slots=3)
     assert running.batched  # the tiny recipe builds the fused engine: one forward per step for all rows
     running.admit(reqs[0], sink(0))
@@ -200,18 +203,6 @@ def test_an_engine_without_row_placement_interleaves_rows_with_their_own_states(
     assert not running.batched
     generate(OneRowAtATime(), reqs, tokenizer, {256}, lambda i, d, f: texts.__setitem__(i, texts[i] + d), slots=3)
     assert texts == [run(lm, tokenizer, [r], batch=False)[0][0] for r in reqs]
-
-
-def sinks(n):
-    texts, reasons = [""] * n, [None] * n
-
-    def sink(i):
-        def emit(delta, finish):
-            assert reasons[i] is None, "text after the end"
-            texts[i] += delta
-            reasons[i] = finish
-        return emit
-    return texts, reasons, sink
 
 
 LONG_PROMPT = "values = [" + ", ".join(str(i) for i in range(40)) + "]\n"  # ~150 byte-level tokens
