@@ -43,9 +43,11 @@ def main() -> None:
     meta = read_manifest(args.engine)["meta"]
     lm = get_target(meta["target"]).load(args.engine, meta)
     try:  # a checkout before issue 23 first (an editable install would find the newer package for it)
-        from pipeline.serving.generation import GenerationRequest, InflightBatch as Batch
+        from pipeline.serving.generation import GenerationRequest
+        from pipeline.serving.generation import InflightBatch as Batch
     except ImportError:
-        from pipeline.engine import GenerationRequest, Scheduler as Batch
+        from pipeline.engine import GenerationRequest
+        from pipeline.engine import Scheduler as Batch
     loaded = rss_mb()
     rng = np.random.default_rng(0)
     running = Batch(lm, NoText(), set(), args.rows)
