@@ -102,7 +102,7 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
     # what its manifest lists.
     snapshot = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "model_repository"
     link_tree(repository, snapshot)
-    drain = snapshot.parent / "drain"
+    drain = drain_file(snapshot)
     if version is not None and version != "1":
         for model_dir in snapshot.iterdir():
             if (model_dir / "1").is_dir():
@@ -150,7 +150,12 @@ def start_draining(proc: subprocess.Popen) -> None:
     timeout) before a model learns of the stop, so `kiln serve` says it first, through the file
     `$KILN_DRAIN_FILE` beside the served repository snapshot."""
     repository = next(a.split("=", 1)[1] for a in proc.args if a.startswith("--model-repository="))
-    (Path(repository).parent / "drain").touch()
+    drain_file(Path(repository)).touch()
+
+
+def drain_file(snapshot: Path) -> Path:
+    """The drain file of a served repository snapshot (passed to the server as `$KILN_DRAIN_FILE`)."""
+    return snapshot.parent / "drain"
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import StageFailed
 from pipeline.memory import release_free_memory
-from pipeline.modeling.runtime import FusedOrtCausalLM, OrtCausalLM, load_ort_engine, make_ort_session
+from pipeline.modeling.runtime import MATMULNBITS_ACCURACY_LEVEL, FusedOrtCausalLM, OrtCausalLM, load_ort_engine, make_ort_session
 
 # CPU stays listed after CUDA: ONNX Runtime places shape arithmetic there whatever the device.
 PROVIDERS = {"onnxruntime-cpu": ["CPUExecutionProvider"], "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -137,7 +137,7 @@ def write_prefill_graph(engine: Path, int4_compute: str, out_file: Path) -> None
     import onnx
 
     model = onnx.load(str(engine), load_external_data=False)
-    level = {"fp32": 0, "int8": 4}[int4_compute]  # as make_ort_session's qdq_matmulnbits_accuracy_level
+    level = MATMULNBITS_ACCURACY_LEVEL[int4_compute]
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             for attr in node.attribute:

@@ -136,3 +136,14 @@ def test_group_size_checked_from_gguf_metadata(tmp_path):
     assert proc.returncode == 2
     assert "128 does not divide in_features 576 of model.layers.0.self_attn.q_proj; 16 or 32 or 64 would" in proc.stdout
     assert "in_features 1536" not in proc.stdout  # down_proj (1536 = 12 × 128) is fine
+
+
+def test_prompt_kernel_defaults_to_fp32_on_the_fused_graph_only():
+    """An int8 fused engine gets an fp32 prompt kernel by default; the portable graph has one
+    kernel, so asking it for another is refused with the reason."""
+    fused = load_recipe(TINY_RECIPE, ["build.int4_compute=int8"]).build
+    assert (fused.graph, fused.prefill_int4_compute) == ("fused", "fp32")
+    portable = load_recipe(TINY_RECIPE, ["build.int4_compute=int8", "build.graph=portable"]).build
+    assert portable.prefill_int4_compute == "int8"
+    with pytest.raises(RecipeError, match="prefill_int4_compute: a separate prompt kernel is a fused-graph feature"):
+        load_recipe(TINY_RECIPE, ["build.graph=portable", "build.prefill_int4_compute=int8"])
