@@ -1,6 +1,7 @@
 """`kiln serve`: Triton Inference Server on a Kiln package, local or from the registry.
 
-    kiln serve models:/smollm2-135m-int4@staging
+    kiln serve models:/smollm2-135m-int4              # every alias, following the registry (fleet.py)
+    kiln serve models:/smollm2-135m-int4@staging      # the version the alias names at start, pinned
     kiln serve artifacts/cache/package/<key>          # a local package stage folder
     kiln serve ./prod                                 # a folder `kiln models pull` wrote
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -70,6 +72,14 @@ def serve(
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/chat/completions); 0: none.")] = 8003,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body the HTTP and OpenAI ports accept.")] = 1 << 20,
+    watch_interval: Annotated[float, typer.Option(min=0.2, help="models:/NAME: seconds between polls of the registry's aliases.")] = 5.0,
+    route: Annotated[Optional[str], typer.Option(help="models:/NAME: split requests for bare NAME between aliases, "
+                                                      "e.g. NAME=production:90,staging:10 (sticky per `user`).")] = None,
+    routes: Annotated[Optional[Path], typer.Option(help="models:/NAME: a serving YAML (routes: {NAME: {production: 90, staging: 10}}, "
+                                                        "seed: 0), re-read when it changes and on SIGHUP.")] = None,
+    route_seed: Annotated[int, typer.Option(help="Seed of the split: the same seed sends a user to the same alias on every replica.")] = 0,
+    standby: Annotated[float, typer.Option(min=0, help="models:/NAME: seconds a version stays loaded after its last alias "
+                                                       "moved away, so a rollback costs no load.")] = 60.0,
     prepare: Annotated[bool, typer.Option("--prepare", help="Only create the serving environment (what `make setup` runs), then exit.")] = False,
     tracking_uri: StoreOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -86,7 +96,7 @@ def serve(
     from pipeline.registry.fetch import fetch_triton_repository
     from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.environment import ensure_environment
-    from pipeline.serving.gateway import Served, run_gateway
+    from pipeline.serving.gateway import Served, pinned_router, run_gateway
     from pipeline.serving.http_guard import HttpGuard
     from pipeline.serving.server import ServerDied, exit_description, free_port, log_tail, run_app, start_draining, triton_server
 
@@ -101,20 +111,29 @@ def serve(
     if target is None:
         fail(console, KilnError("kiln serve needs a TARGET (models:/NAME@ALIAS, NAME/VERSION or a package folder), or --prepare"))
     served_version = served_name = None
+    following = None  # the registered model whose aliases this server follows (models:/NAME)
     try:
         if Path(target).exists():
             repository = local_repository(Path(target))
+        elif (ref := VersionRef.parse(target)).alias is None and ref.version is None:
+            registry = open_registry(tracking_uri, artifacts)
+            resolve(registry.client, ref)  # a clear error now when the model or its versions do not exist
+            splits = fleet_splits(ref.name, route, routes, route_seed)
+            following, repository = ref.name, None
         else:
             registry = open_registry(tracking_uri, artifacts)
-            mv = resolve(registry.client, VersionRef.parse(target))
+            mv = resolve(registry.client, ref)
             repository = fetch_triton_repository(registry.client, registry.tracking_uri, mv,
                                                  registry.workdir / f"{mv.name}-v{mv.version}-triton")
             console.print(f"{mv.name} version {mv.version}: Triton package sha256 verified")
             served_version, served_name = str(mv.version), mv.name  # Triton's model version = the registry version
-        refuse_gpu_engines(repository)
+        if repository is not None:
+            refuse_gpu_engines(repository)
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
+    if following is None and (route or routes):
+        fail(console, KilnError("--route and --routes split a whole registered model: serve models:/NAME (no @ALIAS or /VERSION)"))
 
     def stop(signum, frame):
         # once: a second SIGTERM (a supervisor repeating itself) must not cut the clean stop short,
@@ -126,6 +145,15 @@ def serve(
     signal.signal(signal.SIGTERM, stop)
     # never inside the package: it must stay exactly what its manifest lists
     log_file = Settings.from_env(artifacts).artifacts_root / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    if following is not None:
+        try:
+            serve_following(registry, following, splits, env, log_file, console, host=host, ports=(http_port, grpc_port, metrics_port,
+                            openai_port), max_body_bytes=max_body_bytes, interval=watch_interval, standby=standby)
+        except KeyboardInterrupt:
+            console.print("stopping Triton")
+        except KilnError as e:
+            fail(console, e)
+        return
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     try:
         # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
@@ -142,7 +170,7 @@ def serve(
             gateway, openai_url = None, None
             if openai_port:
                 served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
-                gateway = run_gateway(served, host, openai_port, max_body_bytes)
+                gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes)
                 openai_url = f"http://{host}:{openai_port}/v1"
                 console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
             print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
@@ -162,3 +190,80 @@ def serve(
     except KilnError as e:
         fail(console, e)
 
+
+
+def fleet_splits(name: str, route: str | None, routes_file: Path | None, seed: int):
+    """The split source for `kiln serve models:/NAME`: `--route` (for this model only) and the routes file."""
+    from pipeline.serving.fleet import SplitSource
+    from pipeline.serving.routing import RouteError, parse_route_option
+
+    option = None
+    if route is not None:
+        routed, option = parse_route_option(route)
+        if routed != name:
+            raise RouteError(f"--route {route!r} names {routed!r}, but this server serves {name!r}")
+    if routes_file is not None and not routes_file.is_file():
+        raise RouteError(f"--routes {routes_file}: no such file")
+    return SplitSource(name, option, routes_file, seed)
+
+
+def serve_following(registry, name: str, splits, env, log_file: Path, console, *, host: str, ports: tuple[int, int, int, int],
+                    max_body_bytes: int, interval: float, standby: float) -> None:
+    """Serve every alias of registered model `name` and follow the registry until a signal."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.serving.fleet import Fleet, FleetMetrics, TritonAdmin
+    from pipeline.serving.gateway import run_gateway
+    from pipeline.serving.http_guard import HttpGuard
+    from pipeline.serving.routing import Router
+    from pipeline.serving.server import (
+        ServerDied,
+        exit_description,
+        free_port,
+        log_tail,
+        run_app,
+        served_repository,
+        start_draining,
+        triton_server,
+    )
+
+    http_port, grpc_port, metrics_port, openai_port = ports
+    # MLflow's HTTP client retries a store that does not answer for minutes by default (7 retries,
+    # exponential backoff, 120 s timeout): a poll must fail within seconds so the outage shows
+    # (metric, warning) while the last known aliases keep serving. A user's own settings win.
+    for variable, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(variable, value)
+    metrics = CollectorRegistry()
+    router = Router(seed=splits.seed)
+    with triton_server(None, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1") as (proc, triton):
+        fleet = Fleet(registry, name, TritonAdmin(triton.http), triton.grpc, served_repository(proc), router, splits,
+                      FleetMetrics(metrics), log=console.print, interval=interval, standby=standby)
+        fleet.start()
+        signal.signal(signal.SIGHUP, lambda signum, frame: fleet.reload_routes())
+        guard = run_app(HttpGuard(triton.http, max_body_bytes), host, http_port, "--http-port", "the KServe HTTP port")
+        a = dataclasses.replace(triton, http_port=http_port, http_host=None)
+        gateway = openai_url = None
+        if openai_port:
+            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics)
+            openai_url = f"http://{host}:{openai_port}/v1"
+        routes = router.routes
+        console.print(f"Triton serving {name}, following {registry.tracking_uri} every {interval:g} s: "
+                      + ", ".join(f"{e['id']} -> version {e['kiln_version']}" for e in routes.listing() if "/" not in e["id"]))
+        console.print(f"  HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  (log {log_file})")
+        if openai_url:
+            console.print(f"OpenAI-compatible API: {openai_url} (models {name!r}, {name + '@ALIAS'!r}; /metrics beside it)")
+        print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url,
+                          "models": sorted(x.triton_model for x in fleet.loaded.values()), "aliases": routes.aliases,
+                          "version": routes.version_of(routes.default_alias()) if routes.default_alias() else None,
+                          "pid": proc.pid}), flush=True)
+        try:
+            proc.wait()
+        finally:
+            fleet.stop()
+            start_draining(proc)
+            for app in (guard, gateway):
+                if app is not None:
+                    app.stop()
+        raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
+                         f"{log_tail(log_file)}")

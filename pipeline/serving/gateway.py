@@ -8,11 +8,16 @@ checks and its limits are the Triton model's: a request it refuses comes back as
 reason, "server busy" as a 503. A client that disconnects mid-stream closes the gRPC stream, which
 cancels the request in Triton. Bodies over `max_body_bytes` get a 413 before anything reads them.
 
-Every response's `model` is the registry reference `NAME/VERSION` of what is being served.
+Which served version answers is the router's choice (routing.py): one pinned version, or every
+alias of a registered model with a canary split (fleet.py). Every response's `model` is the
+registry reference `NAME/VERSION` of the version that produced it, also in the `X-Kiln-Version`
+header (and the alias that chose it in `X-Kiln-Alias`). `/metrics` on the same port counts
+requests, tokens and time to first token per model, alias and version (Prometheus).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -24,6 +29,8 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.serving.routing import Choice, Router, Routes
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
@@ -53,7 +60,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
-    user: str | None = None  # accepted and ignored, as OpenAI's own servers log it only
+    user: str | None = None  # the caller's identity: a canary split keeps one user on one version
     presence_penalty: float = Field(0.0, ge=0, le=0)  # only the neutral value
     frequency_penalty: float = Field(0.0, ge=0, le=0)
 
@@ -110,9 +117,6 @@ class Served:
         engine = version_dir / "engine"
         return cls(grpc_url, model, f"{name}/{version}", chat_template(engine), special_tokens(engine))
 
-    def accepts(self, requested: str) -> bool:
-        return requested in (self.model_id, self.model_id.split("/")[0], self.triton_model)
-
     @functools.cached_property
     def compiled_template(self):
         """The chat template compiled once (in Jinja's sandbox), not on every request."""
@@ -152,23 +156,44 @@ def triton_inputs(prompt: str, req: Sampling) -> list:
     return inputs
 
 
-async def generate(served: Served, prompt: str, req: Sampling) -> AsyncIterator[tuple[str, dict | None]]:
-    """Text pieces from Triton, then ("", summary) with finish_reason and token counts. Leaving the
-    iteration early (a disconnected client) cancels the gRPC stream, and so the request."""
-    import tritonclient.grpc.aio as grpcaio
+class TritonClients:
+    """One asyncio gRPC client per Triton address for the app's lifetime, its streams ending on
+    their own. A client per request, closed the moment the final response arrived, is a cancellation
+    racing the request's completion in tritonserver 2.51, which then kept a stream state referencing
+    the model: an unloaded version stayed UNLOADING for ever (measured: 60 sequential requests that
+    way left it stuck; 320 over one shared client, 16 at a time, unloaded at once)."""
 
-    client = grpcaio.InferenceServerClient(served.grpc_url)
+    def __init__(self):
+        self.clients: dict[str, Any] = {}
+
+    def get(self, url: str):
+        import tritonclient.grpc.aio as grpcaio
+
+        if url not in self.clients:
+            self.clients[url] = grpcaio.InferenceServerClient(url)
+        return self.clients[url]
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()
+
+
+async def generate(client, served: Served, prompt: str, req: Sampling) -> AsyncIterator[tuple[str, dict | None]]:
+    """Text pieces from Triton, then ("", summary) with finish_reason and token counts. The stream
+    ends by itself after the final response; leaving the iteration before that (a disconnected
+    client) cancels the gRPC stream, and so the request."""
 
     async def one_request():
         yield {"model_name": served.triton_model, "inputs": triton_inputs(prompt, req)}
 
     responses = client.stream_infer(inputs_iterator=one_request())
+    ended, refused = False, None
     try:
         async for result, error in responses:
-            if error is not None:
-                message = str(error.message() if hasattr(error, "message") else error)
-                busy = "server busy" in message or "server shutting down" in message  # retry elsewhere or later
-                raise ApiError(503 if busy else 400, message, kind="server_error" if busy else "invalid_request_error")
+            if error is not None:  # a refusal is the request's final response: the stream ends after it
+                refused = str(error.message() if hasattr(error, "message") else error)
+                continue
             finish = result.as_numpy("finish_reason")
             if finish is None:
                 yield result.as_numpy("text_output")[0].decode("utf-8"), None
@@ -176,10 +201,13 @@ async def generate(served: Served, prompt: str, req: Sampling) -> AsyncIterator[
             yield result.as_numpy("text_output")[0].decode("utf-8"), {
                 "finish_reason": finish[0].decode(), "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
                 "completion_tokens": int(result.as_numpy("completion_tokens")[0])}
-            return
+        ended = True
     finally:
-        responses.cancel()
-        await client.close()
+        if not ended:
+            responses.cancel()
+    if refused is not None:
+        busy = "server busy" in refused or "server shutting down" in refused  # retry elsewhere or later
+        raise ApiError(503 if busy else 400, refused, kind="server_error" if busy else "invalid_request_error")
 
 
 def usage(summary: dict) -> dict:
@@ -187,9 +215,57 @@ def usage(summary: dict) -> dict:
             "total_tokens": summary["prompt_tokens"] + summary["completion_tokens"]}
 
 
-def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
+class GatewayMetrics:
+    """Per model, alias and version: requests by HTTP status, prompt and completion tokens, time to
+    first token, so a canary can be judged on a dashboard (Prometheus text at `/metrics`)."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Histogram
+
+        labels = ["model", "alias", "version"]
+        self.requests = Counter("kiln_gateway_requests", "OpenAI API requests answered, by HTTP status", [*labels, "status"],
+                                registry=registry)
+        self.prompt_tokens = Counter("kiln_gateway_prompt_tokens", "Prompt tokens of answered requests", labels, registry=registry)
+        self.completion_tokens = Counter("kiln_gateway_completion_tokens", "Generated tokens", labels, registry=registry)
+        self.ttft = Histogram("kiln_gateway_time_to_first_token_seconds", "From request to first text (or whole answer)",
+                              labels, registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+    def answered(self, choice: Choice, status: int) -> None:
+        self.requests.labels(choice.target.model_id.split("/")[0], choice.alias, choice.version, str(status)).inc()
+
+    def finished(self, choice: Choice, summary: dict | None) -> None:
+        if summary is not None:
+            labels = (choice.target.model_id.split("/")[0], choice.alias, choice.version)
+            self.prompt_tokens.labels(*labels).inc(summary["prompt_tokens"])
+            self.completion_tokens.labels(*labels).inc(summary["completion_tokens"])
+
+
+def pinned_router(served: Served) -> Router:
+    """A router that answers one version whatever alias it had: `kiln serve NAME@ALIAS`, `NAME/VERSION`
+    or a package folder, as served before the server followed the registry."""
+    name, version = served.model_id.split("/")
+    router = Router()
+    router.publish(Routes(name, {}, {version: served}, newest=version))
+    return router
+
+
+def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> FastAPI:
+    """`registry`: the Prometheus CollectorRegistry `/metrics` shows (the fleet adds its own metrics to it)."""
+    from fastapi.responses import Response
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    clients = TritonClients()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await clients.close()
+
     # (FastAPI reads the handlers' annotations, so Request is imported at module level)
-    app = FastAPI(title="Kiln OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app = FastAPI(title="Kiln OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.middleware("http")
     async def cap_body(request: Request, call_next):
@@ -202,7 +278,7 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def api_error(_request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    async def parse(request: Request, model: type[Sampling]) -> Sampling:
+    async def parse(request: Request, model: type[Sampling]) -> tuple[Sampling, Choice]:
         raw = await request.body()
         if len(raw) > max_body_bytes:  # chunked bodies have no content-length
             raise ApiError(413, f"request body over {max_body_bytes} bytes")
@@ -212,31 +288,48 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or None
             raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
-        if not served.accepts(parsed.model):
-            raise ApiError(404, f"model {parsed.model!r} is not served here; this server serves {served.model_id!r}",
-                           kind="not_found_error", param="model")
-        return parsed
+        try:
+            choice = router.choose(parsed.model, parsed.user or request.headers.get("authorization"))
+        except LookupError as e:
+            raise ApiError(404, str(e), kind="not_found_error", param="model") from None
+        return parsed, choice
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.model_id, "object": "model", "created": 0, "owned_by": "kiln"}]}
+        routes = router.routes
+        return {"object": "list", "data": routes.listing() if routes else []}
 
-    async def respond(req: Sampling, prompt: str, chat: bool):
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def respond(req: Sampling, choice: Choice, prompt: str, chat: bool):
+        served: Served = choice.target
+        headers = {"X-Kiln-Version": served.model_id, "X-Kiln-Alias": choice.alias}
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        started = time.perf_counter()
         obj = "chat.completion" if chat else "text_completion"
-        pieces = generate(served, prompt, req)
+        pieces = generate(clients.get(served.grpc_url), served, prompt, req)
+        labels = (served.model_id.split("/")[0], choice.alias, choice.version)
+        try:
+            # the first piece is awaited before the response starts, so a refused request is a plain 4xx/503
+            first = await anext(pieces)
+        except ApiError as e:
+            metrics.answered(choice, e.status)
+            raise
+        metrics.ttft.labels(*labels).observe(time.perf_counter() - started)
+        metrics.answered(choice, 200)
         if not req.stream:
-            text, summary = "", None
+            (text, summary) = first
             async for piece, info in pieces:
                 text, summary = text + piece, info or summary
+            metrics.finished(choice, summary)
             reason = FINISH[summary["finish_reason"]]
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
-                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
-            return {"id": ident, "object": obj, "created": created, "model": served.model_id, "choices": [choice],
-                    "usage": usage(summary)}
-        # the first piece is awaited before the response starts, so a refused request is a plain 400
-        first = await anext(pieces)
+            choice_body = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
+                           else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            return JSONResponse({"id": ident, "object": obj, "created": created, "model": served.model_id, "choices": [choice_body],
+                                 "usage": usage(summary)}, headers=headers)
 
         def event(choices: list, **extra) -> str:
             body = {"id": ident, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": served.model_id,
@@ -259,28 +352,29 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
                         yield chunk(piece, None)
             finally:  # also when the client went away: close the gRPC stream now, which cancels the request
                 await pieces.aclose()
+            metrics.finished(choice, summary)
             yield chunk(None, FINISH[summary["finish_reason"]])
             if req.stream_options and req.stream_options.include_usage:
                 yield event([], usage=usage(summary))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await parse(request, CompletionRequest)
-        return await respond(req, req.prompt, chat=False)
+        req, choice = await parse(request, CompletionRequest)
+        return await respond(req, choice, req.prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await parse(request, ChatRequest)
-        return await respond(req, served.render(req.messages), chat=True)
+        req, choice = await parse(request, ChatRequest)
+        return await respond(req, choice, choice.target.render(req.messages), chat=True)
 
     return app
 
 
-def run_gateway(served: Served, host: str, port: int, max_body_bytes: int = 1 << 20) -> Any:
+def run_gateway(router: Router, host: str, port: int, max_body_bytes: int = 1 << 20, registry=None) -> Any:
     """The gateway on uvicorn in a daemon thread (a `server.RunningApp`), returned once it listens."""
     from pipeline.serving.server import run_app
 
-    return run_app(create_app(served, max_body_bytes), host, port, "--openai-port (0: none)", "the OpenAI-compatible API")
+    return run_app(create_app(router, max_body_bytes, registry), host, port, "--openai-port (0: none)", "the OpenAI-compatible API")

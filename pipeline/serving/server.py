@@ -92,16 +92,21 @@ def log_tail(log_file: Path, lines: int = 15) -> str:
 
 
 @contextlib.contextmanager
-def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
+def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
                   ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120,
                   version: str | None = None, http_host: str | None = None) -> Iterator[tuple[subprocess.Popen, Addresses]]:
     """`version`: serve each model as this version (the registry version) instead of the package's "1".
-    `http_host`: HTTP's interface when not `host` (`kiln serve` keeps it on loopback, behind its guard)."""
+    `http_host`: HTTP's interface when not `host` (`kiln serve` keeps it on loopback, behind its guard).
+    `repository` None: an empty repository under explicit model control, which the caller fills and
+    loads through Triton's repository API (fleet.py; `served_repository(proc)` is its folder)."""
     # Triton's Python backend writes __pycache__ beside model.py whatever the environment says
     # (measured), so the server runs on a hard-linked snapshot: the repository itself stays exactly
     # what its manifest lists.
     snapshot = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "model_repository"
-    link_tree(repository, snapshot)
+    if repository is None:
+        snapshot.mkdir()
+    else:
+        link_tree(repository, snapshot)
     drain = drain_file(snapshot)
     if version is not None and version != "1":
         for model_dir in snapshot.iterdir():
@@ -114,7 +119,7 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0",
            # at SIGTERM tritonserver waits this long for in-flight requests (default 30 s); the model
            # ends its own at unload, and `kiln serve` has already closed its clients' connections
-           f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
+           f"--exit-timeout-secs={EXIT_TIMEOUT_S}"] + (["--model-control-mode=explicit"] if repository is None else [])
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env.process_env(), DRAIN_VARIABLE: str(drain)},
@@ -125,7 +130,7 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise ServerNotReady(f"tritonserver did not start (exit {proc.poll()}); log {log_file}:\n{log_tail(log_file)}")
             time.sleep(0.3)
-        if wait_ready:
+        if wait_ready and repository is not None:
             while http_status(f"{addresses.http}/v2/health/ready") != 200:
                 text = log_file.read_text(errors="replace")
                 if proc.poll() is not None or "failed to load" in text or time.monotonic() > deadline:
@@ -144,13 +149,17 @@ def triton_server(repository: Path, env: ServingEnvironment, log_file: Path, *, 
         shutil.rmtree(snapshot.parent, ignore_errors=True)
 
 
+def served_repository(proc: subprocess.Popen) -> Path:
+    """The model repository snapshot a `triton_server` process serves."""
+    return Path(next(a.split("=", 1)[1] for a in proc.args if a.startswith("--model-repository=")))
+
+
 def start_draining(proc: subprocess.Popen) -> None:
     """Tell the server's Kiln models to end their running requests now (finish_reason "cancelled")
     and refuse new ones: at SIGTERM tritonserver waits for in-flight requests (up to its exit
     timeout) before a model learns of the stop, so `kiln serve` says it first, through the file
     `$KILN_DRAIN_FILE` beside the served repository snapshot."""
-    repository = next(a.split("=", 1)[1] for a in proc.args if a.startswith("--model-repository="))
-    drain_file(Path(repository)).touch()
+    drain_file(served_repository(proc)).touch()
 
 
 def drain_file(snapshot: Path) -> Path:

@@ -41,7 +41,8 @@ def chat_prompt(tiny_run, messages) -> str:
 
 def test_models_lists_the_registered_version(served):
     client, model_id, _ = served
-    assert [m.id for m in client.models.list().data] == [model_id]
+    # a pinned version answers its name and NAME/VERSION, both resolving to the same version
+    assert [(m.id, m.root) for m in client.models.list().data] == [(MODEL, model_id), (model_id, model_id)]
 
 
 def test_chat_streams_with_usage_and_finish_reason(served, tiny_run, greedy):
