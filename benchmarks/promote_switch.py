@@ -72,7 +72,7 @@ def load_in_thread(url: str, model: str, clients: int, max_tokens: int, stop_eve
 
 def first_served(results: list[dict], version: str, after: float) -> float | None:
     """perf_counter time of the first token that `version` produced for a request started after `after`."""
-    times = [r["first"] for r in list(results) if r["first"] and r["start"] > after and r["model"].endswith(f"/{version}")]
+    times = [r["first"] for r in list(results) if r["first"] and r["start"] > after and (r["model"] or "").endswith(f"/{version}")]
     return min(times) if times else None
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--watch-interval", type=float, default=5.0)
     parser.add_argument("--standby", type=float, default=20.0)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=140)
     scratch = Path(tempfile.mkdtemp(prefix="kiln-promote-bench-"))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"KILN_ARTIFACTS": str(scratch)}
     if (ROOT / "artifacts" / "cache").is_dir():
@@ -146,10 +146,11 @@ def main() -> None:
     finally:
         stop(server)
         shutil.rmtree(scratch, ignore_errors=True)
-    failed = [r for r in results if r["error"] or not r["tokens"]]
+    # a finish reason is the end of a whole answer (some prompts get end-of-sequence first: 0 tokens, "stop")
+    failed = [r for r in results if r["error"] or r["finish"] not in ("stop", "length")]
     table = Table(title=f"{name}: {args.clients} clients streaming bare NAME, max_tokens {args.max_tokens}, watch interval "
                         f"{args.watch_interval:g} s, standby {args.standby:g} s")
-    for column in ("switch", "command (s)", "command → first token of the new version (s)", "TTFT p95 in the next 10 s (ms)"):
+    for column in ("switch", "command (s)", "its return → first token of the new version (s)", "TTFT p95 in the next 10 s (ms)"):
         table.add_column(column)
     table.add_row("before any switch", "", "", f"{p95(results, t0, rows[0][3]):.0f}")
     for what, command_s, reached, start in rows:
@@ -157,7 +158,7 @@ def main() -> None:
     console.print(table)
     console.print(f"requests: {len(results)}, failed or truncated: {len(failed)}"
                   + (f" (first: {failed[0]['error']})" if failed else "") + f"; sitting {end - t0:.0f} s")
-    console.print("".join(line for line in lines if "version" in line and ("loaded" in line or "now" in line or "unloading" in line)))
+    print("".join(line for line in lines if "version" in line and ("loaded" in line or "now" in line or "unloading" in line)))
 
 
 if __name__ == "__main__":

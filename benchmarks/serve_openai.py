@@ -58,23 +58,26 @@ QUESTIONS = ["What is a recipe?", "What does quantization cost?", "How do I prom
 async def stream_completion(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start, first, tokens, error, served = time.perf_counter(), None, 0, None, None
+    start, first, tokens, error, served, finish = time.perf_counter(), None, 0, None, None, None
     try:
         async with client.stream("POST", f"{url}/completions", json=body, timeout=300) as response:
             if response.status_code != 200:
-                return {"start": start, "first": None, "tokens": 0, "error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
+                return {"start": start, "first": None, "tokens": 0, "error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}",
+                        "finish": None, "model": None}
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
                 served = event.get("model", served)
+                finish = next((c["finish_reason"] for c in event.get("choices", []) if c.get("finish_reason")), finish)
                 if event.get("choices") and first is None:  # the first token's event (its text may be empty)
                     first = time.perf_counter()
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
     except Exception as e:  # counted, never fatal: the table shows errors
         error = repr(e)
-    return {"start": start, "first": first, "tokens": tokens, "error": error, "end": time.perf_counter(), "model": served}
+    return {"start": start, "first": first, "tokens": tokens, "error": error, "end": time.perf_counter(), "model": served,
+            "finish": finish}
 
 
 async def closed_loops(url: str, model: str, clients: int, seconds: float, max_tokens: int, prompts: list[str]) -> tuple[list[dict], float]:

@@ -323,7 +323,10 @@ def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     Example: kiln ui --port 5000
     """
     console = make_console()
-    settings, uri, _ = open_store(tracking_uri, artifacts)
+    try:
+        settings, uri, _ = open_store(tracking_uri, artifacts)
+    except KilnError as e:  # a copied store (StoreMoved): one line and its exit code, as `kiln run` and `promote` give
+        fail(console, e)
     if uri.startswith(("http://", "https://")):
         console.print(f"The store is a tracking server: its UI is {uri}")
         return

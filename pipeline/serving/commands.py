@@ -98,7 +98,8 @@ def serve(
     from pipeline.serving.environment import ensure_environment
     from pipeline.serving.gateway import Served, pinned_router, run_gateway
     from pipeline.serving.http_guard import HttpGuard
-    from pipeline.serving.server import ServerDied, exit_description, free_port, log_tail, run_app, start_draining, triton_server
+    from pipeline.serving.routing import RouteError
+    from pipeline.serving.server import free_port, run_app, serve_until_stopped, triton_server
 
     console = make_console()
     if prepare:
@@ -113,6 +114,8 @@ def serve(
     served_version = served_name = None
     following = None  # the registered model whose aliases this server follows (models:/NAME)
     try:
+        if (route or routes) and (Path(target).exists() or VersionRef.parse(target).alias or VersionRef.parse(target).version):
+            raise RouteError("--route and --routes split a whole registered model: serve models:/NAME (no @ALIAS or /VERSION)")
         if Path(target).exists():
             repository = local_repository(Path(target))
         elif (ref := VersionRef.parse(target)).alias is None and ref.version is None:
@@ -132,8 +135,6 @@ def serve(
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
-    if following is None and (route or routes):
-        fail(console, KilnError("--route and --routes split a whole registered model: serve models:/NAME (no @ALIAS or /VERSION)"))
 
     def stop(signum, frame):
         # once: a second SIGTERM (a supervisor repeating itself) must not cut the clean stop short,
@@ -175,16 +176,7 @@ def serve(
                 console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
             print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
                               "version": version, "pid": proc.pid}), flush=True)
-            try:
-                proc.wait()
-            finally:  # running requests end first, then the guard's connections to tritonserver close, then it stops
-                start_draining(proc)
-                for app in (guard, gateway):
-                    if app is not None:
-                        app.stop()
-            # only a signal to kiln serve stops the server on purpose; anything else is a death
-            raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
-                             f"{log_tail(log_file)}")
+            serve_until_stopped(proc, log_file, [guard, gateway])
     except KeyboardInterrupt:
         console.print("stopping Triton")
     except KilnError as e:
@@ -216,16 +208,7 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
     from pipeline.serving.gateway import run_gateway
     from pipeline.serving.http_guard import HttpGuard
     from pipeline.serving.routing import Router
-    from pipeline.serving.server import (
-        ServerDied,
-        exit_description,
-        free_port,
-        log_tail,
-        run_app,
-        served_repository,
-        start_draining,
-        triton_server,
-    )
+    from pipeline.serving.server import free_port, run_app, serve_until_stopped, served_repository, triton_server
 
     http_port, grpc_port, metrics_port, openai_port = ports
     # MLflow's HTTP client retries a store that does not answer for minutes by default (7 retries,
@@ -238,10 +221,12 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
     router = Router(seed=splits.seed)
     with triton_server(None, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1") as (proc, triton):
         fleet = Fleet(registry, name, TritonAdmin(triton.http), triton.grpc, served_repository(proc), router, splits,
-                      FleetMetrics(metrics), log=console.print, interval=interval, standby=standby)
+                      FleetMetrics(metrics), log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"),
+                      interval=interval, standby=standby)
         fleet.start()
         signal.signal(signal.SIGHUP, lambda signum, frame: fleet.reload_routes())
-        guard = run_app(HttpGuard(triton.http, max_body_bytes), host, http_port, "--http-port", "the KServe HTTP port")
+        guard = run_app(HttpGuard(triton.http, max_body_bytes, router.triton_model), host, http_port, "--http-port",
+                        "the KServe HTTP port")
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         gateway = openai_url = None
         if openai_port:
@@ -257,13 +242,4 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
                           "models": sorted(x.triton_model for x in fleet.loaded.values()), "aliases": routes.aliases,
                           "version": routes.version_of(routes.default_alias()) if routes.default_alias() else None,
                           "pid": proc.pid}), flush=True)
-        try:
-            proc.wait()
-        finally:
-            fleet.stop()
-            start_draining(proc)
-            for app in (guard, gateway):
-                if app is not None:
-                    app.stop()
-        raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n"
-                         f"{log_tail(log_file)}")
+        serve_until_stopped(proc, log_file, [guard, gateway], first=fleet.stop)

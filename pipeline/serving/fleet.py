@@ -230,6 +230,7 @@ class Fleet:
         [package_model] = [p for p in repository.iterdir() if (p / "config.pbtxt").is_file()]
         model = self.triton_model(version)
         folder = self.snapshot / model
+        self.unloading.pop(model, None)  # loaded again before an unload finished: the folder is this load's now
         shutil.rmtree(folder, ignore_errors=True)
         link_tree(package_model, folder)
         # the package's config names its own model; this copy is a new file, the package stays as verified

@@ -19,6 +19,9 @@ tritonserver's HTTP listens on loopback only, and this guard, on the published p
     -1294967296); here they are 400s naming the field;
   - passes everything else through unchanged (health, metadata, infer, generate, the
     `generate_stream` event stream), streamed both ways; 503 when tritonserver does not answer;
+  - given `model_names` (`kiln serve models:/NAME`, which serves each registry version as the
+    Triton model NAME-vVERSION), rewrites `/v2/models/NAME…` and `/v2/models/NAME@ALIAS…` to the
+    version the alias points to now, so KServe clients follow promotions as OpenAI clients do;
   - closes its connection to tritonserver when the client disconnects mid-stream, which Triton
     takes as the request's cancellation (without that, the row decoded on for a client long gone).
 
@@ -42,6 +45,7 @@ REQUEST_DROP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trai
                 b"host", b"content-length"}
 RESPONSE_DROP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 GENERATE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/generate(?:_stream)?")
+MODEL_PATH = re.compile(r"/v2/models/([^/]+)(/.*)?")
 
 
 def integer_range(datatype: str) -> tuple[int, int]:
@@ -87,8 +91,10 @@ def generate_body_problem(body: bytes, inputs: dict[str, str]) -> str | None:
 class HttpGuard:
     """An ASGI app forwarding to tritonserver's HTTP address `upstream` (http://127.0.0.1:PORT)."""
 
-    def __init__(self, upstream: str, max_body_bytes: int = 1 << 20):
-        self.upstream, self.max_body_bytes = upstream.rstrip("/"), max_body_bytes
+    def __init__(self, upstream: str, max_body_bytes: int = 1 << 20, model_names=None):
+        """`model_names`: a function from a model name in a request's path to the Triton model that
+        serves it now (None: the name as it is)."""
+        self.upstream, self.max_body_bytes, self.model_names = upstream.rstrip("/"), max_body_bytes, model_names
         self.client: httpx.AsyncClient | None = None  # made in the server's event loop, on first use
         self.inputs: dict[tuple[str, str | None], dict[str, str]] = {}
 
@@ -118,14 +124,17 @@ class HttpGuard:
             return await self.error(send, self.too_big(size))
         forwarded = [(k, b"application/json" if k.lower() == b"content-type" and v.split(b";")[0].strip().lower() == FORM else v)
                      for k, v in scope["headers"] if k.lower() not in REQUEST_DROP]
-        url = self.upstream + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        path, raw_path = scope["path"], scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        if self.model_names is not None and (named := MODEL_PATH.fullmatch(path)) and (model := self.model_names(named[1])):
+            path = raw_path = f"/v2/models/{model}{named[2] or ''}"
+        url = self.upstream + raw_path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         if self.client is None:
             # no read timeout: a stream lasts as long as its generation; connections as many as clients
             self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=None))
         try:
-            if scope["method"] == "POST" and (route := GENERATE.fullmatch(scope["path"])):
+            if scope["method"] == "POST" and (route := GENERATE.fullmatch(path)):
                 inputs = await self.model_inputs(route[1], route[2])
                 if inputs is not None and (problem := generate_body_problem(bytes(body), inputs)) is not None:
                     return await self.error(send, problem)

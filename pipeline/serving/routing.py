@@ -206,6 +206,14 @@ class Router:
             raise LookupError(f"{name} has no alias @{alias} served here (served: {served_names(routes)})")
         return Choice(routes.targets[version], alias, version)
 
+    def triton_model(self, requested: str) -> str | None:
+        """The Triton model serving `requested` (NAME, NAME@ALIAS, NAME/VERSION) now; None for any
+        other name (a Triton model's own name passes through unchanged)."""
+        try:
+            return self.choose(requested).target.triton_model
+        except LookupError:
+            return None
+
     def _draw(self) -> int:
         with self._lock:
             return self._rng.randrange(_BUCKETS)

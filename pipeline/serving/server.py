@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pipeline.artifacts import link_tree
 from pipeline.errors import KilnError
@@ -147,6 +147,23 @@ def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Pa
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(snapshot.parent, ignore_errors=True)
+
+
+def serve_until_stopped(proc: subprocess.Popen, log_file: Path, apps: list, first: Callable[[], None] | None = None) -> None:
+    """Wait while tritonserver serves. When `kiln serve` is stopped (a signal raised into the wait),
+    `first` runs, the running requests end, then the apps in front (`RunningApp`s; their
+    connections to tritonserver close), and the exception goes on; when tritonserver stops by
+    itself, that is a death: ServerDied with the log's last lines."""
+    try:
+        proc.wait()
+    finally:
+        if first is not None:
+            first()
+        start_draining(proc)
+        for app in apps:
+            if app is not None:
+                app.stop()
+    raise ServerDied(f"tritonserver stopped serving ({exit_description(proc.returncode)}); last lines of {log_file}:\n{log_tail(log_file)}")
 
 
 def served_repository(proc: subprocess.Popen) -> Path:

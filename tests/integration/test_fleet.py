@@ -151,10 +151,12 @@ def test_every_alias_is_answered_with_its_own_version(fleet):
     status, body, _ = complete(info, f"{MODEL}/3")  # registered, but no alias points to it
     assert status == 404 and "not served" in body["error"]["message"]
     assert triton_states(info) == {f"{MODEL}-v1": "READY", f"{MODEL}-v2": "READY"}
-    # Triton's own answer names the registry version too
-    with urllib.request.urlopen(urllib.request.Request(f"{info['http']}/v2/models/{MODEL}-v2/generate", method="POST",
-                                                       data=json.dumps({"text_input": "Hi", "max_tokens": 1}).encode()), timeout=30) as r:
-        assert json.loads(r.read())["model_version"] == "2"
+    # Triton's own answer names the registry version too; its HTTP port follows the aliases as well
+    for path, version in ((f"{MODEL}-v2", "2"), (f"{MODEL}@staging", "2"), (MODEL, "1")):
+        req = urllib.request.Request(f"{info['http']}/v2/models/{path}/generate", method="POST",
+                                     data=json.dumps({"text_input": "Hi", "max_tokens": 1}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["model_version"] == version, path
 
 
 def test_a_canary_split_is_sticky_and_changes_without_a_restart(fleet):

@@ -108,3 +108,24 @@ def test_a_server_refusal_names_the_identity_and_anything_else_passes_through(mo
     assert denied is not None and denied.exit_code == 11 and "did not allow this change for user 'reader'" in str(denied)
     assert access_denied(MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)) is None
     assert access_denied(ValueError("bug")) is None
+
+
+def test_kiln_ui_on_a_copied_store_is_refused_in_one_line(tmp_path):
+    """`kiln ui` on a copied embedded store: the one-line StoreMoved refusal with exit 6 that
+    `kiln run` and `kiln promote` give, not a traceback."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import run_kiln
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    copy.mkdir()
+    uri = f"sqlite:///{original / 'mlflow.db'}"
+    MlflowClient(uri, uri).create_experiment("kiln", artifact_location=(original / "mlruns").as_uri())
+    shutil.copy(original / "mlflow.db", copy / "mlflow.db")
+    proc = run_kiln("ui", "--port", "1", artifacts=copy)
+    output = " ".join((proc.stdout + proc.stderr).split())  # as Rich wrapped it, unwrapped
+    assert proc.returncode == 6, output
+    assert "was copied or moved" in output and "Traceback" not in output
