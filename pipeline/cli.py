@@ -242,6 +242,9 @@ def print_summary(console: Console, s: dict) -> None:
     verdict = "[green]passed[/green]" if s["validation_passed"] else "[yellow]missed (warn)[/yellow]"
     console.print(f"Gates {verdict}. MLflow: [bold]{r['model_name']}[/bold] version [bold]{r['version']}[/bold] "
                   f"(run {r['run_id']}, store {r['tracking_uri']})")
+    if s["validation_passed"]:  # what a user does next with a version that passed its gates
+        console.print(f"Next: kiln promote {r['model_name']} {r['version']} --to staging   ·   kiln ui   ·   "
+                      f"kiln serve models:/{r['model_name']}")
 
 
 app.add_typer(registry_commands.models_app, name="models")

@@ -45,8 +45,9 @@ def repo_stays_clean():
 def tiny_run(tmp_path_factory) -> dict:
     """One full run of the tiny recipe: returns the run summary (stages, metrics, registration)."""
     artifacts = tmp_path_factory.mktemp("tiny_artifacts")
-    run_kiln("run", str(TINY_RECIPE), artifacts=artifacts, check=True)
+    proc = run_kiln("run", str(TINY_RECIPE), artifacts=artifacts, check=True)
     summary = json.loads((artifacts / "last_run.json").read_text())
+    summary["output"] = proc.stdout + proc.stderr  # everything `kiln run` printed
     summary["artifacts"] = artifacts
     summary["paths"] = {s["stage"]: Path(s["path"]) for s in summary["stages"]}
     return summary

@@ -61,7 +61,6 @@ def open_store(tracking_uri: str | None, artifacts: Path | None):
     from pipeline.registry.store import client_for
     from pipeline.settings import Settings
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     settings = Settings.from_env(artifacts)
     uri = settings.tracking_uri(tracking_uri)
     return settings, uri, client_for(uri)

@@ -12,7 +12,9 @@ whose artifacts are the engine (with its sha256 manifest and tokenizer) and the 
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -91,12 +93,27 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
     artifacts = {"engine": str(scratch / "engine")}
     if package is not None:
         artifacts["triton"] = str(package_without_engine(package, scratch / "triton"))
-    mlflow.pyfunc.save_model(
-        str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
-        code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
-        signature=signature(settings["limits"]),
-        input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
-        pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],
-        metadata=metadata_tags,
-    )
+    # MLflow's own chatter while it saves and checks the model is not something a Kiln user acts
+    # on: a hint to add type hints to `predict` (Kiln declares an explicit signature instead), an
+    # INFO line about validating the input example, and its artifact progress bars
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.WARNING)
+    try:
+        # recorded, not filtered: MLflow's own catch_warnings("once") inside save_model outranks a filter
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mlflow.pyfunc.save_model(
+                str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
+                code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
+                signature=signature(settings["limits"]),
+                input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
+                pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],
+                metadata=metadata_tags,
+            )
+    finally:
+        pyfunc_log.setLevel(level)
+    for w in caught:
+        if "Add type hints to the `predict` method" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return dest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +41,8 @@ def client_for(tracking_uri: str):
     # "Creating initial MLflow database tables..." / "Updating database tables" at INFO on a new
     # store: MLflow's bookkeeping, not something a Kiln user acts on
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # tqdm bars while MLflow copies artifacts (registering, fetching): Kiln prints its own progress
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if tracking_uri.startswith(SQLITE_PREFIX):
         check_not_moved(client, Path(tracking_uri[len(SQLITE_PREFIX):]))
@@ -65,16 +68,24 @@ def check_not_moved(client, db: Path) -> None:
                              "(the cache of built stages can be copied on its own, without mlflow.db and mlruns/)")
 
 
+# MLflow 3's UI shows an experiment as a GenAI one (traces dashboard, "Evaluation run") unless this
+# tag says otherwise; Kiln's runs build and register models, which the UI calls "model training".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # created concurrently by another run
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            exp = client.get_experiment(client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND))
+        except MlflowException:  # created concurrently by another run
+            exp = client.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:  # an experiment made by an earlier Kiln, or by hand
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def ensure_registered_model(client, name: str) -> None:

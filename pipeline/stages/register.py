@@ -181,8 +181,9 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
             ensure_registered_model(client, cfg.model_name)
             version = client.create_model_version(
                 cfg.model_name, source=f"{mlrun.info.artifact_uri}/{MODEL_PATH}", run_id=run_id, tags={**lineage, KEY_TAG: ctx.key},
-                description=version_description(recipe_doc["name"], lineage, metrics),
+                description=version_description(recipe_doc["name"], lineage, metrics, exp_id, run_id),
             )
+            describe_registered_model(client, cfg.model_name, str(version.version), source.meta, lineage, metrics)
             ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")
             record = {"model_name": cfg.model_name, "version": str(version.version), "run_id": run_id,
                       "experiment_id": exp_id, "tracking_uri": tracking_uri}
@@ -192,20 +193,42 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
     return run
 
 
-def version_description(recipe_name: str, lineage: dict[str, str], metrics: dict[str, float]) -> str:
+def version_description(recipe_name: str, lineage: dict[str, str], metrics: dict[str, float], experiment_id: str, run_id: str) -> str:
     """The version page's description, which MLflow shows first: key metrics and lineage in a few
-    lines (every tag and metric stays on the version and its run)."""
-    cols = [row for row in COLUMNS if row.key in metrics]
+    lines (every tag and metric stays on the version and its run), and links into the MLflow UI.
+    A list, not a table: MLflow's UI renders description tables without cell padding (headers ran
+    together). The links are the UI's own routes, relative to the page, so they work on any host."""
+    rows = [row for row in COLUMNS if row.key in metrics]
     verdict = "passed" if lineage["kiln.validation_passed"] == "true" else "missed its gates"
+    run = f"#/experiments/{experiment_id}/runs/{run_id}"
     return "\n".join([
         f"**{recipe_name}**: {lineage['kiln.quant_method']} on {lineage['kiln.target']}; validation {verdict}.", "",
-        "| " + " | ".join(row.label for row in cols) + " |",
-        "|" + "---|" * len(cols),
-        "| " + " | ".join(row.format(metrics[row.key]) + (f" {row.unit}" if row.unit else "") for row in cols) + " |", "",
+        *(f"- {row.label}: **{row.format(metrics[row.key])}{' ' + row.unit if row.unit else ''}**" for row in rows), "",
         f"Lineage: recipe `{lineage['kiln.recipe_sha256'][:12]}`, source `{lineage['kiln.source_sha256'][:12]}`, "
-        f"engine `{lineage['kiln.engine_sha256'][:12]}`, commit `{lineage['kiln.git_commit'][:12]}`, on {lineage['kiln.hardware']}.",
-        "Promotions and rollbacks: the run's `audit/` artifacts. Report: the run's `validation/report.html`.",
+        f"engine `{lineage['kiln.engine_sha256'][:12]}`, commit `{lineage['kiln.git_commit'][:12]}`, on {lineage['kiln.hardware']}.", "",
+        f"[Validation report]({run}/artifactPath/validation/report.html) · [the run]({run}) · promotions and rollbacks, once "
+        f"there are any: [the run's audit records]({run}/artifactPath/audit)",
     ])
+
+
+def describe_registered_model(client, name: str, version: str, source_meta: dict, lineage: dict[str, str],
+                              metrics: dict[str, float]) -> None:
+    """The registered model's description and tags, as MLflow's models list shows them: what it is
+    (family, method, target) and its newest version's key metrics, so the list can be scanned
+    without opening each model. Versions keep their own tags; these follow the newest one."""
+    rows = [row for row in COLUMNS if row.key in metrics]
+    tags = {"kiln.family": str(source_meta.get("model_type")), "kiln.architecture": str(source_meta.get("architecture")),
+            "kiln.quant_method": lineage["kiln.quant_method"], "kiln.target": lineage["kiln.target"], "kiln.newest_version": version,
+            **{f"kiln.newest.{row.key}": row.format(metrics[row.key]) + (f" {row.unit}" if row.unit else "") for row in rows}}
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
+    client.update_registered_model(name, description="\n".join([
+        f"Built by Kiln: {source_meta.get('architecture')} ({source_meta.get('model_type')}), {lineage['kiln.quant_method']} "
+        f"on {lineage['kiln.target']}. Newest version: {version}.", "",
+        *(f"- {row.label}: **{tags[f'kiln.newest.{row.key}']}**" for row in rows), "",
+        f"Promote it: `kiln promote {name} {version} --to staging`; compare two: `kiln models diff {name}@production "
+        f"{name}@staging`; serve every alias: `kiln serve models:/{name}`.",
+    ]))
 
 
 KEY_TAG = "kiln.register_key"

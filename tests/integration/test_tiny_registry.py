@@ -26,6 +26,18 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
         assert mv.tags.get(tag), tag
     assert mv.tags["kiln.target"] == "onnxruntime-cpu" and mv.tags["kiln.validation_passed"] == "true"
     run = c.get_run(mv.run_id)
+    # the description: metrics as a list (MLflow's UI renders description tables without padding),
+    # links to the report and the run by the UI's own routes
+    run_route = f"#/experiments/{run.info.experiment_id}/runs/{mv.run_id}"
+    assert f"({run_route}/artifactPath/validation/report.html)" in mv.description and "|---" not in mv.description
+    assert sum(line.startswith("- ") for line in mv.description.splitlines()) >= 3  # one line per key metric
+    # the registered model says what it is and how its newest version scores, for the models list
+    model = c.get_registered_model(reg["model_name"])
+    assert model.tags["kiln.family"] == "llama" and model.tags["kiln.newest_version"] == str(reg["version"])
+    assert model.tags["kiln.quant_method"] == "rtn" and any(k.startswith("kiln.newest.") for k in model.tags)
+    assert f"kiln promote {reg['model_name']} {reg['version']} --to staging" in model.description
+    # MLflow 3's UI shows the experiment as model development, not as a GenAI app's traces
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["quantize.group_size"] == "32"
     # only what this RTN run used: no GPTQ/AWQ settings, no unset values
     assert not [k for k in run.data.params if k.startswith(("quantize.gptq.", "quantize.awq."))]
@@ -42,6 +54,15 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
     engine_files = {a.path for a in c.list_artifacts(mv.run_id, "model/artifacts/engine")}
     assert {"model/artifacts/engine/engine.onnx", "model/artifacts/engine/manifest.json",
             "model/artifacts/engine/tokenizer.json"} <= engine_files
+
+
+def test_registering_prints_no_library_chatter(tiny_run):
+    """MLflow's type-hint UserWarning, its INFO line and its artifact progress bars stay out of
+    `kiln run`'s output."""
+    output = tiny_run["output"]
+    assert "registered tiny-llama-int4 version" in output or "MLflow: tiny-llama-int4 version" in output
+    for chatter in ("Warning", "INFO mlflow", "Downloading artifacts", "Uploading artifacts", "it/s]"):
+        assert chatter not in output, chatter
 
 
 def test_the_store_keeps_the_engine_once_and_the_package_comes_back_whole(tiny_run, tmp_path):
