@@ -314,6 +314,21 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
     return False
 
 
+def entry_url(url: str, tracking_uri: str) -> str:
+    """Where `kiln ui` sends a user: the runs of the newest experiment Kiln wrote, in MLflow 3's
+    "model training" mode (its sidebar has the model registry; the default GenAI mode has neither,
+    and the UI keeps the mode per browser, so a link is the only way a server can choose it)."""
+    from pipeline.registry.store import EXPERIMENT_KIND, client_for
+
+    [(key, value)] = EXPERIMENT_KIND.items()
+    try:
+        experiments = client_for(tracking_uri).search_experiments(filter_string=f"tags.`{key}` = '{value}'",
+                                                                  order_by=["last_update_time DESC"], max_results=1)
+    except Exception:  # noqa: BLE001 (the plain address still works)
+        return url
+    return f"{url}/#/experiments/{experiments[0].experiment_id}/runs?workflowType=machine_learning" if experiments else url
+
+
 def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
        host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the store private to this machine.")] = "127.0.0.1",
        tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
@@ -347,7 +362,7 @@ def ui(port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
             tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-15:])
             console.print(f"[bold red]error[/bold red]: the MLflow UI did not start; the end of its log ({log_file}):\n{tail}")
             raise typer.Exit(proc.poll() or 1)
-        print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it; server log {log_file})", flush=True)
+        print(f"MLflow UI: {entry_url(url, uri)}  (store {uri}; Ctrl-C stops it; server log {log_file})", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         pass

@@ -145,7 +145,14 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 # a checkpoint's own modelling code is never run; say what was ignored, if anything
                 **({"kiln.remote_code_ignored": "; ".join(ignored)} if ignored else {}),
             }
-            mlrun = client.create_run(exp_id, run_name=recipe_doc["name"], tags=lineage)
+            # MLflow's own tags for the run page's Source and Description (the run itself only
+            # registers: its Duration is the registration, the stages' times are stage_seconds.*)
+            ui_tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"kiln run ({recipe_doc['name']})",
+                       **({"mlflow.source.git.commit": lineage["kiln.git_commit"]} if lineage["kiln.git_commit"] != "unknown" else {}),
+                       "mlflow.note.content": f"Kiln's build of recipe **{recipe_doc['name']}** ({lineage['kiln.quant_method']} on "
+                                              f"{lineage['kiln.target']}), registered as a version of `{cfg.model_name}`. This run "
+                                              "only registers: each stage's own time is in the `stage_seconds.*` metrics."}
+            mlrun = client.create_run(exp_id, run_name=recipe_doc["name"], tags={**lineage, **ui_tags})
             run_id = mlrun.info.run_id
             try:
                 now = int(time.time() * 1000)
@@ -201,13 +208,14 @@ def version_description(recipe_name: str, lineage: dict[str, str], metrics: dict
     rows = [row for row in COLUMNS if row.key in metrics]
     verdict = "passed" if lineage["kiln.validation_passed"] == "true" else "missed its gates"
     run = f"#/experiments/{experiment_id}/runs/{run_id}"
+    mode = "?workflowType=machine_learning"  # MLflow 3's "model training" pages (its default is the GenAI ones)
     return "\n".join([
         f"**{recipe_name}**: {lineage['kiln.quant_method']} on {lineage['kiln.target']}; validation {verdict}.", "",
         *(f"- {row.label}: **{row.format(metrics[row.key])}{' ' + row.unit if row.unit else ''}**" for row in rows), "",
         f"Lineage: recipe `{lineage['kiln.recipe_sha256'][:12]}`, source `{lineage['kiln.source_sha256'][:12]}`, "
         f"engine `{lineage['kiln.engine_sha256'][:12]}`, commit `{lineage['kiln.git_commit'][:12]}`, on {lineage['kiln.hardware']}.", "",
-        f"[Validation report]({run}/artifactPath/validation/report.html) · [the run]({run}) · promotions and rollbacks, once "
-        f"there are any: [the run's audit records]({run}/artifactPath/audit)",
+        f"[Validation report]({run}/artifactPath/validation/report.html{mode}) · [the run]({run}{mode}) · promotions and rollbacks, "
+        f"once there are any: [the run's audit records]({run}/artifactPath/audit{mode})",
     ])
 
 
@@ -217,9 +225,14 @@ def describe_registered_model(client, name: str, version: str, source_meta: dict
     (family, method, target) and its newest version's key metrics, so the list can be scanned
     without opening each model. Versions keep their own tags; these follow the newest one."""
     rows = [row for row in COLUMNS if row.key in metrics]
-    tags = {"kiln.family": str(source_meta.get("model_type")), "kiln.architecture": str(source_meta.get("architecture")),
+    shown = {row.key: row.format(metrics[row.key]) + (f" {row.unit}" if row.unit else "") for row in rows}
+    # the models list shows a model's first three tags (in the order they were first set): a one-line
+    # summary of the newest version first, then the family
+    tags = {"kiln.newest": f"v{version} · {lineage['kiln.quant_method']} on {lineage['kiln.target']} · "
+                           + " · ".join(f"{row.column or row.label} {shown[row.key]}" for row in rows[:3]),
+            "kiln.family": str(source_meta.get("model_type")), "kiln.architecture": str(source_meta.get("architecture")),
             "kiln.quant_method": lineage["kiln.quant_method"], "kiln.target": lineage["kiln.target"], "kiln.newest_version": version,
-            **{f"kiln.newest.{row.key}": row.format(metrics[row.key]) + (f" {row.unit}" if row.unit else "") for row in rows}}
+            **{f"kiln.newest.{row.key}": shown[row.key] for row in rows}}
     for key, value in tags.items():
         client.set_registered_model_tag(name, key, value)
     client.update_registered_model(name, description="\n".join([

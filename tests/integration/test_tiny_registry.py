@@ -29,13 +29,16 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
     # the description: metrics as a list (MLflow's UI renders description tables without padding),
     # links to the report and the run by the UI's own routes
     run_route = f"#/experiments/{run.info.experiment_id}/runs/{mv.run_id}"
-    assert f"({run_route}/artifactPath/validation/report.html)" in mv.description and "|---" not in mv.description
+    assert f"({run_route}/artifactPath/validation/report.html?workflowType=machine_learning)" in mv.description
+    assert "|---" not in mv.description
     assert sum(line.startswith("- ") for line in mv.description.splitlines()) >= 3  # one line per key metric
     # the registered model says what it is and how its newest version scores, for the models list
     model = c.get_registered_model(reg["model_name"])
     assert model.tags["kiln.family"] == "llama" and model.tags["kiln.newest_version"] == str(reg["version"])
     assert model.tags["kiln.quant_method"] == "rtn" and any(k.startswith("kiln.newest.") for k in model.tags)
     assert f"kiln promote {reg['model_name']} {reg['version']} --to staging" in model.description
+    # the run page's Source and Description
+    assert run.data.tags["mlflow.source.name"] == "kiln run (tiny-llama-int4-cpu)" and "stage_seconds" in run.data.tags["mlflow.note.content"]
     # MLflow 3's UI shows the experiment as model development, not as a GenAI app's traces
     assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["quantize.group_size"] == "32"
