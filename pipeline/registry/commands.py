@@ -37,21 +37,21 @@ StoreOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow 
 ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts", help="Artifacts root (default: $KILN_ARTIFACTS or ./artifacts).")]
 
 
-def server_refusals_reported(command):
-    """A tracking server's refusal (no login, no permission), raised anywhere in `command`, ends it
-    with one line naming the identity and exit 11, not a traceback."""
+def store_failures_reported(command):
+    """A tracking server's refusal (no login, no permission: exit 11, naming the identity) or a store
+    that does not answer (exit 8), raised anywhere in `command`, ends it with one line, not a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from pipeline.registry.store import access_denied
+        from pipeline.registry.store import access_denied, unreachable
 
         try:
             return command(*args, **kwargs)
         except Exception as e:
-            refusal = access_denied(e)
-            if refusal is None:
+            failure = access_denied(e) or unreachable(e)
+            if failure is None:
                 raise
-            fail(make_console(), refusal)
+            fail(make_console(), failure)
 
     return wrapper
 
@@ -84,7 +84,7 @@ def version_row(r: dict) -> list[str]:
 
 
 @models_app.command("list")
-@server_refusals_reported
+@store_failures_reported
 def list_models(tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
     """Registered models with their newest version and aliases.
 
@@ -104,7 +104,7 @@ def list_models(tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -
 
 
 @models_app.command("show")
-@server_refusals_reported
+@store_failures_reported
 def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS")],
          tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
     """All versions of a model, or one version in full (metrics, lineage tags, audit log).
@@ -156,7 +156,7 @@ def show(ref: Annotated[str, typer.Argument(help="NAME (all versions), NAME/VERS
 
 
 @models_app.command("pull")
-@server_refusals_reported
+@store_failures_reported
 def pull(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS (a bare NAME: its newest version, said)")],
          dest: Annotated[Optional[Path], typer.Option(help="Folder (default: artifacts/registry/NAME-vVERSION)")] = None,
          tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
@@ -187,7 +187,7 @@ def pull(ref: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or mo
 
 
 @models_app.command("diff")
-@server_refusals_reported
+@store_failures_reported
 def diff(a: Annotated[str, typer.Argument(help="First version: NAME/VERSION, NAME@ALIAS or models:/NAME@ALIAS")],
          b: Annotated[str, typer.Argument(help="Second version (compared against the first)")],
          as_json: Annotated[bool, typer.Option("--json", help="Print the differences as one JSON object.")] = False,
@@ -247,7 +247,7 @@ def comparison_table(decision) -> Table:
     return table
 
 
-@server_refusals_reported
+@store_failures_reported
 def promote(
     name: Annotated[str, typer.Argument(help="Registered model name (or NAME/VERSION, NAME@ALIAS).")],
     version: Annotated[Optional[str], typer.Argument(help="Version number.")] = None,
@@ -286,7 +286,7 @@ def promote(
                   f"audit record on version {decision.version} by {registry.actor}")
 
 
-@server_refusals_reported
+@store_failures_reported
 def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")],
              tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
     """Move the production alias back to the previous production version (recorded on both).

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import KilnError, StoreAccessDenied
+from pipeline.errors import KilnError, RegistryError, StoreAccessDenied
 from pipeline.locking import file_lock
 
 SQLITE_PREFIX = "sqlite:///"
@@ -96,6 +96,20 @@ def ensure_registered_model(client, name: str) -> None:
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
+
+
+def unreachable(error: BaseException) -> RegistryError | None:
+    """A store that does not answer (refused connection, unknown host, timeout) as a Kiln error, or
+    None for anything else. MLflow's REST client raises MlflowException wrapping requests' error."""
+    import requests
+
+    text = str(error)
+    if isinstance(error, requests.exceptions.ConnectionError) or (
+            type(error).__name__ == "MlflowException" and ("Max retries exceeded" in text or "Failed to establish" in text)):
+        where = text.split(" with url:")[0].removeprefix("API request to ")[:200]
+        return RegistryError(f"the MLflow store does not answer ({where}): is the server running, and is MLFLOW_TRACKING_URI "
+                             "(or --tracking-uri) its address?")
+    return None
 
 
 def access_denied(error: BaseException) -> StoreAccessDenied | None:

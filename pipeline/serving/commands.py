@@ -21,7 +21,7 @@ import typer
 from pipeline.artifacts import verify
 from pipeline.console import fail, make_console
 from pipeline.errors import IntegrityError, KilnError
-from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry
+from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry, store_failures_reported
 from pipeline.settings import Settings
 
 
@@ -64,6 +64,7 @@ def refuse_gpu_engines(repository: Path) -> None:
                 "(deploy/Dockerfile, docs/deploy.md)")
 
 
+@store_failures_reported
 def serve(
     target: Annotated[Optional[str], typer.Argument(help="models:/NAME@ALIAS, NAME/VERSION, or a local package / model repository folder")] = None,
     host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",

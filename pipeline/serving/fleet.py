@@ -61,6 +61,8 @@ class TritonAdmin:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
+        except OSError as e:  # not answering (dead, or hung past the timeout)
+            raise LoadFailed(f"tritonserver did not answer {path}: {e}") from None
 
     def load(self, model: str) -> None:
         status, body = self.call(f"/v2/repository/models/{model}/load")
@@ -69,15 +71,25 @@ class TritonAdmin:
 
     def unload(self, model: str) -> None:
         """Returns at once; Triton unloads the model when its in-flight requests have finished."""
-        self.call(f"/v2/repository/models/{model}/unload", timeout=30)
+        try:
+            self.call(f"/v2/repository/models/{model}/unload", timeout=30)
+        except LoadFailed:
+            pass  # tritonserver is not answering: nothing is loaded there to unload
 
     def states(self) -> dict[str, str]:
-        status, body = self.call("/v2/repository/index", timeout=30)
-        return {m["name"]: m.get("state", "") for m in json.loads(body)} if status == 200 else {}
+        try:
+            status, body = self.call("/v2/repository/index", timeout=30)
+            return {m["name"]: m.get("state", "") for m in json.loads(body)} if status == 200 else {}
+        except (LoadFailed, ValueError):
+            return {}
 
     def health_generation(self, model: str, version: str) -> None:
         status, body = self.call(f"/v2/models/{model}/versions/{version}/generate", {"text_input": "Hello", "max_tokens": 1}, 120)
-        if status != 200 or "finish_reason" not in json.loads(body or b"{}"):
+        try:
+            answered = status == 200 and "finish_reason" in json.loads(body)
+        except ValueError:
+            answered = False
+        if not answered:
             raise LoadFailed(f"{model} loaded but its health generation failed: {error_text(body)}")
 
 
@@ -219,14 +231,19 @@ class Fleet:
 
         started = time.monotonic()
         client = self.registry.client
-        mv = client.get_model_version(self.name, version)
         try:
+            mv = client.get_model_version(self.name, version)
             repository = fetch_triton_repository(client, self.registry.tracking_uri, mv,
                                                  self.registry.workdir / f"{self.name}-v{version}-triton")
+            refuse_gpu_engines(repository)
         except IntegrityError:
             self.metrics.loads.labels(self.name, version, "refused").inc()
             raise
-        refuse_gpu_engines(repository)
+        except Exception as e:  # noqa: BLE001 (the store or its artifacts failing mid-download: the alias stays)
+            self.metrics.loads.labels(self.name, version, "failed").inc()
+            if isinstance(e, KilnError):
+                raise
+            raise LoadFailed(f"could not fetch the package: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
         [package_model] = [p for p in repository.iterdir() if (p / "config.pbtxt").is_file()]
         model = self.triton_model(version)
         folder = self.snapshot / model

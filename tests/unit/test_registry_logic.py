@@ -129,3 +129,13 @@ def test_kiln_ui_on_a_copied_store_is_refused_in_one_line(tmp_path):
     output = " ".join((proc.stdout + proc.stderr).split())  # as Rich wrapped it, unwrapped
     assert proc.returncode == 6, output
     assert "was copied or moved" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("command", [["models", "list"], ["serve", "models:/m"], ["promote", "m", "1", "--to", "staging"]])
+def test_a_store_that_does_not_answer_is_one_line_not_a_traceback(tmp_path, command):
+    from tests.conftest import run_kiln
+
+    proc = run_kiln(*command, "--tracking-uri", "http://127.0.0.1:1", artifacts=tmp_path, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    output = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 8, output
+    assert "the MLflow store does not answer" in output and "Traceback" not in output
