@@ -66,6 +66,8 @@ def test_registering_prints_no_library_chatter(tiny_run):
     assert "registered tiny-llama-int4 version" in output or "MLflow: tiny-llama-int4 version" in output
     for chatter in ("Warning", "INFO mlflow", "Downloading artifacts", "Uploading artifacts", "it/s]"):
         assert chatter not in output, chatter
+    # and it says what to do with the new version (nothing holds an alias yet)
+    assert f"Next: kiln promote tiny-llama-int4 {tiny_run['registered']['version']} --to staging" in output
 
 
 def test_the_store_keeps_the_engine_once_and_the_package_comes_back_whole(tiny_run, tmp_path):
