@@ -33,6 +33,7 @@ class RunContext:
     settings: Settings
     console: Console
     code_version: str
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))  # the registered run's start (its Duration)
 
     @property
     def cache_root(self) -> Path:
