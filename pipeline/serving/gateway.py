@@ -230,14 +230,20 @@ class GatewayMetrics:
         self.ttft = Histogram("kiln_gateway_time_to_first_token_seconds", "From request to first text (or whole answer)",
                               labels, registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
+    @staticmethod
+    def labels(choice: Choice) -> tuple[str, str, str]:
+        return choice.target.model_id.split("/")[0], choice.alias, choice.version
+
     def answered(self, choice: Choice, status: int) -> None:
-        self.requests.labels(choice.target.model_id.split("/")[0], choice.alias, choice.version, str(status)).inc()
+        self.requests.labels(*self.labels(choice), str(status)).inc()
+
+    def first_token(self, choice: Choice, seconds: float) -> None:
+        self.ttft.labels(*self.labels(choice)).observe(seconds)
 
     def finished(self, choice: Choice, summary: dict | None) -> None:
         if summary is not None:
-            labels = (choice.target.model_id.split("/")[0], choice.alias, choice.version)
-            self.prompt_tokens.labels(*labels).inc(summary["prompt_tokens"])
-            self.completion_tokens.labels(*labels).inc(summary["completion_tokens"])
+            self.prompt_tokens.labels(*self.labels(choice)).inc(summary["prompt_tokens"])
+            self.completion_tokens.labels(*self.labels(choice)).inc(summary["completion_tokens"])
 
 
 def pinned_router(served: Served) -> Router:
@@ -245,7 +251,7 @@ def pinned_router(served: Served) -> Router:
     or a package folder, as served before the server followed the registry."""
     name, version = served.model_id.split("/")
     router = Router()
-    router.publish(Routes(name, {}, {version: served}, newest=version))
+    router.publish(Routes(name, {}, {version: served}, newest=version, newest_label="pinned"))
     return router
 
 
@@ -311,14 +317,13 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> 
         started = time.perf_counter()
         obj = "chat.completion" if chat else "text_completion"
         pieces = generate(clients.get(served.grpc_url), served, prompt, req)
-        labels = (served.model_id.split("/")[0], choice.alias, choice.version)
         try:
             # the first piece is awaited before the response starts, so a refused request is a plain 4xx/503
             first = await anext(pieces)
         except ApiError as e:
             metrics.answered(choice, e.status)
             raise
-        metrics.ttft.labels(*labels).observe(time.perf_counter() - started)
+        metrics.first_token(choice, time.perf_counter() - started)
         metrics.answered(choice, 200)
         if not req.stream:
             (text, summary) = first

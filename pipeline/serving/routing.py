@@ -128,7 +128,7 @@ def identity_bucket(identity: str, seed: int) -> int:
 @dataclass(frozen=True)
 class Choice:
     target: Any  # what the gateway sends the request to (a gateway.Served)
-    alias: str  # the alias that chose it ("" for NAME/VERSION, NEWEST for bare NAME without @production)
+    alias: str  # the alias that chose it ("" for NAME/VERSION, Routes.newest_label for bare NAME without @production)
     version: str
 
 
@@ -141,14 +141,15 @@ class Routes:
     targets: dict[str, Any]  # version -> target
     split: Split | None = None
     newest: str | None = None  # the newest version, answered for bare NAME while no @production exists
+    newest_label: str = NEWEST  # how answers and metrics name that choice ("pinned" on a one-version server)
 
     def default_alias(self) -> str | None:
         if DEFAULT_ALIAS in self.aliases:
             return DEFAULT_ALIAS
-        return NEWEST if self.newest is not None else None
+        return self.newest_label if self.newest is not None else None
 
     def version_of(self, alias: str) -> str | None:
-        return self.newest if alias == NEWEST else self.aliases.get(alias)
+        return self.newest if alias == self.newest_label else self.aliases.get(alias)
 
     def listing(self) -> list[dict]:
         """`/v1/models` entries: each name a client may send, with the version it resolves to now."""

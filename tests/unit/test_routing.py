@@ -35,6 +35,14 @@ def test_bare_name_without_production_is_the_newest_version_or_refused():
         router(aliases={"staging": "2"}).choose(NAME)
 
 
+def test_a_pinned_server_names_its_one_version_pinned():
+    from pipeline.serving.gateway import Served, pinned_router
+
+    r = pinned_router(Served("unused", "m", "m/4", None, {}))
+    assert (r.choose(NAME).alias, r.choose(NAME).version) == ("pinned", "4") and r.choose(f"{NAME}/4").version == "4"
+    assert [(e["id"], e["kiln_alias"]) for e in r.routes.listing()] == [(NAME, "pinned"), (f"{NAME}/4", None)]
+
+
 def test_a_90_10_split_over_1000_users_is_within_3_points_and_sticky():
     r = router("production:90,staging:10", seed=11)
     shares = Counter(r.choose(NAME, f"user-{i}").alias for i in range(1000))
