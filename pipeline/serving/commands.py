@@ -97,10 +97,7 @@ def serve(
     from pipeline.registry.fetch import fetch_triton_repository
     from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.environment import ensure_environment
-    from pipeline.serving.gateway import Served, pinned_router, run_gateway
-    from pipeline.serving.http_guard import HttpGuard
     from pipeline.serving.routing import RouteError
-    from pipeline.serving.server import free_port, run_app, serve_until_stopped, triton_server
 
     console = make_console()
     if prepare:
@@ -115,11 +112,13 @@ def serve(
     served_version = served_name = None
     following = None  # the registered model whose aliases this server follows (models:/NAME)
     try:
-        if (route or routes) and (Path(target).exists() or VersionRef.parse(target).alias or VersionRef.parse(target).version):
+        ref = None if Path(target).exists() else VersionRef.parse(target)
+        whole_model = ref is not None and ref.alias is None and ref.version is None
+        if (route or routes) and not whole_model:
             raise RouteError("--route and --routes split a whole registered model: serve models:/NAME (no @ALIAS or /VERSION)")
-        if Path(target).exists():
+        if ref is None:
             repository = local_repository(Path(target))
-        elif (ref := VersionRef.parse(target)).alias is None and ref.version is None:
+        elif whole_model:
             registry = open_registry(tracking_uri, artifacts)
             resolve(registry.client, ref)  # a clear error now when the model or its versions do not exist
             splits = fleet_splits(ref.name, route, routes, route_seed)
@@ -147,42 +146,49 @@ def serve(
     signal.signal(signal.SIGTERM, stop)
     # never inside the package: it must stay exactly what its manifest lists
     log_file = Settings.from_env(artifacts).artifacts_root / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    if following is not None:
-        try:
-            serve_following(registry, following, splits, env, log_file, console, host=host, ports=(http_port, grpc_port, metrics_port,
-                            openai_port), max_body_bytes=max_body_bytes, interval=watch_interval, standby=standby)
-        except KeyboardInterrupt:
-            console.print("stopping Triton")
-        except KilnError as e:
-            fail(console, e)
-        return
-    models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    ports = (http_port, grpc_port, metrics_port, openai_port)
     try:
-        # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
-        # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
-        with triton_server(repository, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port),
-                           http_host="127.0.0.1", version=served_version) as (proc, triton):
-            guard = run_app(HttpGuard(triton.http, max_body_bytes), host, http_port, "--http-port", "the KServe HTTP port")
-            a = dataclasses.replace(triton, http_port=http_port, http_host=None)
-            example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
-            version = served_version or "1"
-            console.print(f"Triton serving {', '.join(models)} (version {version}): HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  "
-                          f"(log {log_file})")
-            console.print(f"  curl -s -X POST {a.http}/v2/models/{models[0]}/generate -d '{example}'")
-            gateway, openai_url = None, None
-            if openai_port:
-                served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
-                gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes)
-                openai_url = f"http://{host}:{openai_port}/v1"
-                console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
-            print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
-                              "version": version, "pid": proc.pid}), flush=True)
-            serve_until_stopped(proc, log_file, [guard, gateway])
+        if following is not None:
+            serve_following(registry, following, splits, env, log_file, console, host=host, ports=ports, max_body_bytes=max_body_bytes,
+                            interval=watch_interval, standby=standby)
+        else:
+            serve_pinned(repository, served_name, served_version, env, log_file, console, host=host, ports=ports,
+                         max_body_bytes=max_body_bytes)
     except KeyboardInterrupt:
         console.print("stopping Triton")
     except KilnError as e:
         fail(console, e)
 
+
+def serve_pinned(repository: Path, served_name: str | None, served_version: str | None, env, log_file: Path, console, *, host: str,
+                 ports: tuple[int, int, int, int], max_body_bytes: int) -> None:
+    """Serve one package (a local folder, or the version a registry reference named at start) until a signal."""
+    from pipeline.serving.gateway import Served, pinned_router, run_gateway
+    from pipeline.serving.http_guard import HttpGuard
+    from pipeline.serving.server import free_port, run_app, serve_until_stopped, triton_server
+
+    http_port, grpc_port, metrics_port, openai_port = ports
+    models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
+    # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
+    with triton_server(repository, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port),
+                       http_host="127.0.0.1", version=served_version) as (proc, triton):
+        guard = run_app(HttpGuard(triton.http, max_body_bytes), host, http_port, "--http-port", "the KServe HTTP port")
+        a = dataclasses.replace(triton, http_port=http_port, http_host=None)
+        example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
+        version = served_version or "1"
+        console.print(f"Triton serving {', '.join(models)} (version {version}): HTTP {a.http}  gRPC {a.grpc}  metrics {a.metrics}  "
+                      f"(log {log_file})")
+        console.print(f"  curl -s -X POST {a.http}/v2/models/{models[0]}/generate -d '{example}'")
+        gateway, openai_url = None, None
+        if openai_port:
+            served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
+            gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes)
+            openai_url = f"http://{host}:{openai_port}/v1"
+            console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
+        print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
+                          "version": version, "pid": proc.pid}), flush=True)
+        serve_until_stopped(proc, log_file, [guard, gateway])
 
 
 def fleet_splits(name: str, route: str | None, routes_file: Path | None, seed: int):
