@@ -20,10 +20,11 @@ from pipeline.errors import IntegrityError
 # Run tag naming the package's folder that holds the engine's files: the store keeps those once,
 # with the engine, and `fetch_triton_repository` puts them back there before verifying the package.
 PACKAGE_ENGINE_TAG = "kiln.triton_engine_dir"
-# Run tag: where in the run's artifacts the engine and the Triton package are (inside the MLflow
-# model since it became one); versions registered before it keep them at `engine/` and `triton/`.
+# Where the engine and the Triton package are inside a version's MLflow model (its source URI).
+MODEL_PARTS = {"engine": "artifacts/engine", "triton": "artifacts/triton"}
+# Run tag of versions whose MLflow model was logged as the run's `model/` artifacts (before it became
+# a LoggedModel); versions older still have no MLflow model: the run's `engine/` and `triton/`.
 ARTIFACT_PATHS_TAG = "kiln.artifact_paths"
-EARLIER_PATHS = {"engine": "engine", "triton": "triton"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,12 @@ def run_tags(client, mv) -> tuple[dict[str, str], dict[str, str]]:
     return tags, json.loads(tags.get("kiln.stage_digests", "{}"))
 
 
-def artifact_paths(tags: dict[str, str]) -> dict[str, str]:
-    return {**EARLIER_PATHS, **json.loads(tags.get(ARTIFACT_PATHS_TAG, "{}"))}
+def part_uri(client, mv, tags: dict[str, str], part: str) -> str:
+    """The artifact URI of one part ("engine", "triton") of a version, whichever layout it was
+    registered with."""
+    if mv.source.startswith("models:/") or ARTIFACT_PATHS_TAG in tags:
+        return f"{client.get_model_version_download_uri(mv.name, mv.version)}/{MODEL_PARTS[part]}"
+    return f"runs:/{mv.run_id}/{part}"
 
 
 def engine_of(downloaded: Path) -> Path:
@@ -130,12 +135,11 @@ def fetch_triton_repository(client, tracking_uri: str, mv, dest: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        paths = artifact_paths(tags)
-        package = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=paths["triton"], dst_path=str(partial / "package"),
-                                                           tracking_uri=tracking_uri))
+        package = Path(mlflow.artifacts.download_artifacts(artifact_uri=part_uri(client, mv, tags, "triton"),
+                                                           dst_path=str(partial / "package"), tracking_uri=tracking_uri))
         engine_dir = tags.get(PACKAGE_ENGINE_TAG)
         if engine_dir:  # the store keeps the engine's files once, with the engine
-            engine = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=paths["engine"],
+            engine = Path(mlflow.artifacts.download_artifacts(artifact_uri=part_uri(client, mv, tags, "engine"),
                                                               dst_path=str(partial / "engine-files"), tracking_uri=tracking_uri))
             (engine / "manifest.json").unlink(missing_ok=True)  # the package's copy never had the build's manifest
             engine.rename(package / engine_dir)

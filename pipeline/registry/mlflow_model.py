@@ -1,6 +1,8 @@
 """Each registered version as a real MLflow model: a pyfunc model (`pipeline/serving/pyfunc_model.py`)
 whose artifacts are the engine (with its sha256 manifest and tokenizer) and the Triton package, so
-`mlflow.pyfunc.load_model("models:/NAME@alias")` and `mlflow models serve` generate text.
+`mlflow.pyfunc.load_model("models:/NAME@alias")` and `mlflow models serve` generate text. It is
+logged as an MLflow 3 LoggedModel of the version's run (the version's source is `models:/<model_id>`);
+versions registered before that keep the same folder at their run's `model/`.
 
     model/MLmodel                    flavor, signature (prompt -> text, finish_reason, token counts; params)
     model/pyfunc_model.py            the model's code (models from code: nothing pickled)
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -23,9 +24,6 @@ from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
 from pipeline.serving import manifest_check
 
-MODEL_PATH = "model"  # the run's artifact path of the MLflow model; the version's source
-ENGINE_PATH = f"{MODEL_PATH}/artifacts/engine"
-PACKAGE_PATH = f"{MODEL_PATH}/artifacts/triton"
 PYFUNC_FILE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 SHIPPED_MODULES = {"kiln_runtime.py": runtime.__file__, "kiln_manifest.py": manifest_check.__file__}
 EXAMPLE_PROMPT = "The Python programming language is"
@@ -75,9 +73,12 @@ def package_without_engine(package, view: Path) -> Path:
     return view
 
 
-def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, scratch: Path, metadata_tags: dict) -> Path:
-    """Write the MLflow model folder for this build at `dest` (a new folder) and return it."""
+def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, scratch: Path, metadata_tags: dict,
+                      run_id: str | None = None, model_id: str | None = None) -> Path:
+    """Write the MLflow model folder for this build at `dest` (a new folder) and return it; its
+    MLmodel names the run and the LoggedModel it is logged as, when given."""
     import mlflow.pyfunc
+    from mlflow.models import Model
 
     from pipeline.stages.package import copy_engine_package
 
@@ -88,32 +89,24 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
         shutil.copy2(src, code / name)
     copy_engine_package(code / "kiln_engine")
     # MLflow names an artifact's folder after its source folder: hard-linked views under the names
-    # fetching expects (ENGINE_PATH, PACKAGE_PATH)
+    # fetching expects (fetch.MODEL_PARTS)
     link_tree(engine.path, scratch / "engine")
     artifacts = {"engine": str(scratch / "engine")}
     if package is not None:
         artifacts["triton"] = str(package_without_engine(package, scratch / "triton"))
-    # MLflow's own chatter while it saves and checks the model is not something a Kiln user acts
-    # on: a hint to add type hints to `predict` (Kiln declares an explicit signature instead), an
-    # INFO line about validating the input example, and its artifact progress bars
+    # MLflow's INFO line about validating the input example is not something a Kiln user acts on
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     pyfunc_log.setLevel(logging.WARNING)
     try:
-        # recorded, not filtered: MLflow's own catch_warnings("once") inside save_model outranks a filter
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mlflow.pyfunc.save_model(
-                str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
-                code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
-                signature=signature(settings["limits"]),
-                input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
-                pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],
-                metadata=metadata_tags,
-            )
+        mlflow.pyfunc.save_model(
+            str(dest), python_model=str(PYFUNC_FILE), artifacts=artifacts,
+            code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
+            signature=signature(settings["limits"]),
+            input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
+            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],
+            metadata=metadata_tags, mlflow_model=Model(run_id=run_id, model_id=model_id),
+        )
     finally:
         pyfunc_log.setLevel(level)
-    for w in caught:
-        if "Add type hints to the `predict` method" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return dest

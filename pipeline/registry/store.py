@@ -49,6 +49,23 @@ def client_for(tracking_uri: str):
     return client
 
 
+@contextlib.contextmanager
+def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI (its environment variable; Kiln never calls
+    `mlflow.set_tracking_uri`) names this store for the block, then is put back. MLflow's sqlite
+    registry resolves a `models:/<model_id>` version source through the global URI, not the
+    client's, and would look in (and create) ./mlflow.db instead."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def check_not_moved(client, db: Path) -> None:
     """MLflow records absolute `file://` artifact locations in the database. An embedded store whose
     experiments point outside its own folder is refused, naming where they point, rather than

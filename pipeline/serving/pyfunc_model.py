@@ -15,6 +15,7 @@ max_tokens, temperature, top_k, top_p, seed, stop. Output: one row per prompt wi
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
@@ -37,9 +38,10 @@ class KilnEngineModel(PythonModel):
         self.max_batch = int(config["max_batch"])
         self.scheduler = dict(config.get("scheduler", {}))
 
-    def predict(self, context, model_input, params=None):
+    # `pd.DataFrame`: MLflow validates the input against the model's explicit signature (a type hint
+    # it could infer a schema from would replace it; no hint at all draws a warning on every load)
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import kiln_engine
-        import pandas as pd
 
         prompts = [str(p) for p in (model_input["prompt"] if hasattr(model_input, "columns") else model_input)]
         settings = {k: v for k, v in (params or {}).items() if k in PARAMS and v is not None}

@@ -14,17 +14,20 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pipeline.artifacts import Artifact, Registration, verify, write_json_atomic
 from pipeline.hashing import sha256_bytes
 from pipeline.metric_table import COLUMNS
 from pipeline.recipe import RegisterConfig
-from pipeline.registry.fetch import ARTIFACT_PATHS_TAG, PACKAGE_ENGINE_TAG
-from pipeline.registry.mlflow_model import ENGINE_PATH, MODEL_PATH, PACKAGE_PATH, save_engine_model
-from pipeline.registry.store import client_for, ensure_experiment, ensure_registered_model, store_lock
+from pipeline.registry.fetch import PACKAGE_ENGINE_TAG
+from pipeline.registry.mlflow_model import save_engine_model
+from pipeline.registry.store import client_for, ensure_experiment, ensure_registered_model, global_tracking_uri, store_lock
 from pipeline.runner import StageContext
 from pipeline.targets.gpu import gpu_tags
+
+if TYPE_CHECKING:
+    from mlflow.entities import LoggedModel
 
 # Copied into each MLflow model as its code (never imported here): part of this stage's cache key.
 CODE_FILES = ("serving/pyfunc_model.py",)
@@ -42,17 +45,28 @@ def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_mlflow_model(client, run_id: str, engine: Artifact, package: Artifact | None, scratch: Path, lineage: dict) -> None:
-    """The build as an MLflow pyfunc model at `model/` (engine and Triton package as its artifacts),
-    and the run tags that say where fetching finds them."""
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        model = save_engine_model(Path(tmp) / MODEL_PATH, engine, package, Path(tmp) / "parts",
-                                  {k: v for k, v in lineage.items() if not k.startswith("kiln.lib.")})
-        client.log_artifacts(run_id, str(model), MODEL_PATH)
-    paths = {"engine": ENGINE_PATH, **({"triton": PACKAGE_PATH} if package is not None else {})}
-    client.set_tag(run_id, ARTIFACT_PATHS_TAG, json.dumps(paths))
+def log_mlflow_model(client, experiment_id: str, run_id: str, name: str, engine: Artifact, package: Artifact | None,
+                     scratch: Path, lineage: dict) -> LoggedModel:
+    """The build as an MLflow pyfunc model (engine and Triton package as its artifacts), logged as
+    MLflow 3 does it: a LoggedModel whose source is this run (the run page's "Logged models" lists it)
+    and which the version is registered from."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    tags = {k: v for k, v in lineage.items() if not k.startswith("kiln.lib.")}
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="kiln-engine")
+    try:
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            model = save_engine_model(Path(tmp) / "model", engine, package, Path(tmp) / "parts", tags,
+                                      run_id=run_id, model_id=logged.model_id)
+            client.log_model_artifacts(logged.model_id, str(model))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=0)])
     if package is not None:
         client.set_tag(run_id, PACKAGE_ENGINE_TAG, package.engine_dir)
+    return logged
 
 
 # recipe sections that configure one quantization method only
@@ -172,14 +186,16 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 params = [Param(k, v[:6000]) for k, v in run_params(recipe_doc).items()]
                 for i in range(0, len(params), 100):
                     client.log_batch(run_id, params=params[i : i + 100])
-                client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                model = log_mlflow_model(client, exp_id, run_id, cfg.model_name, engine, package, ctx.out_dir, lineage)
+                # the build's own metrics also on the logged model's page; what building it cost stays the run's
+                client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=None if k.startswith("stage_") else model.model_id)
+                                                  for k, v in metrics.items()],
                                  tags=[RunTag("kiln.stage_digests", json.dumps({n: a.digest for n, a in upstream.items()}))])
                 recipe_file = ctx.out_dir / "recipe.yaml"
                 recipe_file.write_text(recipe_text)
                 client.log_artifact(run_id, str(recipe_file))
                 client.log_artifacts(run_id, str(report.path), "validation")
                 client.log_artifact(run_id, str(quantized.path / "quant_report.json"), "quantize")
-                log_mlflow_model(client, run_id, engine, package, ctx.out_dir, lineage)
                 for name, artifact in upstream.items():
                     client.log_artifact(run_id, str(artifact.path / "manifest.json"), f"manifests/{name}")
                 client.set_terminated(run_id, "FINISHED")
@@ -188,10 +204,18 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 raise
 
             ensure_registered_model(client, cfg.model_name)
-            version = client.create_model_version(
-                cfg.model_name, source=f"{mlrun.info.artifact_uri}/{MODEL_PATH}", run_id=run_id, tags={**lineage, KEY_TAG: ctx.key},
-                description=version_description(recipe_doc["name"], lineage, metrics, exp_id, run_id),
-            )
+            # registered from `models:/<model_id>` as MLflow's own log_model does (the UI links the
+            # version to its logged model by that source)
+            with global_tracking_uri(tracking_uri):
+                version = client.create_model_version(
+                    cfg.model_name, source=f"models:/{model.model_id}", model_id=model.model_id, run_id=run_id,
+                    tags={**lineage, KEY_TAG: ctx.key},
+                        description=version_description(recipe_doc["name"], lineage, metrics, exp_id, run_id),
+                )
+            # the logged model names the version it became, as MLflow's own registration does (its
+            # pages link the two)
+            client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
+                [{"name": version.name, "version": str(version.version)}])})
             describe_registered_model(client, cfg.model_name, str(version.version), source.meta, lineage, metrics)
             ctx.log(f"registered {cfg.model_name} version {version.version} (run {run_id})")
             record = {"model_name": cfg.model_name, "version": str(version.version), "run_id": run_id,

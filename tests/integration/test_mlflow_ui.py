@@ -99,3 +99,18 @@ def test_the_reports_link_opens_the_run_in_model_training_mode(ui):
     [link] = re.findall(r"\[Validation report\]\(([^)]+)\)", description)
     text = rendered_text(browser, f"{base}/{link}", root / "report.png")
     assert "Model registry" in text and "validation/report.html" in text and "Evaluation runs" not in text, text[:1000]
+
+
+def test_the_run_page_lists_its_logged_model(ui):
+    """The run's Overview shows the engine it logged under "Logged models" (an MLflow 3 LoggedModel,
+    which the version is registered from), not "—"."""
+    from mlflow import MlflowClient
+
+    browser, _, base, root = ui
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mv = MlflowClient(uri, uri).get_model_version(MODEL, "1")
+    run = MlflowClient(uri, uri).get_run(mv.run_id)
+    text = rendered_text(browser, f"{base}/#/experiments/{run.info.experiment_id}/runs/{mv.run_id}?workflowType=machine_learning",
+                         root / "run.png")
+    # its row: name, status and the registered version it became
+    assert re.search(rf"Logged models \(1\).*? {MODEL} Ready .*? {MODEL} v1\b", text), text[text.find("Logged models"):][:800]

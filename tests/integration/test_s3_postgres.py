@@ -68,7 +68,7 @@ def test_register_promote_rollback_pull_and_load_through_s3_and_postgres(team_st
     kiln("run", str(TINY_RECIPE), "--set", "quantize.method=none")
     kiln("run", str(TINY_RECIPE))
     keys = bucket_keys(s3_endpoint)
-    assert any(k.endswith("/artifacts/model/artifacts/engine/engine.onnx") for k in keys), keys[:20]
+    assert any("/models/m-" in k and k.endswith("/artifacts/artifacts/engine/engine.onnx") for k in keys), keys[:20]  # the LoggedModel's
     assert any(k.endswith("/artifacts/validation/report.html") for k in keys)
 
     for version, alias in (("1", "staging"), ("1", "production"), ("2", "staging")):

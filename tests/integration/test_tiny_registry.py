@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import mlflow.artifacts
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from tests.conftest import ROOT, TINY_RECIPE, run_kiln
 
@@ -16,7 +18,7 @@ def client(tiny_run) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
+def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run, tmp_path):
     reg = tiny_run["registered"]
     assert reg["tracking_uri"] == f"sqlite:///{tiny_run['artifacts'] / 'mlflow.db'}"
     c = client(tiny_run)
@@ -53,13 +55,20 @@ def test_registered_version_has_lineage_metrics_and_artifacts(tiny_run):
         assert run.data.metrics[f"stage_peak_rss_mb.{stage}"] > 0 and f"stage_disk_written_mb.{stage}" in run.data.metrics
     assert run.data.metrics["stage_children_peak_rss_mb.validate"] > 0  # the latency runs' own processes
     top = {a.path for a in c.list_artifacts(mv.run_id)}
-    assert {"model", "validation", "manifests", "recipe.yaml"} <= top
-    assert mv.source.endswith("/model")  # the version is the MLflow model
-    model_files = {a.path for a in c.list_artifacts(mv.run_id, "model")}
-    assert {"model/MLmodel", "model/artifacts", "model/code"} <= model_files
-    engine_files = {a.path for a in c.list_artifacts(mv.run_id, "model/artifacts/engine")}
-    assert {"model/artifacts/engine/engine.onnx", "model/artifacts/engine/manifest.json",
-            "model/artifacts/engine/tokenizer.json"} <= engine_files
+    assert {"validation", "manifests", "recipe.yaml"} <= top and "model" not in top  # the model is logged once, as a LoggedModel
+    # the version is the MLflow model, logged as MLflow 3 does: a LoggedModel of this run (the run
+    # page's "Logged models"), READY, with the build's metrics (not what building it cost)
+    assert mv.source.startswith("models:/m-")
+    logged = c.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == mv.run_id and logged.status.to_int() == LoggedModelStatus.READY.to_int()
+    assert logged.tags["kiln.engine_sha256"] == mv.tags["kiln.engine_sha256"]
+    assert {m.key for m in logged.metrics} >= {"engine_ppl", "engine_size_mb"} and not any(m.key.startswith("stage_") for m in logged.metrics)
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(mv.name, mv.version),
+                                                         dst_path=str(tmp_path), tracking_uri=reg["tracking_uri"]))
+    assert {"MLmodel", "artifacts", "code"} <= {p.name for p in model_dir.iterdir()}
+    assert {"engine.onnx", "manifest.json", "tokenizer.json"} <= {p.name for p in (model_dir / "artifacts" / "engine").iterdir()}
+    assert f"model_id: {logged.model_id}" in (model_dir / "MLmodel").read_text()
 
 
 def test_registering_prints_no_library_chatter(tiny_run):
@@ -76,15 +85,13 @@ def test_registering_prints_no_library_chatter(tiny_run):
 def test_the_store_keeps_the_engine_once_and_the_package_comes_back_whole(tiny_run, tmp_path):
     """The Triton package is logged without the engine files it hard-links; fetching it puts them
     back from `engine/` and verifies the whole package against its manifest."""
-    import mlflow.artifacts
-
     from pipeline.registry.fetch import fetch_triton_repository
 
     reg = tiny_run["registered"]
     c = client(tiny_run)
     mv = c.get_model_version(reg["model_name"], reg["version"])
     engine_dir = c.get_run(mv.run_id).data.tags["kiln.triton_engine_dir"]
-    stored = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model/artifacts/triton", dst_path=str(tmp_path / "raw"),
+    stored = Path(mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(mv.name, mv.version) + "/artifacts/triton", dst_path=str(tmp_path / "raw"),
                                                       tracking_uri=reg["tracking_uri"]))
     assert not (stored / engine_dir).exists() and (stored / engine_dir).parent.is_dir()
     repository = fetch_triton_repository(c, reg["tracking_uri"], mv, tmp_path / "fetched")
