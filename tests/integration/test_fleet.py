@@ -261,8 +261,8 @@ def test_a_tampered_version_is_refused_and_its_alias_stays(fleet, store):
     configs = [p for p in (store.root / "artifacts").rglob("config.pbtxt") if "triton" in str(p)]
     from mlflow import MlflowClient
 
-    run_id = MlflowClient(store.url, store.url).get_model_version(MODEL, "3").run_id
-    [config] = [p for p in configs if run_id in str(p)]
+    model_id = MlflowClient(store.url, store.url).get_model_version(MODEL, "3").source.removeprefix("models:/")
+    [config] = [p for p in configs if model_id in str(p)]  # in the version's LoggedModel
     config.write_text(config.read_text().replace("count: 1", "count: 2"))
     run_kiln("promote", MODEL, "3", "--to", "staging", artifacts=fleet["artifacts"], env=fleet["env"], check=True)
     output.wait_for(rf"{MODEL} version 3 refused \(IntegrityError\)", 60)
