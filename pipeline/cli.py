@@ -21,6 +21,7 @@ from pipeline.errors import KilnError
 from pipeline.metric_table import side_by_side
 from pipeline.recipe import load_recipe
 from pipeline.registry import commands as registry_commands
+from pipeline.serving import access_commands
 from pipeline.serving import commands as serving_commands
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -248,6 +249,8 @@ def print_summary(console: Console, s: dict) -> None:
 
 
 app.add_typer(registry_commands.models_app, name="models")
+app.add_typer(access_commands.keys_app, name="keys")
+app.add_typer(access_commands.audit_app, name="audit")
 for command in (registry_commands.promote, registry_commands.rollback, registry_commands.ui, serving_commands.serve):
     app.command()(command)
 

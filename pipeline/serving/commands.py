@@ -81,6 +81,11 @@ def serve(
     route_seed: Annotated[int, typer.Option(help="Seed of the split: the same seed sends a user to the same alias on every replica.")] = 0,
     standby: Annotated[float, typer.Option(min=0, help="models:/NAME: seconds a version stays loaded after its last alias "
                                                        "moved away, so a rollback costs no load.")] = 60.0,
+    keys: Annotated[Optional[Path], typer.Option(help="API keys file (`kiln keys add`): every OpenAI request needs a key; its tenant's "
+                                                      "model grants and limits apply. Re-read when it changes.")] = None,
+    request_log: Annotated[Optional[Path], typer.Option(help="Append one hash-chained JSON line per OpenAI request "
+                                                             "(`kiln audit verify FILE` checks it).")] = None,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Also write each prompt into the request log.")] = False,
     prepare: Annotated[bool, typer.Option("--prepare", help="Only create the serving environment (what `make setup` runs), then exit.")] = False,
     tracking_uri: StoreOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -132,9 +137,18 @@ def serve(
             served_version, served_name = str(mv.version), mv.name  # Triton's model version = the registry version
         if repository is not None:
             refuse_gpu_engines(repository)
+        access = open_access(keys, request_log, log_prompts, console)
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
+    if keys is not None:
+        host_backend = "127.0.0.1"  # Triton's own ports check no key: only the OpenAI port faces callers
+        console.print(f"API keys: {keys} ({len(access.tenants.doc.tenants)} tenant(s), {len(access.tenants.doc.keys)} key(s)); "
+                      f"Triton's HTTP and gRPC ports stay on {host_backend}")
+    else:
+        host_backend = host
+        if openai_port:
+            console.print(f"no --keys: the OpenAI port answers anyone who can reach {host} (give --keys FILE to require API keys)")
 
     def stop(signum, frame):
         # once: a second SIGTERM (a supervisor repeating itself) must not cut the clean stop short,
@@ -149,31 +163,59 @@ def serve(
     ports = (http_port, grpc_port, metrics_port, openai_port)
     try:
         if following is not None:
-            serve_following(registry, following, splits, env, log_file, console, host=host, ports=ports, max_body_bytes=max_body_bytes,
-                            interval=watch_interval, standby=standby)
+            serve_following(registry, following, splits, env, log_file, console, hosts=(host, host_backend), ports=ports,
+                            max_body_bytes=max_body_bytes, interval=watch_interval, standby=standby, access=access)
         else:
-            serve_pinned(repository, served_name, served_version, env, log_file, console, host=host, ports=ports,
-                         max_body_bytes=max_body_bytes)
+            serve_pinned(repository, served_name, served_version, env, log_file, console, hosts=(host, host_backend), ports=ports,
+                         max_body_bytes=max_body_bytes, access=access)
     except KeyboardInterrupt:
         console.print("stopping Triton")
     except KilnError as e:
         fail(console, e)
+    finally:
+        access.close(console)
 
 
-def serve_pinned(repository: Path, served_name: str | None, served_version: str | None, env, log_file: Path, console, *, host: str,
-                 ports: tuple[int, int, int, int], max_body_bytes: int) -> None:
+@dataclasses.dataclass
+class Access:
+    """What the OpenAI port checks and records: API keys (tenants.Tenants) and the request log."""
+
+    tenants: object | None = None
+    request_log: object | None = None
+
+    def close(self, console) -> None:
+        if self.request_log is not None:
+            self.request_log.close()
+            # the chain's head, to keep elsewhere: records cut from the log's end show against it
+            console.print(f"request log {self.request_log.path}: {self.request_log.seq} records, head {self.request_log.prev}")
+
+
+def open_access(keys: Path | None, request_log: Path | None, log_prompts: bool, console) -> Access:
+    from pipeline.serving.request_log import RequestLog
+    from pipeline.serving.tenants import Tenants
+
+    tenants = Tenants(keys, log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")) if keys else None
+    log = RequestLog(request_log, with_prompts=log_prompts) if request_log else None
+    if log is not None:
+        console.print(f"request log: {request_log} (continuing at record {log.seq + 1}{', with prompts' if log_prompts else ''})")
+    return Access(tenants, log)
+
+
+def serve_pinned(repository: Path, served_name: str | None, served_version: str | None, env, log_file: Path, console, *,
+                 hosts: tuple[str, str], ports: tuple[int, int, int, int], max_body_bytes: int, access: Access) -> None:
     """Serve one package (a local folder, or the version a registry reference named at start) until a signal."""
     from pipeline.serving.gateway import Served, pinned_router, run_gateway
     from pipeline.serving.http_guard import HttpGuard
     from pipeline.serving.server import free_port, run_app, serve_until_stopped, triton_server
 
     http_port, grpc_port, metrics_port, openai_port = ports
+    host, backend = hosts  # the OpenAI port's interface; Triton's (loopback when keys are required)
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
     # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
-    with triton_server(repository, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port),
+    with triton_server(repository, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port),
                        http_host="127.0.0.1", version=served_version) as (proc, triton):
-        guard = run_app(HttpGuard(triton.http, max_body_bytes), host, http_port, "--http-port", "the KServe HTTP port")
+        guard = run_app(HttpGuard(triton.http, max_body_bytes), backend, http_port, "--http-port", "the KServe HTTP port")
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
         version = served_version or "1"
@@ -183,7 +225,8 @@ def serve_pinned(repository: Path, served_name: str | None, served_version: str 
         gateway, openai_url = None, None
         if openai_port:
             served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
-            gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes)
+            gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes, tenants=access.tenants,
+                                  request_log=access.request_log)
             openai_url = f"http://{host}:{openai_port}/v1"
             console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
         print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
@@ -206,8 +249,8 @@ def fleet_splits(name: str, route: str | None, routes_file: Path | None, seed: i
     return SplitSource(name, option, routes_file, seed)
 
 
-def serve_following(registry, name: str, splits, env, log_file: Path, console, *, host: str, ports: tuple[int, int, int, int],
-                    max_body_bytes: int, interval: float, standby: float) -> None:
+def serve_following(registry, name: str, splits, env, log_file: Path, console, *, hosts: tuple[str, str],
+                    ports: tuple[int, int, int, int], max_body_bytes: int, interval: float, standby: float, access: Access) -> None:
     """Serve every alias of registered model `name` and follow the registry until a signal."""
     from prometheus_client import CollectorRegistry
 
@@ -218,6 +261,7 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
     from pipeline.serving.server import free_port, run_app, serve_until_stopped, served_repository, triton_server
 
     http_port, grpc_port, metrics_port, openai_port = ports
+    host, backend = hosts
     # MLflow's HTTP client retries a store that does not answer for minutes by default (7 retries,
     # exponential backoff, 120 s timeout): a poll must fail within seconds so the outage shows
     # (metric, warning) while the last known aliases keep serving. A user's own settings win.
@@ -226,18 +270,18 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
         os.environ.setdefault(variable, value)
     metrics = CollectorRegistry()
     router = Router(seed=splits.seed)
-    with triton_server(None, env, log_file, host=host, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1") as (proc, triton):
+    with triton_server(None, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1") as (proc, triton):
         fleet = Fleet(registry, name, TritonAdmin(triton.http), triton.grpc, served_repository(proc), router, splits,
                       FleetMetrics(metrics), log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"),
                       interval=interval, standby=standby)
         fleet.start()
         signal.signal(signal.SIGHUP, lambda signum, frame: fleet.reload_routes())
-        guard = run_app(HttpGuard(triton.http, max_body_bytes, router.triton_model), host, http_port, "--http-port",
+        guard = run_app(HttpGuard(triton.http, max_body_bytes, router.triton_model), backend, http_port, "--http-port",
                         "the KServe HTTP port")
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         gateway = openai_url = None
         if openai_port:
-            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics)
+            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics, access.tenants, access.request_log)
             openai_url = f"http://{host}:{openai_port}/v1"
         routes = router.routes
         console.print(f"Triton serving {name}, following {registry.tracking_uri} every {interval:g} s: "

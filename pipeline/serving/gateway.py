@@ -77,12 +77,60 @@ class ChatRequest(Sampling):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code, self.headers = status, message, kind, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def not_found(requested: str) -> ApiError:
+    """OpenAI's answer for a model that does not exist or that this key may not call: the same
+    either way, so a tenant learns nothing of other tenants' models."""
+    return ApiError(404, f"The model `{requested}` does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C `traceparent` header (version-traceid-parentid-flags), else None."""
+    parts = (traceparent or "").strip().split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]) and parts[1] != "0" * 32:
+        return parts[1]
+    return None
+
+
+@dataclass
+class Ticket:
+    """One request from arrival to its last byte: the caller, what answered, and the end, which
+    happens once (slot released, tokens charged, one request-log record)."""
+
+    request: Any  # the starlette Request
+    tenants: Any  # tenants.Tenants or None
+    log: Any  # request_log.RequestLog or None
+    caller: Any = None  # tenants.Caller once authenticated
+    admitted: bool = False
+    model: str | None = None
+    choice: Choice | None = None
+    prompt: str | None = None
+    ended: bool = False
+
+    def end(self, status: int, summary: dict | None = None, finish: str | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        tokens = summary["prompt_tokens"] + summary["completion_tokens"] if summary else 0
+        if self.admitted:
+            self.tenants.release(self.caller, tokens)
+        if self.log is not None:
+            self.log.append(tenant=self.caller.tenant if self.caller else None, key_id=self.caller.key_id if self.caller else None,
+                            model=self.model, alias=self.choice.alias if self.choice else None,
+                            version=self.choice.target.model_id if self.choice else None, status=status,
+                            finish_reason=finish or (summary or {}).get("finish_reason"),
+                            prompt_tokens=summary["prompt_tokens"] if summary else None,
+                            completion_tokens=summary["completion_tokens"] if summary else None,
+                            trace_id=trace_id(self.request.headers.get("traceparent")), prompt=self.prompt)
 
 
 def chat_template(engine_dir: Path) -> str | None:
@@ -255,15 +303,27 @@ def pinned_router(served: Served) -> Router:
     return router
 
 
-def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> FastAPI:
-    """`registry`: the Prometheus CollectorRegistry `/metrics` shows (the fleet adds its own metrics to it)."""
+def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, tenants=None, request_log=None) -> FastAPI:
+    """`registry`: the Prometheus CollectorRegistry `/metrics` shows (the fleet adds its own metrics to it).
+    `tenants` (tenants.Tenants): API keys, model grants and limits, checked on every request; None:
+    open to anyone who reaches the port. `request_log` (request_log.RequestLog): one chained record
+    per completion request."""
     from fastapi.responses import Response
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    from pipeline.serving.tenants import AuthError, Limited, may_call
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GatewayMetrics(registry)
     clients = TritonClients()
+    by_tenant = Counter("kiln_gateway_tenant_requests", "OpenAI API requests by tenant and HTTP status", ["tenant", "status"],
+                        registry=registry)
+    limited = Counter("kiln_gateway_rate_limited", "Requests refused with 429, by tenant and the limit reached", ["tenant", "limit"],
+                      registry=registry)
+    if request_log is not None:
+        Gauge("kiln_request_log_records", "Records in the request log (its seq): compare with a copy kept elsewhere",
+              registry=registry).set_function(lambda: request_log.seq)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -282,9 +342,17 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> 
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    async def parse(request: Request, model: type[Sampling]) -> tuple[Sampling, Choice]:
+    def authenticate(request: Request):
+        if tenants is None:
+            return None
+        try:
+            return tenants.authenticate(request.headers.get("authorization"))
+        except AuthError as e:
+            raise ApiError(401, str(e), code="invalid_api_key") from None
+
+    async def parse(request: Request, model: type[Sampling], ticket: Ticket) -> Sampling:
         raw = await request.body()
         if len(raw) > max_body_bytes:  # chunked bodies have no content-length
             raise ApiError(413, f"request body over {max_body_bytes} bytes")
@@ -294,28 +362,51 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> 
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or None
             raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
+        ticket.model = parsed.model
+        if ticket.caller is not None and not may_call(ticket.caller.config.models, parsed.model):
+            raise not_found(parsed.model)
         try:
-            choice = router.choose(parsed.model, parsed.user or request.headers.get("authorization"))
+            ticket.choice = router.choose(parsed.model, parsed.user or request.headers.get("authorization"))
         except LookupError as e:
-            raise ApiError(404, str(e), kind="not_found_error", param="model") from None
-        return parsed, choice
+            # with keys, the same answer as a model the key may not call (no list of what is served)
+            raise (not_found(parsed.model) if ticket.caller is not None else
+                   ApiError(404, str(e), kind="not_found_error", param="model")) from None
+        return parsed
+
+    def admit(ticket: Ticket) -> None:
+        if ticket.caller is None:
+            return
+        try:
+            tenants.admit(ticket.caller)
+        except Limited as e:
+            limited.labels(ticket.caller.tenant, e.limit).inc()
+            raise ApiError(429, str(e), kind=e.limit, code="rate_limit_exceeded",
+                           headers={"Retry-After": str(e.retry_after), **tenants.remaining(ticket.caller)}) from None
+        ticket.admitted = True
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        caller = authenticate(request)
         routes = router.routes
-        return {"object": "list", "data": routes.listing() if routes else []}
+        listing = routes.listing() if routes else []
+        if caller is not None:
+            listing = [e for e in listing if may_call(caller.config.models, e["id"])]
+        return {"object": "list", "data": listing}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(req: Sampling, choice: Choice, prompt: str, chat: bool):
+    async def respond(req: Sampling, ticket: Ticket, prompt: str, chat: bool):
+        choice = ticket.choice
         served: Served = choice.target
-        headers = {"X-Kiln-Version": served.model_id, "X-Kiln-Alias": choice.alias}
+        headers = {"X-Kiln-Version": served.model_id, "X-Kiln-Alias": choice.alias,
+                   **(tenants.remaining(ticket.caller) if ticket.caller is not None else {})}
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         started = time.perf_counter()
         obj = "chat.completion" if chat else "text_completion"
+        ticket.prompt = prompt
         pieces = generate(clients.get(served.grpc_url), served, prompt, req)
         try:
             # the first piece is awaited before the response starts, so a refused request is a plain 4xx/503
@@ -330,6 +421,7 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> 
             async for piece, info in pieces:
                 text, summary = text + piece, info or summary
             metrics.finished(choice, summary)
+            ticket.end(200, summary)
             reason = FINISH[summary["finish_reason"]]
             choice_body = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
                            else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
@@ -357,6 +449,8 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> 
                         yield chunk(piece, None)
             finally:  # also when the client went away: close the gRPC stream now, which cancels the request
                 await pieces.aclose()
+                # a stream the client left: status 200 was sent; no summary, "disconnected"
+                ticket.end(200, summary, None if summary else "disconnected")
             metrics.finished(choice, summary)
             yield chunk(None, FINISH[summary["finish_reason"]])
             if req.stream_options and req.stream_options.include_usage:
@@ -365,21 +459,41 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None) -> 
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    async def handle(request: Request, model: type[Sampling], chat: bool):
+        ticket = Ticket(request, tenants, request_log)
+        try:
+            ticket.caller = authenticate(request)
+            req = await parse(request, model, ticket)
+            admit(ticket)
+            prompt = ticket.choice.target.render(req.messages) if chat else req.prompt
+            response = await respond(req, ticket, prompt, chat)
+        except ApiError as e:
+            ticket.end(e.status)
+            if ticket.caller is not None:
+                by_tenant.labels(ticket.caller.tenant, str(e.status)).inc()
+            raise
+        except BaseException:
+            ticket.end(500)
+            raise
+        if ticket.caller is not None:
+            by_tenant.labels(ticket.caller.tenant, "200").inc()
+        return response
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req, choice = await parse(request, CompletionRequest)
-        return await respond(req, choice, req.prompt, chat=False)
+        return await handle(request, CompletionRequest, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req, choice = await parse(request, ChatRequest)
-        return await respond(req, choice, choice.target.render(req.messages), chat=True)
+        return await handle(request, ChatRequest, chat=True)
 
     return app
 
 
-def run_gateway(router: Router, host: str, port: int, max_body_bytes: int = 1 << 20, registry=None) -> Any:
+def run_gateway(router: Router, host: str, port: int, max_body_bytes: int = 1 << 20, registry=None, tenants=None,
+                request_log=None) -> Any:
     """The gateway on uvicorn in a daemon thread (a `server.RunningApp`), returned once it listens."""
     from pipeline.serving.server import run_app
 
-    return run_app(create_app(router, max_body_bytes, registry), host, port, "--openai-port (0: none)", "the OpenAI-compatible API")
+    return run_app(create_app(router, max_body_bytes, registry, tenants, request_log), host, port, "--openai-port (0: none)",
+                   "the OpenAI-compatible API")

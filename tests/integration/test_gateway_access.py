@@ -1,0 +1,145 @@
+"""`kiln serve --keys FILE --request-log FILE` with a real tritonserver, spoken to with the official
+`openai` client: 401 without a valid key, 404 for a model the key may not call (the same answer as
+a model that does not exist), 429 with Retry-After over a tenant's requests or tokens per minute
+(tokens counted from real usage), a key added or revoked while serving, and a request log whose
+chain `kiln audit verify` checks and which names the first edited, removed or reordered record."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import run_kiln
+from tests.integration.test_triton import MODEL, kiln_serving
+
+pytestmark = pytest.mark.integration
+openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
+
+KEYS = f"""\
+tenants:
+  acme:
+    models: [{MODEL}]
+    priority: critical
+  lab:
+    models: [other-model]
+  tight:
+    models: [{MODEL}]
+    requests_per_minute: 3
+  metered:
+    models: [{MODEL}]
+    tokens_per_minute: 60
+"""
+
+
+def add_key(keys, tenant: str, artifacts) -> tuple[str, str]:
+    proc = run_kiln("keys", "add", str(keys), "--tenant", tenant, artifacts=artifacts, check=True)
+    key = proc.stdout.strip().splitlines()[-1]
+    return key.split("-")[1], key
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_run, tmp_path_factory):
+    from pipeline.serving.environment import ensure_environment
+
+    try:
+        ensure_environment()
+    except Exception as e:
+        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    root = tmp_path_factory.mktemp("access")
+    keys, log = root / "keys.yaml", root / "requests.jsonl"
+    keys.write_text(KEYS)
+    key = {t: add_key(keys, t, tiny_run["artifacts"]) for t in ("acme", "lab", "tight", "metered")}
+    with kiln_serving(f"models:/{MODEL}/1", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"],
+                      "--keys", str(keys), "--request-log", str(log)) as (info, lines):
+        yield {"info": info, "keys": keys, "key": key, "log": log, "lines": lines, "artifacts": tiny_run["artifacts"], "root": root}
+    # stopping printed the chain's head, which verifies against the file
+    head = "".join(lines).split("head ")[-1].split()[0]
+    assert run_kiln("audit", "verify", str(log), "--head", head, artifacts=tiny_run["artifacts"]).returncode == 0
+
+
+def client(guarded, tenant: str | None = None, key: str | None = None):
+    api_key = key or (guarded["key"][tenant][1] if tenant else "sk-not-a-kiln-key")
+    return openai.OpenAI(base_url=guarded["info"]["openai"], api_key=api_key, max_retries=0, timeout=60)
+
+
+def test_no_key_or_a_wrong_key_is_401_and_says_so_at_start(guarded):
+    assert "API keys: " in "".join(guarded["lines"]) and "Triton's HTTP and gRPC ports stay on 127.0.0.1" in "".join(guarded["lines"])
+    acme_id, acme_key = guarded["key"]["acme"]
+    for bad in (None, acme_key[:-2] + "xx", f"kiln-{acme_id}-"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(guarded, key=bad).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(guarded).models.list()
+
+
+def test_a_tenant_sees_and_calls_only_its_models(guarded):
+    assert [m.id for m in client(guarded, "acme").models.list().data] == [MODEL, f"{MODEL}/1"]
+    assert client(guarded, "lab").models.list().data == []
+    with pytest.raises(openai.NotFoundError) as e:
+        client(guarded, "lab").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    # the same answer as a model that does not exist: nothing about what is served
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(guarded, "acme").completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.body["message"] == f"The model `{MODEL}` does not exist or you do not have access to it."
+    assert missing.value.body["message"] == "The model `no-such-model` does not exist or you do not have access to it."
+    answer = client(guarded, "acme").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert answer.model == f"{MODEL}/1" and answer.usage.completion_tokens >= 1
+
+
+def test_requests_per_minute_hold_with_retry_after(guarded):
+    tight = client(guarded, "tight")
+    for _ in range(3):
+        tight.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as e:
+        tight.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    headers = e.value.response.headers
+    assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded" and e.value.body["type"] == "requests"
+    assert 1 <= int(headers["retry-after"]) <= 20 and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_tokens_per_minute_are_counted_from_real_usage(guarded):
+    metered = client(guarded, "metered")
+    used, started = [], time.monotonic()
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(30):
+            used.append(metered.completions.create(model=MODEL, prompt="The tokens of this prompt count too", max_tokens=8,
+                                                   temperature=0).usage.total_tokens)
+    refill = (time.monotonic() - started) * 60 / 60  # 60 tokens a minute come back while this runs
+    # admitted while the tenant's 60 were not used up; the request that used them up was the last
+    assert e.value.body["type"] == "tokens" and sum(used) >= 60 and sum(used[:-1]) < 60 + refill, used
+
+
+def test_a_key_added_while_serving_works_and_a_revoked_one_stops(guarded):
+    key_id, key = add_key(guarded["keys"], "acme", guarded["artifacts"])
+    assert client(guarded, key=key).completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    run_kiln("keys", "revoke", str(guarded["keys"]), key_id, artifacts=guarded["artifacts"], check=True)
+    with pytest.raises(openai.AuthenticationError):
+        client(guarded, key=key).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+def test_the_request_log_records_each_request_and_shows_tampering(guarded):
+    stream = client(guarded, "acme").completions.create(model=MODEL, prompt="def f():", max_tokens=4, stream=True,
+                                                        extra_headers={"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
+    assert "".join(c.choices[0].text for c in stream)
+    log = guarded["log"]
+    text = log.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert {r["status"] for r in records} >= {200, 401, 404, 429}
+    for _, key in guarded["key"].values():
+        assert key not in text and key.split("-")[2] not in text  # key ids only, never a key
+    assert "prompt" not in records[0]  # prompts only when the operator opts in
+    last = records[-1]
+    assert (last["tenant"], last["key_id"], last["model"], last["version"]) == ("acme", guarded["key"]["acme"][0], MODEL, f"{MODEL}/1")
+    assert last["completion_tokens"] >= 1 and last["trace_id"] == "ab" * 16 and last["finish_reason"] in ("length", "eos")
+    ok = run_kiln("audit", "verify", str(log), artifacts=guarded["artifacts"])
+    assert ok.returncode == 0 and f"{len(records)} records, chain intact" in ok.stdout
+    lines = text.splitlines(keepends=True)
+    copy = guarded["root"] / "edited.jsonl"
+    for tampered, line in ((lines[:1] + [lines[1].replace('"status":', '"status": ')] + lines[2:], 2),
+                           (lines[:2] + lines[3:], 3), (lines[:2] + [lines[3], lines[2]] + lines[4:], 3)):
+        copy.write_text("".join(tampered))
+        bad = run_kiln("audit", "verify", str(copy), artifacts=guarded["artifacts"])
+        assert bad.returncode == 6 and f"line {line}" in bad.stdout, bad.stdout
