@@ -1,6 +1,6 @@
 """Kiln's decode engine: request state and checks (`request`), sampling (`sampler`), the in-flight
-scheduler with chunked prefill (`scheduler`) and the prefix cache (`prefix_cache`), over any
-`CausalLM` of `pipeline/modeling/runtime.py`.
+scheduler with chunked prefill (`scheduler`), the prefix cache (`prefix_cache`) and the priority
+waiting room (`waiting`), over any `CausalLM` of `pipeline/modeling/runtime.py`.
 
 Needs only numpy and a `tokenizers.Tokenizer`, and its modules import each other relatively: the
 Triton package and the MLflow model carry this folder unchanged as the package `kiln_engine`
@@ -12,6 +12,9 @@ from .prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixStats
 from .request import GenerationRequest, Limits, RequestError, Sequence, advance, completion_tokens, parse_request, prompt_char_limit
 from .sampler import sample
 from .scheduler import Row, Scheduler, chunk_size, generate
+from .waiting import CLASSES as PRIORITY_CLASSES
+from .waiting import DEFAULT_RANK, WaitingRoom
 
-__all__ = ["BLOCK_TOKENS", "GenerationRequest", "Limits", "PrefixCache", "PrefixStats", "RequestError", "Row", "Scheduler",
-           "Sequence", "advance", "chunk_size", "completion_tokens", "generate", "parse_request", "prompt_char_limit", "sample"]
+__all__ = ["BLOCK_TOKENS", "DEFAULT_RANK", "PRIORITY_CLASSES", "GenerationRequest", "Limits", "PrefixCache", "PrefixStats", "RequestError",
+           "Row", "Scheduler", "Sequence", "WaitingRoom", "advance", "chunk_size", "completion_tokens", "generate", "parse_request",
+           "prompt_char_limit", "sample"]

@@ -158,12 +158,14 @@ class Served:
     model_id: str  # NAME/VERSION: the `model` of every response
     template: str | None
     tokens: dict[str, str]
+    takes_priority: bool = False  # its config declares the `priority` and `tenant` inputs (packages since issue 26)
 
     @classmethod
     def from_repository(cls, grpc_url: str, repository: Path, model: str, name: str, version: str) -> "Served":
         version_dir = next(p for p in (repository / model).iterdir() if p.is_dir())
         engine = version_dir / "engine"
-        return cls(grpc_url, model, f"{name}/{version}", chat_template(engine), special_tokens(engine))
+        takes_priority = 'name: "priority"' in (repository / model / "config.pbtxt").read_text()
+        return cls(grpc_url, model, f"{name}/{version}", chat_template(engine), special_tokens(engine), takes_priority)
 
     @functools.cached_property
     def compiled_template(self):
@@ -183,7 +185,8 @@ class Served:
             raise ApiError(400, f"the model's chat template failed on these messages: {e}", param="messages") from None
 
 
-def triton_inputs(prompt: str, req: Sampling) -> list:
+def triton_inputs(prompt: str, req: Sampling, priority: tuple[int, str] | None = None) -> list:
+    """`priority`: (class rank, tenant) of the caller's key, for a model that takes them."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -201,6 +204,8 @@ def triton_inputs(prompt: str, req: Sampling) -> list:
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if stops:
         inputs.append(tensor("stop", "BYTES", [s.encode() for s in stops], object))
+    if priority is not None:
+        inputs += [tensor("priority", "INT32", [priority[0]], np.int32), tensor("tenant", "BYTES", [priority[1].encode()], object)]
     return inputs
 
 
@@ -227,13 +232,15 @@ class TritonClients:
         self.clients.clear()
 
 
-async def generate(client, served: Served, prompt: str, req: Sampling) -> AsyncIterator[tuple[str, dict | None]]:
+async def generate(client, served: Served, prompt: str, req: Sampling, priority: tuple[int, str] | None = None
+                   ) -> AsyncIterator[tuple[str, dict | None]]:
     """Text pieces from Triton, then ("", summary) with finish_reason and token counts. The stream
     ends by itself after the final response; leaving the iteration before that (a disconnected
     client) cancels the gRPC stream, and so the request."""
 
     async def one_request():
-        yield {"model_name": served.triton_model, "inputs": triton_inputs(prompt, req)}
+        yield {"model_name": served.triton_model,
+               "inputs": triton_inputs(prompt, req, priority if served.takes_priority else None)}
 
     responses = client.stream_infer(inputs_iterator=one_request())
     ended, refused = False, None
@@ -312,7 +319,7 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
     from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-    from pipeline.serving.tenants import AuthError, Limited, may_call
+    from pipeline.serving.tenants import PRIORITIES, AuthError, Limited, may_call
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GatewayMetrics(registry)
@@ -407,7 +414,9 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
         started = time.perf_counter()
         obj = "chat.completion" if chat else "text_completion"
         ticket.prompt = prompt
-        pieces = generate(clients.get(served.grpc_url), served, prompt, req)
+        caller = ticket.caller
+        priority = (PRIORITIES.index(caller.config.priority), caller.tenant) if caller is not None else None
+        pieces = generate(clients.get(served.grpc_url), served, prompt, req, priority)
         try:
             # the first piece is awaited before the response starts, so a refused request is a plain 4xx/503
             first = await anext(pieces)

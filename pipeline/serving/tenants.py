@@ -42,9 +42,9 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.engine.waiting import CLASSES as PRIORITIES  # the order requests keep their place under overload
 from pipeline.errors import KilnError
 
-PRIORITIES = ("critical", "standard", "batch")  # the order requests keep their place under overload
 KEY_PATTERN = re.compile(r"kiln-([0-9a-f]{12})-([A-Za-z0-9_-]{43})")
 
 
@@ -58,7 +58,7 @@ class TenantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[str] = Field(min_length=1)
-    priority: Literal["critical", "standard", "batch"] = "standard"
+    priority: Literal[PRIORITIES] = "standard"
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)

@@ -8,7 +8,10 @@ In-flight batching (`kiln_engine.Scheduler`): one worker thread runs the schedul
 request that arrives takes a free row at the next step (its prompt prefilled in chunks shared with
 the running rows' decode steps, a cached prefix reused), and a finished, stopped or cancelled request
 leaves the step it ends, its row and its KV memory freed. At most `max_batch` rows run; up to
-`max_queue` more wait, and a request beyond that is refused at once with "server busy". A request
+`max_queue` more wait, and a request beyond that is refused at once with "server busy" unless a
+waiting request of a lower priority class gives up its place to it (the optional `priority` and
+`tenant` inputs, which the OpenAI gateway sets from the caller's API key; `kiln_engine.WaitingRoom`:
+higher classes get rows first, tenants of a class take turns). A request
 whose client has gone (gRPC stream cancelled or closed) stops within one step. When `kiln serve`
 stops (it creates the file `$KILN_DRAIN_FILE` before it sends tritonserver SIGTERM) or the model is
 unloaded, every request still running or waiting gets its final response within one step
@@ -19,7 +22,8 @@ Metrics on Triton's metrics port (Python backend custom metrics), labelled with 
 version (the registry version when `kiln serve` serves a registered one): time to first token,
 time per output token (a request's mean), queue wait, generated tokens per request (histograms), running rows (gauge),
 cancelled requests, prompt tokens and prompt tokens served from the prefix cache (counters: their
-ratio is the hit rate).
+ratio is the hit rate), and for autoscaling the requests waiting for a row, the share of rows in
+use, and requests refused as busy by priority class.
 
 Before loading, every file of this model version is checked against `manifest.json` (sha256); a
 changed or missing file stops the load with a log line, so the model never becomes ready.
@@ -103,6 +107,14 @@ class Metrics:
         self.prompt_tokens = metric("kiln_prompt_tokens_total", "Prompt tokens of admitted requests", family.COUNTER)
         self.cached_tokens = metric("kiln_prefix_cache_hit_tokens_total", "Prompt tokens whose keys and values came from the prefix cache",
                                     family.COUNTER)
+        # autoscaling signals: vLLM's num_requests_waiting and its batch occupancy under Kiln's names
+        self.waiting = metric("kiln_requests_waiting", "Requests admitted and waiting for a row of the running batch", family.GAUGE)
+        self.utilization = metric("kiln_batch_utilization", "Rows of the running batch in use, 0 to 1 (KV memory is per row)",
+                                  family.GAUGE)
+        refused = family(name="kiln_requests_refused_total", description="Requests refused as server busy (full, or pushed "
+                         "out by a higher class), by priority class", kind=family.COUNTER)
+        self.families.append(refused)
+        self.refused = [refused.Metric(labels={**labels, "priority": name}) for name in kiln_engine.PRIORITY_CLASSES]
 
 
 class Client:
@@ -165,9 +177,9 @@ class TritonPythonModel:
         self.max_queue = int(serving["max_queue"])
         self.scheduler_options = dict(serving.get("scheduler", {}))
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
-        self.pending = queue.Queue()
+        self.pending = kiln_engine.WaitingRoom()
         self.clients = []  # admitted, not finished
-        self.shown_active = 0
+        self.shown_active = self.shown_waiting = 0
         self.free_rows = self.max_batch  # written by the worker after each step, read by execute
         self.stopping = threading.Event()
         self.drain_file = os.environ.get("KILN_DRAIN_FILE")
@@ -194,12 +206,20 @@ class TritonPythonModel:
                 sender.send(error_response("server shutting down"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             # a request waits only for a row: as many as are free (the worker's last count) go
-            # straight in, `max_queue` more may wait, and any beyond that are refused now
-            if self.pending.qsize() >= self.free_rows + self.max_queue:
-                sender.send(error_response(f"server busy: {self.max_batch} requests running and {self.max_queue} waiting; retry later"),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            self.pending.put((request, sender, parsed, bool(stream[0]) if stream is not None and len(stream) else False, now))
+            # straight in, `max_queue` more may wait; beyond that a lower class's waiting request
+            # gives up its place (kiln_engine.WaitingRoom), else this one is refused now
+            rank = scalar(request, "priority")
+            rank = int(rank[0]) if rank is not None and len(rank) else kiln_engine.DEFAULT_RANK
+            tenant = scalar(request, "tenant")
+            item = (request, sender, parsed, bool(stream[0]) if stream is not None and len(stream) else False, now, rank)
+            admitted, pushed_out = self.pending.offer(item, rank, text_of(tenant[0]) if tenant is not None and len(tenant) else "",
+                                                      capacity=self.free_rows + self.max_queue)
+            for refused, why in ((pushed_out, "a higher-priority request took its place"), (None if admitted else item, "")):
+                if refused is not None:
+                    self.metrics.refused[min(max(refused[5], 0), 2)].increment(1)
+                    refused[1].send(error_response(f"server busy: {self.max_batch} requests running and {self.max_queue} waiting"
+                                                   f"{'; ' + why if why else ''}; retry later"),
+                                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     def new_scheduler(self):
@@ -229,24 +249,23 @@ class TritonPythonModel:
             except Exception:
                 pass  # its client is gone
         self.clients = []
-        while True:
+        for _request, sender, parsed, *_ in self.pending.drain():
+            # a final response, not an error: tritonserver 2.51 then never unloads the model (measured)
+            self.metrics.cancelled.increment(1)
             try:
-                item = self.pending.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:  # a final response, not an error: tritonserver 2.51 then never unloads the model (measured)
-                request, sender, parsed = item[:3]
-                self.metrics.cancelled.increment(1)
-                try:
-                    sender.send(final_response("", "cancelled", len(parsed.prompt_ids), 0), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                except Exception:
-                    pass  # its client is gone
+                sender.send(final_response("", "cancelled", len(parsed.prompt_ids), 0), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:
+                pass  # its client is gone
 
     def show_active(self, running):
         self.free_rows = running.free
         if running.active != self.shown_active:  # a gauge update is a round trip to the server: only on change
             self.metrics.active.set(running.active)
+            self.metrics.utilization.set(running.active / self.max_batch)
             self.shown_active = running.active
+        if len(self.pending) != self.shown_waiting:
+            self.shown_waiting = len(self.pending)
+            self.metrics.waiting.set(self.shown_waiting)
 
     def iterate(self, running) -> bool:
         """Admit what waits (block only when nothing runs), drop cancelled rows, decode one step.
@@ -257,11 +276,11 @@ class TritonPythonModel:
         arrivals, stopping = [], False
         try:
             while len(arrivals) < running.free:
-                item = self.pending.get() if not running.active and not arrivals else self.pending.get_nowait()
+                item = self.pending.get(block=not running.active and not arrivals)
                 if item is None:
                     stopping = True
                     break
-                client = Client(*item, self.metrics)
+                client = Client(*item[:5], self.metrics)
                 if client.gone():  # cancelled while it waited
                     self.metrics.cancelled.increment(1)
                     self.close(client, None)
@@ -313,5 +332,5 @@ class TritonPythonModel:
     def finalize(self):
         # the worker reads the queue only when a row is free: under full load the event stops it
         self.stopping.set()
-        self.pending.put(None)
+        self.pending.close()
         self.worker.join(timeout=10)

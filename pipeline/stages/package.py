@@ -39,6 +39,8 @@ INPUTS = [  # name, Triton type, dims, optional
     ("seed", "TYPE_UINT64", "[ 1 ]", True),
     ("stop", "TYPE_STRING", "[ -1 ]", True),
     ("stream", "TYPE_BOOL", "[ 1 ]", True),
+    ("priority", "TYPE_INT32", "[ 1 ]", True),  # 0 critical, 1 standard (default), 2 batch: who waits, who is refused
+    ("tenant", "TYPE_STRING", "[ 1 ]", True),  # tenants of one class take turns for rows
 ]
 
 

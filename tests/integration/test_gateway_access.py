@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_kiln
+from tests.conftest import TINY_RECIPE, run_kiln
 from tests.integration.test_triton import MODEL, kiln_serving
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,16 @@ tenants:
   metered:
     models: [{MODEL}]
     tokens_per_minute: 60
+  ops:
+    models: [{MODEL}]
+    priority: critical
+  bulk:
+    models: [{MODEL}]
+    priority: batch
 """
+# a package with 2 rows and 4 places to wait, so a dozen requests overload it
+SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set", "package.max_tokens_cap=220")
+LONG_PROMPT = "The quick brown fox"
 
 
 def add_key(keys, tenant: str, artifacts) -> tuple[str, str]:
@@ -48,11 +57,11 @@ def guarded(tiny_run, tmp_path_factory):
     except Exception as e:
         pytest.skip(f"the Triton serving environment could not be created here: {e}")
     root = tmp_path_factory.mktemp("access")
-    keys, log = root / "keys.yaml", root / "requests.jsonl"
+    keys, log, store = root / "keys.yaml", root / "requests.jsonl", f"sqlite:///{root / 'mlflow.db'}"
     keys.write_text(KEYS)
-    key = {t: add_key(keys, t, tiny_run["artifacts"]) for t in ("acme", "lab", "tight", "metered")}
-    with kiln_serving(f"models:/{MODEL}/1", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"],
-                      "--keys", str(keys), "--request-log", str(log)) as (info, lines):
+    key = {t: add_key(keys, t, tiny_run["artifacts"]) for t in ("acme", "lab", "tight", "metered", "ops", "bulk")}
+    run_kiln("run", str(TINY_RECIPE), *SMALL, artifacts=tiny_run["artifacts"], env={"MLFLOW_TRACKING_URI": store}, check=True)
+    with kiln_serving(f"models:/{MODEL}/1", tiny_run["artifacts"], store, "--keys", str(keys), "--request-log", str(log)) as (info, lines):
         yield {"info": info, "keys": keys, "key": key, "log": log, "lines": lines, "artifacts": tiny_run["artifacts"], "root": root}
     # stopping printed the chain's head, which verifies against the file
     head = "".join(lines).split("head ")[-1].split()[0]
@@ -110,6 +119,52 @@ def test_tokens_per_minute_are_counted_from_real_usage(guarded):
     refill = (time.monotonic() - started) * 60 / 60  # 60 tokens a minute come back while this runs
     # admitted while the tenant's 60 were not used up; the request that used them up was the last
     assert e.value.body["type"] == "tokens" and sum(used) >= 60 and sum(used[:-1]) < 60 + refill, used
+
+
+def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_served(guarded):
+    """2 rows run and 4 wait, all batch class; 4 critical requests arrive and each takes a waiting
+    batch request's place (those get 503 "server busy"). Every critical request is served. (A
+    batch request arriving at a room full of critical ones is refused: tests/unit/test_access.py.)"""
+    import asyncio
+    import urllib.request
+
+    long = client(guarded, "acme").completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=220, temperature=0)
+    assert long.choices[0].finish_reason == "length"  # a greedy answer that keeps a row busy for 220 steps
+
+    def waiting() -> float:
+        text = urllib.request.urlopen(guarded["info"]["metrics"], timeout=10).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kiln_requests_waiting{"))
+
+    async def overload():
+        def aclient(tenant):
+            return openai.AsyncOpenAI(base_url=guarded["info"]["openai"], api_key=guarded["key"][tenant][1], max_retries=0, timeout=120)
+
+        async def one(c, cls):
+            try:
+                answer = await c.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=220, temperature=0)
+                return cls, 200, answer.choices[0].finish_reason
+            except openai.APIStatusError as e:
+                return cls, e.status_code, e.body.get("message") if isinstance(e.body, dict) else str(e.body)
+
+        bulk, ops = aclient("bulk"), aclient("ops")
+        tasks = [asyncio.create_task(one(bulk, "batch")) for _ in range(6)]
+        for _ in range(200):  # until 4 wait (the autoscaling gauge shows it)
+            await asyncio.sleep(0.02)
+            if await asyncio.to_thread(waiting) == 4:
+                break
+        assert await asyncio.to_thread(waiting) == 4
+        tasks += [asyncio.create_task(one(ops, "critical")) for _ in range(4)]
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(overload())
+    critical = [r for r in results if r[0] == "critical"]
+    batch = [r for r in results if r[0] == "batch"]
+    assert [r[1] for r in critical] == [200] * 4, results
+    # each critical arrival found the room full and pushed out a waiting batch request (4 when all
+    # arrive before the 2 running rows end, ~0.3 s here; fewer if a row freed first)
+    pushed = [r for r in batch if r[1] == 503]
+    assert all("a higher-priority request took its place" in str(r[2]) for r in pushed) and 1 <= len(pushed) <= 4, results
+    assert all(r[1] in (200, 503) for r in batch), results
 
 
 def test_a_key_added_while_serving_works_and_a_revoked_one_stops(guarded):

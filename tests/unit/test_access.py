@@ -188,3 +188,34 @@ def test_records_cut_from_the_end_show_against_the_kept_head(tmp_path):
     assert verify_file(path).records == 3  # the chain alone cannot tell
     with pytest.raises(IntegrityError, match="cut from its end"):
         verify_file(path, head=head)
+
+
+def test_rows_go_to_the_highest_class_first_and_tenants_take_turns():
+    from pipeline.engine import WaitingRoom
+
+    room = WaitingRoom()
+    for item, rank, tenant in (("b1", 2, "bulk"), ("s1", 1, "a"), ("a1", 1, "a"), ("a2", 1, "a"), ("c1", 0, "ops"), ("x1", 1, "b")):
+        assert room.offer(item, rank, tenant) == (True, None)
+    assert [room.get() for _ in range(6)] == ["c1", "s1", "x1", "a1", "a2", "b1"]  # a, b, a, a within standard
+
+
+def test_a_full_room_refuses_batch_first_and_keeps_every_critical_request():
+    import queue
+
+    from pipeline.engine import WaitingRoom
+
+    room = WaitingRoom()
+    assert room.offer("b1", 2, "bulk", capacity=3) == (True, None)
+    assert room.offer("b2", 2, "bulk", capacity=3) == (True, None)
+    assert room.offer("s1", 1, "a", capacity=3) == (True, None)
+    assert room.offer("b3", 2, "bulk", capacity=3) == (False, None)  # full: nothing below batch
+    assert room.offer("c1", 0, "ops", capacity=3) == (True, "b2")  # the newest batch request gives up its place
+    assert room.offer("c2", 0, "ops", capacity=3) == (True, "b1")
+    assert room.offer("c3", 0, "ops", capacity=3) == (True, "s1")  # then standard
+    assert room.offer("c4", 0, "ops", capacity=3) == (False, None)  # critical never pushes out critical
+    assert len(room) == 3 and room.drain() == ["c1", "c2", "c3"]
+    with pytest.raises(queue.Empty):
+        room.get(block=False)
+    room.offer("late", 1, "a")
+    room.close()
+    assert room.get() is None and room.drain() == ["late"]  # closed: the worker stops, what waited is handed back
