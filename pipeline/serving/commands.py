@@ -144,7 +144,7 @@ def serve(
     if keys is not None:
         host_backend = "127.0.0.1"  # Triton's own ports check no key: only the OpenAI port faces callers
         console.print(f"API keys: {keys} ({len(access.tenants.doc.tenants)} tenant(s), {len(access.tenants.doc.keys)} key(s)); "
-                      f"Triton's HTTP and gRPC ports stay on {host_backend}")
+                      f"Triton's HTTP and gRPC ports stay on {host_backend} (its metrics on {host})")
     else:
         host_backend = host
         if openai_port:
@@ -214,7 +214,7 @@ def serve_pinned(repository: Path, served_name: str | None, served_version: str 
     # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
     # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
     with triton_server(repository, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port),
-                       http_host="127.0.0.1", version=served_version) as (proc, triton):
+                       http_host="127.0.0.1", metrics_host=host, version=served_version) as (proc, triton):
         guard = run_app(HttpGuard(triton.http, max_body_bytes), backend, http_port, "--http-port", "the KServe HTTP port")
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
@@ -226,7 +226,7 @@ def serve_pinned(repository: Path, served_name: str | None, served_version: str 
         if openai_port:
             served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
             gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes, tenants=access.tenants,
-                                  request_log=access.request_log)
+                                  request_log=access.request_log, triton_metrics=triton.metrics)
             openai_url = f"http://{host}:{openai_port}/v1"
             console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
         print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
@@ -270,7 +270,8 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
         os.environ.setdefault(variable, value)
     metrics = CollectorRegistry()
     router = Router(seed=splits.seed)
-    with triton_server(None, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1") as (proc, triton):
+    with triton_server(None, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1",
+                       metrics_host=host) as (proc, triton):
         fleet = Fleet(registry, name, TritonAdmin(triton.http), triton.grpc, served_repository(proc), router, splits,
                       FleetMetrics(metrics), log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"),
                       interval=interval, standby=standby)
@@ -281,7 +282,7 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         gateway = openai_url = None
         if openai_port:
-            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics, access.tenants, access.request_log)
+            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics, access.tenants, access.request_log, triton.metrics)
             openai_url = f"http://{host}:{openai_port}/v1"
         routes = router.routes
         console.print(f"Triton serving {name}, following {registry.tracking_uri} every {interval:g} s: "

@@ -17,6 +17,7 @@ requests, tokens and time to first token per model, alias and version (Prometheu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -310,8 +311,11 @@ def pinned_router(served: Served) -> Router:
     return router
 
 
-def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, tenants=None, request_log=None) -> FastAPI:
-    """`registry`: the Prometheus CollectorRegistry `/metrics` shows (the fleet adds its own metrics to it).
+def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, tenants=None, request_log=None,
+               triton_metrics: str | None = None) -> FastAPI:
+    """`registry`: the Prometheus CollectorRegistry `/metrics` shows (the fleet adds its own metrics to it);
+    `triton_metrics`: Triton's metrics URL, whose text `/metrics` appends (the model's queue and
+    batch gauges beside the gateway's: one scrape target for a HorizontalPodAutoscaler).
     `tenants` (tenants.Tenants): API keys, model grants and limits, checked on every request; None:
     open to anyone who reaches the port. `request_log` (request_log.RequestLog): one chained record
     per completion request."""
@@ -400,9 +404,27 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
             listing = [e for e in listing if may_call(caller.config.models, e["id"])]
         return {"object": "list", "data": listing}
 
+    def triton_text() -> bytes:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(triton_metrics, timeout=5) as r:
+                return r.read()
+        except OSError:
+            return b""  # tritonserver not answering: the gateway's own metrics still go out
+
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+        if triton_metrics:
+            text += await asyncio.to_thread(triton_text)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health():
+        """No key needed (a probe has none): 200 once a version is loaded, 503 before."""
+        loaded = router.routes is not None and bool(router.routes.targets)
+        return JSONResponse({"status": "ok" if loaded else "loading"}, status_code=200 if loaded else 503)
 
     async def respond(req: Sampling, ticket: Ticket, prompt: str, chat: bool):
         choice = ticket.choice
@@ -500,9 +522,9 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
 
 
 def run_gateway(router: Router, host: str, port: int, max_body_bytes: int = 1 << 20, registry=None, tenants=None,
-                request_log=None) -> Any:
+                request_log=None, triton_metrics: str | None = None) -> Any:
     """The gateway on uvicorn in a daemon thread (a `server.RunningApp`), returned once it listens."""
     from pipeline.serving.server import run_app
 
-    return run_app(create_app(router, max_body_bytes, registry, tenants, request_log), host, port, "--openai-port (0: none)",
-                   "the OpenAI-compatible API")
+    return run_app(create_app(router, max_body_bytes, registry, tenants, request_log, triton_metrics), host, port,
+                   "--openai-port (0: none)", "the OpenAI-compatible API")

@@ -48,6 +48,7 @@ class Addresses:
     grpc_port: int
     metrics_port: int
     http_host: str | None = None  # where HTTP listens when not on `host`
+    metrics_host: str | None = None  # where metrics listen when not on `host`
 
     @property
     def http(self) -> str:
@@ -59,7 +60,7 @@ class Addresses:
 
     @property
     def metrics(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{self.metrics_host or self.host}:{self.metrics_port}/metrics"
 
 
 def free_port() -> int:
@@ -94,9 +95,12 @@ def log_tail(log_file: Path, lines: int = 15) -> str:
 @contextlib.contextmanager
 def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
                   ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120,
-                  version: str | None = None, http_host: str | None = None) -> Iterator[tuple[subprocess.Popen, Addresses]]:
+                  version: str | None = None, http_host: str | None = None, metrics_host: str | None = None
+                  ) -> Iterator[tuple[subprocess.Popen, Addresses]]:
     """`version`: serve each model as this version (the registry version) instead of the package's "1".
     `http_host`: HTTP's interface when not `host` (`kiln serve` keeps it on loopback, behind its guard).
+    `metrics_host`: the metrics' interface when not `host` (with API keys, inference stays on
+    loopback while Prometheus still scrapes the metrics).
     `repository` None: an empty repository under explicit model control, which the caller fills and
     loads through Triton's repository API (fleet.py; `served_repository(proc)` is its folder)."""
     # Triton's Python backend writes __pycache__ beside model.py whatever the environment says
@@ -113,10 +117,10 @@ def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Pa
             if (model_dir / "1").is_dir():
                 (model_dir / "1").rename(model_dir / version)
     http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
-    addresses = Addresses(host, http_port, grpc_port, metrics_port, http_host)
+    addresses = Addresses(host, http_port, grpc_port, metrics_port, http_host, metrics_host)
     cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",
            f"--http-address={http_host or host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-           f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0",
+           f"--metrics-address={metrics_host or host}", f"--metrics-port={metrics_port}", "--exit-on-error=false", "--log-verbose=0",
            # at SIGTERM tritonserver waits this long for in-flight requests (default 30 s); the model
            # ends its own at unload, and `kiln serve` has already closed its clients' connections
            f"--exit-timeout-secs={EXIT_TIMEOUT_S}"] + (["--model-control-mode=explicit"] if repository is None else [])
