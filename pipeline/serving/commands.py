@@ -86,6 +86,8 @@ def serve(
     request_log: Annotated[Optional[Path], typer.Option(help="Append one hash-chained JSON line per OpenAI request "
                                                              "(`kiln audit verify FILE` checks it).")] = None,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Also write each prompt into the request log.")] = False,
+    otlp_endpoint: Annotated[Optional[str], typer.Option(help="OpenTelemetry collector (OTLP/HTTP, e.g. http://localhost:4318): "
+                                                              "a trace per request from the gateway through Triton into the model.")] = None,
     prepare: Annotated[bool, typer.Option("--prepare", help="Only create the serving environment (what `make setup` runs), then exit.")] = False,
     tracking_uri: StoreOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -137,7 +139,7 @@ def serve(
             served_version, served_name = str(mv.version), mv.name  # Triton's model version = the registry version
         if repository is not None:
             refuse_gpu_engines(repository)
-        access = open_access(keys, request_log, log_prompts, console)
+        access = open_access(keys, request_log, log_prompts, otlp_endpoint, console)
         env = ensure_environment(log=console.print)
     except KilnError as e:
         fail(console, e)
@@ -178,27 +180,38 @@ def serve(
 
 @dataclasses.dataclass
 class Access:
-    """What the OpenAI port checks and records: API keys (tenants.Tenants) and the request log."""
+    """What the OpenAI port checks and records: API keys (tenants.Tenants), the request log, traces."""
 
     tenants: object | None = None
     request_log: object | None = None
+    tracing: object | None = None  # tracing.GatewayTracing
+    otlp_endpoint: str | None = None
 
     def close(self, console) -> None:
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans still queued go out
         if self.request_log is not None:
             self.request_log.close()
             # the chain's head, to keep elsewhere: records cut from the log's end show against it
             console.print(f"request log {self.request_log.path}: {self.request_log.seq} records, head {self.request_log.prev}")
 
 
-def open_access(keys: Path | None, request_log: Path | None, log_prompts: bool, console) -> Access:
+def open_access(keys: Path | None, request_log: Path | None, log_prompts: bool, otlp_endpoint: str | None, console) -> Access:
     from pipeline.serving.request_log import RequestLog
     from pipeline.serving.tenants import Tenants
+    from pipeline.serving.tracing import GatewayTracing, traces_url
 
     tenants = Tenants(keys, log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")) if keys else None
     log = RequestLog(request_log, with_prompts=log_prompts) if request_log else None
     if log is not None:
         console.print(f"request log: {request_log} (continuing at record {log.seq + 1}{', with prompts' if log_prompts else ''})")
-    return Access(tenants, log)
+    tracing = None
+    if otlp_endpoint:
+        if not otlp_endpoint.startswith(("http://", "https://")):
+            raise KilnError(f"--otlp-endpoint {otlp_endpoint!r}: an OTLP/HTTP collector URL, e.g. http://localhost:4318")
+        tracing = GatewayTracing(otlp_endpoint)
+        console.print(f"traces: gateway, tritonserver and model spans to {traces_url(otlp_endpoint)}")
+    return Access(tenants, log, tracing, otlp_endpoint)
 
 
 def serve_pinned(repository: Path, served_name: str | None, served_version: str | None, env, log_file: Path, console, *,
@@ -214,7 +227,7 @@ def serve_pinned(repository: Path, served_name: str | None, served_version: str 
     # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
     # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
     with triton_server(repository, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port),
-                       http_host="127.0.0.1", metrics_host=host, version=served_version) as (proc, triton):
+                       http_host="127.0.0.1", metrics_host=host, version=served_version, otlp_endpoint=access.otlp_endpoint) as (proc, triton):
         guard = run_app(HttpGuard(triton.http, max_body_bytes), backend, http_port, "--http-port", "the KServe HTTP port")
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         example = json.dumps({"text_input": "What is Python?", "max_tokens": 32})
@@ -226,7 +239,7 @@ def serve_pinned(repository: Path, served_name: str | None, served_version: str 
         if openai_port:
             served = Served.from_repository(a.grpc, repository, models[0], served_name or models[0], version)
             gateway = run_gateway(pinned_router(served), host, openai_port, max_body_bytes, tenants=access.tenants,
-                                  request_log=access.request_log, triton_metrics=triton.metrics)
+                                  request_log=access.request_log, triton_metrics=triton.metrics, tracing=access.tracing)
             openai_url = f"http://{host}:{openai_port}/v1"
             console.print(f"OpenAI-compatible API: {openai_url} (model {served.model_id!r})")
         print(json.dumps({"http": a.http, "grpc": a.grpc, "metrics": a.metrics, "openai": openai_url, "models": models,
@@ -271,7 +284,7 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
     metrics = CollectorRegistry()
     router = Router(seed=splits.seed)
     with triton_server(None, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1",
-                       metrics_host=host) as (proc, triton):
+                       metrics_host=host, otlp_endpoint=access.otlp_endpoint) as (proc, triton):
         fleet = Fleet(registry, name, TritonAdmin(triton.http), triton.grpc, served_repository(proc), router, splits,
                       FleetMetrics(metrics), log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"),
                       interval=interval, standby=standby)
@@ -282,7 +295,8 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
         gateway = openai_url = None
         if openai_port:
-            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics, access.tenants, access.request_log, triton.metrics)
+            gateway = run_gateway(router, host, openai_port, max_body_bytes, metrics, access.tenants, access.request_log, triton.metrics,
+                                  access.tracing)
             openai_url = f"http://{host}:{openai_port}/v1"
         routes = router.routes
         console.print(f"Triton serving {name}, following {registry.tracking_uri} every {interval:g} s: "

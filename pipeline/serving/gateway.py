@@ -110,6 +110,8 @@ class Ticket:
     request: Any  # the starlette Request
     tenants: Any  # tenants.Tenants or None
     log: Any  # request_log.RequestLog or None
+    tracing: Any = None  # tracing.GatewayTracing or None
+    span: Any = None  # the request's server span while tracing
     caller: Any = None  # tenants.Caller once authenticated
     admitted: bool = False
     model: str | None = None
@@ -124,6 +126,10 @@ class Ticket:
         tokens = summary["prompt_tokens"] + summary["completion_tokens"] if summary else 0
         if self.admitted:
             self.tenants.release(self.caller, tokens)
+        if self.span is not None:
+            self.tracing.end(self.span, status, summary, finish, **{
+                "gen_ai.request.model": self.model, "gen_ai.response.model": self.choice.target.model_id if self.choice else None,
+                "kiln.alias": self.choice.alias if self.choice else None, "kiln.tenant": self.caller.tenant if self.caller else None})
         if self.log is not None:
             self.log.append(tenant=self.caller.tenant if self.caller else None, key_id=self.caller.key_id if self.caller else None,
                             model=self.model, alias=self.choice.alias if self.choice else None,
@@ -131,7 +137,8 @@ class Ticket:
                             finish_reason=finish or (summary or {}).get("finish_reason"),
                             prompt_tokens=summary["prompt_tokens"] if summary else None,
                             completion_tokens=summary["completion_tokens"] if summary else None,
-                            trace_id=trace_id(self.request.headers.get("traceparent")), prompt=self.prompt)
+                            trace_id=self.tracing.trace_id(self.span) if self.span is not None
+                            else trace_id(self.request.headers.get("traceparent")), prompt=self.prompt)
 
 
 def chat_template(engine_dir: Path) -> str | None:
@@ -233,8 +240,8 @@ class TritonClients:
         self.clients.clear()
 
 
-async def generate(client, served: Served, prompt: str, req: Sampling, priority: tuple[int, str] | None = None
-                   ) -> AsyncIterator[tuple[str, dict | None]]:
+async def generate(client, served: Served, prompt: str, req: Sampling, priority: tuple[int, str] | None = None,
+                   metadata: dict[str, str] | None = None) -> AsyncIterator[tuple[str, dict | None]]:
     """Text pieces from Triton, then ("", summary) with finish_reason and token counts. The stream
     ends by itself after the final response; leaving the iteration before that (a disconnected
     client) cancels the gRPC stream, and so the request."""
@@ -243,7 +250,7 @@ async def generate(client, served: Served, prompt: str, req: Sampling, priority:
         yield {"model_name": served.triton_model,
                "inputs": triton_inputs(prompt, req, priority if served.takes_priority else None)}
 
-    responses = client.stream_infer(inputs_iterator=one_request())
+    responses = client.stream_infer(inputs_iterator=one_request(), headers=metadata)  # metadata: a trace's context
     ended, refused = False, None
     try:
         async for result, error in responses:
@@ -312,10 +319,11 @@ def pinned_router(served: Served) -> Router:
 
 
 def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, tenants=None, request_log=None,
-               triton_metrics: str | None = None) -> FastAPI:
+               triton_metrics: str | None = None, tracing=None) -> FastAPI:
     """`registry`: the Prometheus CollectorRegistry `/metrics` shows (the fleet adds its own metrics to it);
     `triton_metrics`: Triton's metrics URL, whose text `/metrics` appends (the model's queue and
     batch gauges beside the gateway's: one scrape target for a HorizontalPodAutoscaler).
+    `tracing` (tracing.GatewayTracing): a server span per request, its context sent on to Triton.
     `tenants` (tenants.Tenants): API keys, model grants and limits, checked on every request; None:
     open to anyone who reaches the port. `request_log` (request_log.RequestLog): one chained record
     per completion request."""
@@ -374,6 +382,8 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
             where = ".".join(str(p) for p in first["loc"]) or None
             raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
         ticket.model = parsed.model
+        if ticket.span is not None:  # the GenAI conventions' span name: "{operation} {model}"
+            ticket.span.update_name(f"{'chat' if model is ChatRequest else 'text_completion'} {parsed.model}")
         if ticket.caller is not None and not may_call(ticket.caller.config.models, parsed.model):
             raise not_found(parsed.model)
         try:
@@ -438,7 +448,8 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
         ticket.prompt = prompt
         caller = ticket.caller
         priority = (PRIORITIES.index(caller.config.priority), caller.tenant) if caller is not None else None
-        pieces = generate(clients.get(served.grpc_url), served, prompt, req, priority)
+        metadata = tracing.metadata(ticket.span) if ticket.span is not None else None
+        pieces = generate(clients.get(served.grpc_url), served, prompt, req, priority, metadata)
         try:
             # the first piece is awaited before the response starts, so a refused request is a plain 4xx/503
             first = await anext(pieces)
@@ -447,6 +458,8 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
             raise
         metrics.first_token(choice, time.perf_counter() - started)
         metrics.answered(choice, 200)
+        if ticket.span is not None:
+            ticket.span.set_attribute("kiln.time_to_first_token_s", time.perf_counter() - started)
         if not req.stream:
             (text, summary) = first
             async for piece, info in pieces:
@@ -491,7 +504,9 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     async def handle(request: Request, model: type[Sampling], chat: bool):
-        ticket = Ticket(request, tenants, request_log)
+        ticket = Ticket(request, tenants, request_log, tracing)
+        if tracing is not None:
+            ticket.span = tracing.start(request.headers, "chat" if chat else "text_completion")
         try:
             ticket.caller = authenticate(request)
             req = await parse(request, model, ticket)
@@ -522,9 +537,9 @@ def create_app(router: Router, max_body_bytes: int = 1 << 20, registry=None, ten
 
 
 def run_gateway(router: Router, host: str, port: int, max_body_bytes: int = 1 << 20, registry=None, tenants=None,
-                request_log=None, triton_metrics: str | None = None) -> Any:
+                request_log=None, triton_metrics: str | None = None, tracing=None) -> Any:
     """The gateway on uvicorn in a daemon thread (a `server.RunningApp`), returned once it listens."""
     from pipeline.serving.server import run_app
 
-    return run_app(create_app(router, max_body_bytes, registry, tenants, request_log, triton_metrics), host, port,
+    return run_app(create_app(router, max_body_bytes, registry, tenants, request_log, triton_metrics, tracing), host, port,
                    "--openai-port (0: none)", "the OpenAI-compatible API")

@@ -95,12 +95,13 @@ def log_tail(log_file: Path, lines: int = 15) -> str:
 @contextlib.contextmanager
 def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Path, *, host: str = "127.0.0.1",
                   ports: tuple[int, int, int] | None = None, wait_ready: bool = True, timeout: float = 120,
-                  version: str | None = None, http_host: str | None = None, metrics_host: str | None = None
-                  ) -> Iterator[tuple[subprocess.Popen, Addresses]]:
+                  version: str | None = None, http_host: str | None = None, metrics_host: str | None = None,
+                  otlp_endpoint: str | None = None) -> Iterator[tuple[subprocess.Popen, Addresses]]:
     """`version`: serve each model as this version (the registry version) instead of the package's "1".
     `http_host`: HTTP's interface when not `host` (`kiln serve` keeps it on loopback, behind its guard).
     `metrics_host`: the metrics' interface when not `host` (with API keys, inference stays on
-    loopback while Prometheus still scrapes the metrics).
+    loopback while Prometheus still scrapes the metrics). `otlp_endpoint`: OpenTelemetry traces of
+    every request from tritonserver and from the model (tracing.py), to that OTLP/HTTP collector.
     `repository` None: an empty repository under explicit model control, which the caller fills and
     loads through Triton's repository API (fleet.py; `served_repository(proc)` is its folder)."""
     # Triton's Python backend writes __pycache__ beside model.py whatever the environment says
@@ -124,9 +125,15 @@ def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Pa
            # at SIGTERM tritonserver waits this long for in-flight requests (default 30 s); the model
            # ends its own at unload, and `kiln serve` has already closed its clients' connections
            f"--exit-timeout-secs={EXIT_TIMEOUT_S}"] + (["--model-control-mode=explicit"] if repository is None else [])
+    tracing_env = {}
+    if otlp_endpoint:
+        from pipeline.serving.tracing import triton_trace_options
+
+        cmd += triton_trace_options(otlp_endpoint)
+        tracing_env = {"KILN_OTLP_ENDPOINT": otlp_endpoint}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env.process_env(), DRAIN_VARIABLE: str(drain)},
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env.process_env(), DRAIN_VARIABLE: str(drain), **tracing_env},
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + timeout

@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE))
 import kiln_engine  # noqa: E402  (copied beside this file by Kiln's package stage)
 import kiln_manifest  # noqa: E402
 import kiln_runtime  # noqa: E402
+import kiln_tracing  # noqa: E402
 
 PARAMS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
 SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -59,6 +60,15 @@ def scalar(request, name):
 
 def text_of(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def trace_context(request) -> str | None:
+    """Triton's trace context of a request (JSON of W3C headers), None when Triton does not trace it."""
+    try:
+        trace = request.trace()
+        return trace.get_context() if trace is not None else None
+    except Exception:  # a backend without the trace API, or tracing off in tritonserver
+        return None
 
 
 def error_response(message: str):
@@ -120,11 +130,27 @@ class Metrics:
 class Client:
     """One admitted request: how its text goes back, and its timings."""
 
-    def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics):
+    def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics, trace=None):
         self.request, self.sender, self.stream, self.arrived, self.metrics = request, sender, stream, arrived, metrics
         self.parsed = parsed
         self.text, self.tokens, self.first = "", 0, None  # first: when the first token went out
         self.row = None
+        self.trace = trace  # (ModelTracing, parent context) when this request is traced
+        self.admitted = None
+
+    def end_trace(self, finish_reason: str) -> None:
+        """The request's spans, once, when it ends (finished, cancelled or failed)."""
+        if self.trace is None:
+            return
+        tracing, parent = self.trace
+        self.trace = None
+        wall = time.time() - time.monotonic()  # monotonic timings as wall-clock nanoseconds
+        at = {k: None if v is None else int((v + wall) * 1e9) for k, v in
+              (("arrived", self.arrived), ("admitted", self.admitted), ("first_token", self.first), ("ended", time.monotonic()))}
+        tracing.record(parent, at, {"gen_ai.usage.input_tokens": len(self.parsed.prompt_ids),
+                                    "gen_ai.usage.output_tokens": kiln_engine.completion_tokens(self.tokens, finish_reason),
+                                    "gen_ai.response.finish_reasons": [finish_reason],
+                                    "kiln.cached_prompt_tokens": getattr(self.row, "cached", None)})
 
     def gone(self) -> bool:
         # one call to the server per row and step (each is a round trip to tritonserver): the
@@ -148,6 +174,7 @@ class Client:
             completion = kiln_engine.completion_tokens(self.tokens, finish_reason)
             self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion),
                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.end_trace(finish_reason)
 
 
 class TritonPythonModel:
@@ -177,6 +204,8 @@ class TritonPythonModel:
         self.max_queue = int(serving["max_queue"])
         self.scheduler_options = dict(serving.get("scheduler", {}))
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
+        endpoint = os.environ.get("KILN_OTLP_ENDPOINT")  # set by `kiln serve --otlp-endpoint`
+        self.tracing = kiln_tracing.ModelTracing(endpoint) if endpoint else None
         self.pending = kiln_engine.WaitingRoom()
         self.clients = []  # admitted, not finished
         self.shown_active = self.shown_waiting = 0
@@ -211,7 +240,10 @@ class TritonPythonModel:
             rank = scalar(request, "priority")
             rank = int(rank[0]) if rank is not None and len(rank) else kiln_engine.DEFAULT_RANK
             tenant = scalar(request, "tenant")
-            item = (request, sender, parsed, bool(stream[0]) if stream is not None and len(stream) else False, now, rank)
+            trace = None
+            if self.tracing is not None:  # the context of Triton's span for this request: the model's spans join its trace
+                trace = (self.tracing, self.tracing.parent(trace_context(request)))
+            item = (request, sender, parsed, bool(stream[0]) if stream is not None and len(stream) else False, now, rank, trace)
             admitted, pushed_out = self.pending.offer(item, rank, text_of(tenant[0]) if tenant is not None and len(tenant) else "",
                                                       capacity=self.free_rows + self.max_queue)
             for refused, why in ((pushed_out, "a higher-priority request took its place"), (None if admitted else item, "")):
@@ -280,7 +312,7 @@ class TritonPythonModel:
                 if item is None:
                     stopping = True
                     break
-                client = Client(*item[:5], self.metrics)
+                client = Client(*item[:5], self.metrics, item[6])
                 if client.gone():  # cancelled while it waited
                     self.metrics.cancelled.increment(1)
                     self.close(client, None)
@@ -308,6 +340,7 @@ class TritonPythonModel:
             return
         now = time.monotonic()
         for client in arrivals:
+            client.admitted = now
             self.metrics.queue_wait.observe(now - client.arrived)
         rows = running.admit_many([(client.parsed, client.emit) for client in arrivals])
         for client, row in zip(arrivals, rows):
@@ -321,6 +354,7 @@ class TritonPythonModel:
     @staticmethod
     def close(client, error):
         """End a request that will produce no more text (cancelled, or failed with `error`)."""
+        client.end_trace("cancelled" if error is None else "error")
         try:
             if error is None:
                 client.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -334,3 +368,5 @@ class TritonPythonModel:
         self.stopping.set()
         self.pending.close()
         self.worker.join(timeout=10)
+        if self.tracing is not None:
+            self.tracing.shutdown()  # what is still queued goes out before the model unloads

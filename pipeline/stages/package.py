@@ -5,6 +5,7 @@
     model_repository/NAME/1/kiln_runtime.py    pipeline/modeling/runtime.py (the engine's forward)
     model_repository/NAME/1/kiln_engine/       pipeline/engine/ (request checks, sampling, scheduler, prefix cache)
     model_repository/NAME/1/kiln_manifest.py   pipeline/serving/manifest_check.py (the sha256 check)
+    model_repository/NAME/1/kiln_tracing.py    pipeline/serving/tracing.py (OpenTelemetry, when `kiln serve --otlp-endpoint`)
     model_repository/NAME/1/engine/...         the engine folder (graph, session options, tokenizer)
     model_repository/NAME/1/serving.json       limits, EOS ids, batch size
     model_repository/NAME/1/manifest.json      sha256 of every file above; model.py refuses to load otherwise
@@ -28,7 +29,7 @@ from pipeline.serving import manifest_check
 from pipeline.targets import REQUIREMENTS
 
 # Copied into the package as files (not imported here): part of this stage's code for its cache key.
-CODE_FILES = ("serving/triton_model.py",)
+CODE_FILES = ("serving/triton_model.py", "serving/tracing.py")
 
 INPUTS = [  # name, Triton type, dims, optional
     ("text_input", "TYPE_STRING", "[ 1 ]", False),
@@ -128,6 +129,7 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     shutil.copy2(runtime.__file__, version_dir / "kiln_runtime.py")
     copy_engine_package(version_dir / "kiln_engine")
     shutil.copy2(manifest_check.__file__, version_dir / "kiln_manifest.py")
+    shutil.copy2(Path(manifest_check.__file__).parent.parent / CODE_FILES[1], version_dir / "kiln_tracing.py")
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
     link_tree(engine.path, engine_dir, ignore=shutil.ignore_patterns("manifest.json"))
