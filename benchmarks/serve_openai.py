@@ -80,12 +80,13 @@ async def stream_completion(client, url: str, model: str, prompt: str, max_token
             "finish": finish}
 
 
-async def closed_loops(url: str, model: str, clients: int, seconds: float, max_tokens: int, prompts: list[str]) -> tuple[list[dict], float]:
+async def closed_loops(url: str, model: str, clients: int, seconds: float, max_tokens: int, prompts: list[str],
+                       headers: dict[str, str] | None = None) -> tuple[list[dict], float]:
     import httpx
 
     results, counter = [], iter(range(10**9))
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(limits=limits) as client:
+    async with httpx.AsyncClient(limits=limits, headers=headers) as client:
         t0 = time.perf_counter()
 
         async def loop():

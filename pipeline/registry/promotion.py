@@ -7,7 +7,9 @@
   the challenger recipe's `promote` section.
 `--force` overrides the gates (never the integrity check) and says so in the record. Every attempt,
 refused ones included, is recorded as one JSON artifact of the version's run (`audit/<time>-...json`)
-and summed up in the version's `kiln.last_audit` tag, so the registry is the audit log. The
+and summed up in the version's `kiln.last_audit` tag, so the registry is the audit log. A model's
+events are one hash chain (seq, prev, hash; head in the model's `kiln.audit_head` tag), which
+`kiln audit verify models:/NAME` checks. The
 production history (for rollback) and a one-line alias map (`kiln.aliases`, which MLflow's models
 list shows in full) are tags on the registered model.
 """
@@ -21,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.chain import GENESIS, Verified, canonical, chained, check_head, verify_lines
 from pipeline.errors import PromotionRefused
 from pipeline.metric_table import PROMOTED
 from pipeline.recipe import PromoteConfig
@@ -34,6 +37,7 @@ ALIASES_TAG = "kiln.aliases"
 LAST_AUDIT_TAG = "kiln.last_audit"
 AUDIT_DIR = "audit"  # in the version's run artifacts, one JSON file per event
 LEGACY_AUDIT_PREFIX = "kiln.audit."  # versions promoted before audit records became artifacts
+AUDIT_HEAD_TAG = "kiln.audit_head"  # the registered model's newest chained audit event: seq, hash, where
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,13 @@ class Registry:
         return decision
 
     def record(self, name: str, version: str, event: dict[str, Any]) -> None:
-        """One audit event: a JSON artifact of the version's run, and a short tag on the version."""
+        """One audit event: a JSON artifact of the version's run, and a short tag on the version.
+        The model's events form one hash chain (pipeline/chain.py) whose head is a registered-model
+        tag; the caller holds the store lock, so two promotions never take the same place."""
         now = datetime.now(timezone.utc)
         event = {**event, "model": name, "version": str(version), "by": self.actor, "at": now.isoformat(timespec="milliseconds")}
+        head = json.loads(self.client.get_registered_model(name).tags.get(AUDIT_HEAD_TAG, "null")) or {"seq": 0, "hash": GENESIS}
+        event = chained(event, head["seq"] + 1, head["hash"])
         mv = self.client.get_model_version(name, version)
         file_name = f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{event['action']}-{event['alias']}-v{version}.json"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +145,8 @@ class Registry:
             path = Path(tmp) / file_name
             path.write_text(json.dumps(event, indent=2))
             self.client.log_artifact(mv.run_id, str(path), AUDIT_DIR)
+        self.client.set_registered_model_tag(name, AUDIT_HEAD_TAG, json.dumps(
+            {"seq": event["seq"], "hash": event["hash"], "version": str(version), "file": f"{AUDIT_DIR}/{file_name}"}))
         self.client.set_model_version_tag(name, version, LAST_AUDIT_TAG,
                                           f"{event['at']} {event['action']} @{event['alias']} {event['result']} by {self.actor} "
                                           f"({AUDIT_DIR}/{file_name})")
@@ -212,3 +222,15 @@ def audit_log(client, mv) -> list[dict[str, Any]]:
             folder = Path(client.download_artifacts(mv.run_id, AUDIT_DIR, tmp))
             events += [json.loads((folder / Path(f).name).read_text()) for f in files]
     return sorted(events, key=lambda e: e["at"])
+
+
+def verify_audit_chain(client, name: str) -> Verified:
+    """Every chained audit event of registered model `name` (all its versions' `audit/` artifacts),
+    checked in order against the chain and its head tag; IntegrityError naming the first event
+    that was edited, removed or moved. Events from before the chain (no `hash`) are not part of it."""
+    events = [e for mv in client.search_model_versions(f"name = '{name}'") for e in audit_log(client, mv) if "hash" in e]
+    events.sort(key=lambda e: e["seq"])
+    done = verify_lines([canonical(e) for e in events], f"{name}'s promotion audit", unit="event")
+    head = json.loads(client.get_registered_model(name).tags.get(AUDIT_HEAD_TAG, "null"))
+    check_head(done, head["hash"] if head else GENESIS, f"{name}'s promotion audit")
+    return done

@@ -4,6 +4,7 @@
     kiln keys list keys.yaml
     kiln keys revoke keys.yaml 3f9a0c1d2e4b
     kiln audit verify requests.jsonl [--head HASH]
+    kiln audit verify models:/smollm2-135m-int4                # the model's promotion audit chain
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import typer
 
 from pipeline.console import fail, make_console
 from pipeline.errors import KilnError
+from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry
 
 keys_app = typer.Typer(help="API keys for `kiln serve --keys FILE`: tenants, model grants, limits.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check the request log `kiln serve --request-log FILE` writes.", no_args_is_help=True)
@@ -77,16 +79,25 @@ def revoke(file: KeysFile, key_id: Annotated[str, typer.Argument(help="The key's
 
 
 @audit_app.command("verify")
-def verify(file: Annotated[Path, typer.Argument(help="A request log written by `kiln serve --request-log`.")],
-           head: Annotated[Optional[str], typer.Option(help="The head hash kept elsewhere (printed when kiln serve stopped): "
-                                                           "records cut from the end show against it.")] = None) -> None:
+def verify(target: Annotated[str, typer.Argument(help="A request log (`kiln serve --request-log FILE`), or models:/NAME for "
+                                                      "that registered model's promotion audit.")],
+           head: Annotated[Optional[str], typer.Option(help="A request log's head hash kept elsewhere (printed when kiln serve "
+                                                           "stopped): records cut from the end show against it.")] = None,
+           tracking_uri: StoreOpt = None, artifacts: ArtifactsOpt = None) -> None:
     """Check every record's hash and its chain to the one before; exit 6 naming the first record
     that was edited, removed or moved."""
+    from pipeline.registry.promotion import verify_audit_chain
+    from pipeline.registry.refs import VersionRef
     from pipeline.serving.request_log import verify_file
 
     console = make_console()
     try:
-        done = verify_file(file, head)
+        if target.startswith("models:/"):
+            name = VersionRef.parse(target).name
+            done = verify_audit_chain(open_registry(tracking_uri, artifacts).client, name)
+            what = f"{name}'s promotion audit"
+        else:
+            done, what = verify_file(Path(target), head), target
     except KilnError as e:
         fail(console, e)
-    console.print(f"{file}: {done.records} records, chain intact; head {done.head}", highlight=False)
+    console.print(f"{what}: {done.records} records, chain intact; head {done.head}", highlight=False)

@@ -68,6 +68,14 @@ def guarded(tiny_run, tmp_path_factory):
     assert run_kiln("audit", "verify", str(log), "--head", head, artifacts=tiny_run["artifacts"]).returncode == 0
 
 
+def waiting(guarded) -> float:
+    """The model's autoscaling gauge: requests waiting for a batch row."""
+    import urllib.request
+
+    text = urllib.request.urlopen(guarded["info"]["metrics"], timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kiln_requests_waiting{"))
+
+
 def client(guarded, tenant: str | None = None, key: str | None = None):
     api_key = key or (guarded["key"][tenant][1] if tenant else "sk-not-a-kiln-key")
     return openai.OpenAI(base_url=guarded["info"]["openai"], api_key=api_key, max_retries=0, timeout=60)
@@ -98,14 +106,27 @@ def test_a_tenant_sees_and_calls_only_its_models(guarded):
     assert answer.model == f"{MODEL}/1" and answer.usage.completion_tokens >= 1
 
 
-def test_requests_per_minute_hold_with_retry_after(guarded):
-    tight = client(guarded, "tight")
-    for _ in range(3):
-        tight.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-    with pytest.raises(openai.RateLimitError) as e:
-        tight.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-    headers = e.value.response.headers
-    assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded" and e.value.body["type"] == "requests"
+def test_requests_per_minute_hold_in_a_burst_with_retry_after(guarded):
+    """6 requests at once from a tenant allowed 3 a minute: exactly 3 are served."""
+    import asyncio
+
+    async def burst():
+        tight = openai.AsyncOpenAI(base_url=guarded["info"]["openai"], api_key=guarded["key"]["tight"][1], max_retries=0, timeout=60)
+
+        async def one():
+            try:
+                await tight.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+                return 200, None
+            except openai.RateLimitError as e:
+                return 429, e
+
+        return await asyncio.gather(*(one() for _ in range(6)))
+
+    results = asyncio.run(burst())
+    assert sorted(status for status, _ in results) == [200] * 3 + [429] * 3
+    refused = next(e for status, e in results if status == 429)
+    headers = refused.response.headers
+    assert refused.body["code"] == "rate_limit_exceeded" and refused.body["type"] == "requests"
     assert 1 <= int(headers["retry-after"]) <= 20 and headers["x-ratelimit-remaining-requests"] == "0"
 
 
@@ -121,19 +142,54 @@ def test_tokens_per_minute_are_counted_from_real_usage(guarded):
     assert e.value.body["type"] == "tokens" and sum(used) >= 60 and sum(used[:-1]) < 60 + refill, used
 
 
+def test_the_model_gives_a_waiting_batch_place_to_each_critical_request(guarded):
+    """At the model, over one gRPC stream: 6 batch requests fill 2 rows and 4 places; once the
+    waiting gauge shows 4, 4 critical requests arrive (microseconds apart, while the rows still run
+    for ~0.3 s): each pushes out a waiting batch request, and every critical one is served."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from pipeline.serving.grpc_inputs import streaming_request
+
+    def inputs(rank: int, tenant: str) -> list:
+        extra = [grpcclient.InferInput("priority", [1], "INT32"), grpcclient.InferInput("tenant", [1], "BYTES")]
+        extra[0].set_data_from_numpy(np.array([rank], dtype=np.int32))
+        extra[1].set_data_from_numpy(np.array([tenant.encode()], dtype=object))
+        return streaming_request(LONG_PROMPT, 220) + extra
+
+    done: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(guarded["info"]["grpc"])
+    client.start_stream(callback=lambda result, error: done.put((result, error)))
+    for i in range(6):
+        client.async_stream_infer(MODEL, inputs(2, "bulk"), request_id=f"batch-{i}")
+    deadline = time.monotonic() + 30
+    while waiting(guarded) != 4 and time.monotonic() < deadline:  # 2 rows taken (the model knows it), 4 waiting
+        time.sleep(0.005)
+    for i in range(4):
+        client.async_stream_infer(MODEL, inputs(0, "ops"), request_id=f"critical-{i}")
+    served, refused = [], []
+    while len(served) + len(refused) < 10:
+        result, error = done.get(timeout=120)
+        if error is not None:
+            refused.append(str(error))
+        elif result.as_numpy("finish_reason") is not None:
+            served.append(result.get_response().id)
+    client.stop_stream()
+    client.close()
+    assert sorted(served) == ["batch-0", "batch-1"] + [f"critical-{i}" for i in range(4)], (served, refused)
+    assert len(refused) == 4 and all("a higher-priority request took its place" in r for r in refused), refused
+
+
 def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_served(guarded):
     """2 rows run and 4 wait, all batch class; 4 critical requests arrive and each takes a waiting
     batch request's place (those get 503 "server busy"). Every critical request is served. (A
     batch request arriving at a room full of critical ones is refused: tests/unit/test_access.py.)"""
     import asyncio
-    import urllib.request
 
     long = client(guarded, "acme").completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=220, temperature=0)
     assert long.choices[0].finish_reason == "length"  # a greedy answer that keeps a row busy for 220 steps
-
-    def waiting() -> float:
-        text = urllib.request.urlopen(guarded["info"]["metrics"], timeout=10).read().decode()
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kiln_requests_waiting{"))
 
     async def overload():
         def aclient(tenant):
@@ -150,9 +206,9 @@ def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_s
         tasks = [asyncio.create_task(one(bulk, "batch")) for _ in range(6)]
         for _ in range(200):  # until 4 wait (the autoscaling gauge shows it)
             await asyncio.sleep(0.02)
-            if await asyncio.to_thread(waiting) == 4:
+            if await asyncio.to_thread(waiting, guarded) == 4:
                 break
-        assert await asyncio.to_thread(waiting) == 4
+        assert await asyncio.to_thread(waiting, guarded) == 4
         tasks += [asyncio.create_task(one(ops, "critical")) for _ in range(4)]
         return await asyncio.gather(*tasks)
 

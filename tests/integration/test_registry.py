@@ -110,6 +110,24 @@ def test_promotion_rollback_and_audit(flow, store):
     again = flow("rollback", MODEL)
     assert again.returncode == 7 and "nothing to roll back to" in again.stdout, again.stdout  # refused, not "not found"
 
+    # every event above (refused ones too) is one link of the model's audit chain
+    events = audit(store, "1") + audit(store, "2")
+    checked = flow("audit", "verify", f"models:/{MODEL}")
+    assert checked.returncode == 0 and f"{len(events)} records, chain intact" in checked.stdout, checked.stdout
+    assert sorted(e["seq"] for e in events) == list(range(1, len(events) + 1))
+    head = client.get_registered_model(MODEL).tags["kiln.audit_head"]
+    client.set_registered_model_tag(MODEL, "kiln.audit_head", head.replace(json.loads(head)["hash"], "0" * 64))
+    cut = flow("audit", "verify", f"models:/{MODEL}")
+    assert cut.returncode == 6 and "cut from its end" in cut.stdout, cut.stdout
+    client.set_registered_model_tag(MODEL, "kiln.audit_head", head)
+    if store.startswith("sqlite:///"):  # the artifacts are files beside the database: edit one
+        [first] = [p for p in Path(store.removeprefix("sqlite:///")).parent.rglob("*.json") if '"seq": 1,' in p.read_text()]
+        original = first.read_text()
+        first.write_text(original.replace('"by": "', '"by": "someone else, not '))
+        edited = flow("audit", "verify", f"models:/{MODEL}")
+        first.write_text(original)
+        assert edited.returncode == 6 and "event 1 (record seq 1): edited" in edited.stdout, edited.stdout
+
 
 def test_browse_and_load_by_uri(flow, store, tmp_path):
     from pipeline.modeling.runtime import greedy_decode
