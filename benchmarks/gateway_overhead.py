@@ -10,8 +10,8 @@ no CPU: their model's worker waits for a request):
   traced   as plain, plus --otlp-endpoint to a collector in this process that accepts and drops
 Per server and round: `--requests` sequential non-streamed completions of `--max-tokens` tokens
 through the OpenAI port, and the same requests through Triton's gRPC port directly (tritonclient,
-no gateway), alternating server by server; then `--clients` closed-loop streaming clients for
-`--seconds` through the OpenAI port (tokens/s, TTFT). Printed: latency p50/p95 per path, the
+no gateway), alternating server by server; then, again alternating, `--clients` closed-loop
+streaming clients for `--seconds` per round through the OpenAI port (tokens/s, TTFT). Printed: latency p50/p95 per path, the
 gateway's added latency (OpenAI port p50 − Triton gRPC p50 of the same server), and each
 configuration's ratio to plain.
 """
@@ -62,7 +62,7 @@ def start(package: Path, base: int, options: list[str], artifacts: Path) -> tupl
     env = {**os.environ, "KILN_ARTIFACTS": str(artifacts)}
     proc = subprocess.Popen([KILN, "serve", str(package), "--http-port", str(base), "--grpc-port", str(base + 1), "--metrics-port",
                              str(base + 2), "--openai-port", str(base + 3), *options], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # its own group: stop() ends tritonserver too
     url = f"http://127.0.0.1:{base + 3}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -154,12 +154,14 @@ def main() -> None:
                         _, url, grpc = servers[name]
                         lat[name, "openai", m] += openai_latencies(url, key_, model, args.requests, m)
                         lat[name, "grpc", m] += grpc_latencies(grpc, model, args.requests, m)
-            loads = {}
-            for name, (_, key_) in configs.items():
-                url = servers[name][1]
-                headers = {"Authorization": f"Bearer {key_}"} if key_ else None
-                results, wall = asyncio.run(closed_loops(f"{url}/v1", model, args.clients, args.seconds, 32, PROMPTS, headers))
-                loads[name] = summary(results, wall)
+            loads = {name: ([], 0.0) for name in configs}
+            for _ in range(args.rounds):  # alternating, like the latencies: no server always measured first
+                for name, (_, key_) in configs.items():
+                    url = servers[name][1]
+                    headers = {"Authorization": f"Bearer {key_}"} if key_ else None
+                    results, wall = asyncio.run(closed_loops(f"{url}/v1", model, args.clients, args.seconds, 32, PROMPTS, headers))
+                    loads[name] = (loads[name][0] + results, loads[name][1] + wall)
+            loads = {name: summary(results, wall) for name, (results, wall) in loads.items()}
         finally:
             for proc, _, _ in servers.values():
                 stop(proc)
@@ -175,7 +177,7 @@ def main() -> None:
                           f"{np.percentile(g, 50) * 1e3:.2f}", f"{(np.percentile(o, 50) - np.percentile(g, 50)) * 1e3:+.2f}",
                           f"{np.percentile(o, 50) / plain:.3f}")
     console.print(table)
-    load = Table(title=f"{args.clients} streaming clients, {args.seconds:g} s each (max_tokens 32)")
+    load = Table(title=f"{args.clients} streaming clients, {args.rounds} × {args.seconds:g} s each (max_tokens 32)")
     for column in ("server", "requests", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "errors", "tokens/s / plain"):
         load.add_column(column, justify="right")
     for name, s in loads.items():
