@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import TINY_RECIPE, run_kiln
-from tests.integration.test_triton import MODEL, start_kiln_serve
+from tests.integration.test_triton import MODEL, serving_environment, start_kiln_serve
 from tests.stores import free_port, terminate, wait_until_ok
 
 pytestmark = pytest.mark.integration
@@ -63,12 +63,7 @@ def store(tmp_path_factory):
 def fleet(store, tiny_run, tmp_path_factory):
     """Versions 1-3 of the tiny model (their packages differ in `max_queue`), v1 @production and v2
     @staging, served by `kiln serve models:/tiny-llama-int4` with an empty routes file."""
-    from pipeline.serving.environment import ensure_environment
-
-    try:
-        ensure_environment()
-    except Exception as e:
-        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    serving_environment()
     env = {"MLFLOW_TRACKING_URI": store.url}
     artifacts = tiny_run["artifacts"]
     for queue in (32, 31, 30):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import TINY_RECIPE, run_kiln
-from tests.integration.test_triton import MODEL, kiln_serving
+from tests.integration.test_triton import MODEL, kiln_serving, serving_environment
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
@@ -50,12 +50,7 @@ def add_key(keys, tenant: str, artifacts) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def guarded(tiny_run, tmp_path_factory):
-    from pipeline.serving.environment import ensure_environment
-
-    try:
-        ensure_environment()
-    except Exception as e:
-        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    serving_environment()
     root = tmp_path_factory.mktemp("access")
     keys, log, store = root / "keys.yaml", root / "requests.jsonl", f"sqlite:///{root / 'mlflow.db'}"
     keys.write_text(KEYS)

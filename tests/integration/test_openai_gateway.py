@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_triton import MODEL, engine_greedy_text, kiln_serving
+from tests.integration.test_triton import MODEL, engine_greedy_text, kiln_serving, serving_environment
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
@@ -15,12 +15,7 @@ openai = pytest.importorskip("openai", reason="the openai client comes with the 
 @pytest.fixture(scope="module")
 def served(tiny_run):
     """`kiln serve models:/tiny-llama-int4/1` as a user runs it; yields (OpenAI client, model id, info)."""
-    from pipeline.serving.environment import ensure_environment
-
-    try:
-        ensure_environment()
-    except Exception as e:
-        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    serving_environment()
     version = tiny_run["registered"]["version"]
     with kiln_serving(f"models:/{MODEL}/{version}", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"]) as (info, _):
         yield openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60), f"{MODEL}/{version}", info

@@ -94,13 +94,9 @@ def test_register_promote_rollback_pull_and_load_through_s3_and_postgres(team_st
 
 def test_kiln_serve_a_version_from_the_team_store(team_store, tiny_run):
     """`kiln serve models:/NAME@production` with the package downloaded out of S3 through the server."""
-    from pipeline.serving.environment import ensure_environment
-    from tests.integration.test_triton import kiln_serve_generate
+    from tests.integration.test_triton import kiln_serve_generate, serving_environment
 
-    try:
-        ensure_environment()
-    except Exception as e:
-        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    serving_environment()
     if run_kiln("models", "show", f"{MODEL}@production", artifacts=tiny_run["artifacts"],
                 env={"MLFLOW_TRACKING_URI": team_store}).returncode != 0:
         pytest.skip("runs after the registration test above, which promotes a version")

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.integration.test_triton import MODEL, kiln_serving
+from tests.integration.test_triton import MODEL, kiln_serving, serving_environment
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai", reason="the openai client comes with the test extra (pip install -e .[test])")
@@ -81,12 +81,7 @@ class Collector:
 
 @pytest.fixture(scope="module")
 def traced(tiny_run):
-    from pipeline.serving.environment import ensure_environment
-
-    try:
-        ensure_environment()
-    except Exception as e:
-        pytest.skip(f"the Triton serving environment could not be created here: {e}")
+    serving_environment()
     collector = Collector()
     with kiln_serving(f"models:/{MODEL}/1", tiny_run["artifacts"], tiny_run["registered"]["tracking_uri"],
                       "--otlp-endpoint", collector.url) as (info, lines):

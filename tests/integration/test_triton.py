@@ -29,12 +29,17 @@ def package(tiny_run):
     return tiny_run["paths"]["package"] / "model_repository"
 
 
-@pytest.fixture(scope="module")
-def env():
+def serving_environment():
+    """The serving environment, or the test skipped saying why it could not be created."""
     try:
         return ensure_environment()
     except Exception as e:  # no package registry: say so instead of failing every test below
         pytest.skip(f"the Triton serving environment could not be created here: {e}")
+
+
+@pytest.fixture(scope="module")
+def env():
+    return serving_environment()
 
 
 @pytest.fixture(scope="module")
