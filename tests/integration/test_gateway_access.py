@@ -42,6 +42,22 @@ SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set"
 LONG_PROMPT = "The quick brown fox"
 
 
+def documented_tenants() -> dict:
+    """The two-tenant keys file README.md and docs/deploy.md show (the same tenants in both), for
+    the model this test serves."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    blocks = []
+    for doc in (ROOT / "README.md", ROOT / "docs" / "deploy.md"):
+        text = doc.read_text()
+        start = text.index("cat > keys.yaml <<'YAML'\n") + len("cat > keys.yaml <<'YAML'\n")
+        blocks.append(yaml.safe_load(text[start:text.index("\nYAML\n", start)].replace("smollm2-135m-int4", MODEL))["tenants"])
+    assert blocks[0] == blocks[1], blocks
+    return blocks[0]
+
+
 def add_key(keys, tenant: str, artifacts) -> tuple[str, str]:
     proc = run_kiln("keys", "add", str(keys), "--tenant", tenant, artifacts=artifacts, check=True)
     key = proc.stdout.strip().splitlines()[-1]
@@ -53,8 +69,11 @@ def guarded(tiny_run, tmp_path_factory):
     serving_environment()
     root = tmp_path_factory.mktemp("access")
     keys, log, store = root / "keys.yaml", root / "requests.jsonl", f"sqlite:///{root / 'mlflow.db'}"
-    keys.write_text(KEYS)
-    key = {t: add_key(keys, t, tiny_run["artifacts"]) for t in ("acme", "lab", "tight", "metered", "ops", "bulk")}
+    import yaml
+
+    tenants = {**yaml.safe_load(KEYS)["tenants"], **documented_tenants()}
+    keys.write_text(yaml.safe_dump({"tenants": tenants}))
+    key = {t: add_key(keys, t, tiny_run["artifacts"]) for t in tenants}
     run_kiln("run", str(TINY_RECIPE), *SMALL, artifacts=tiny_run["artifacts"], env={"MLFLOW_TRACKING_URI": store}, check=True)
     with kiln_serving(f"models:/{MODEL}/1", tiny_run["artifacts"], store, "--keys", str(keys), "--request-log", str(log)) as (info, lines):
         yield {"info": info, "keys": keys, "key": key, "log": log, "lines": lines, "artifacts": tiny_run["artifacts"], "root": root}
@@ -99,6 +118,16 @@ def test_a_tenant_sees_and_calls_only_its_models(guarded):
     assert missing.value.body["message"] == "The model `no-such-model` does not exist or you do not have access to it."
     answer = client(guarded, "acme").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert answer.model == f"{MODEL}/1" and answer.usage.completion_tokens >= 1
+
+
+def test_the_documented_two_tenant_set_up_works_as_written(guarded):
+    """README's and docs/deploy.md's keys file: support-bot may call the model; nightly-evals only
+    its @staging alias, which this one-version server does not serve (so it sees nothing)."""
+    answer = client(guarded, "support-bot").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert answer.model == f"{MODEL}/1"
+    assert client(guarded, "nightly-evals").models.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        client(guarded, "nightly-evals").completions.create(model=MODEL, prompt="hi", max_tokens=2)
 
 
 def test_requests_per_minute_hold_in_a_burst_with_retry_after(guarded):
