@@ -36,6 +36,9 @@ tenants:
   bulk:
     models: [{MODEL}]
     priority: batch
+  single:
+    models: [{MODEL}]
+    max_concurrent: 1
 """
 # a package with 2 rows and 4 places to wait, so a dozen requests overload it
 SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set", "package.max_tokens_cap=220")
@@ -271,6 +274,26 @@ def test_one_metrics_endpoint_carries_gateway_and_model_metrics_and_passes_promt
     assert health.status == 200 and json.loads(health.read())["status"] == "ok"
 
 
+def test_a_client_that_leaves_a_stream_frees_its_slot_at_once(guarded):
+    """Its concurrency slot, its log record and the model's row end when it goes, not when the
+    garbage collector finds the stream."""
+    single = client(guarded, "single")
+    stream = single.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=220, stream=True, temperature=0)
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError):  # max_concurrent 1, and the stream still runs
+        single.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    stream.close()
+    deadline, answer = time.monotonic() + 5, None
+    while answer is None:
+        try:
+            answer = single.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the slot of a client that left was not freed within 5 s"
+            time.sleep(0.05)
+    records = [json.loads(line) for line in guarded["log"].read_text().splitlines()]
+    assert any(r["tenant"] == "single" and r["finish_reason"] == "disconnected" for r in records)
+
+
 def test_a_key_added_while_serving_works_and_a_revoked_one_stops(guarded):
     key_id, key = add_key(guarded["keys"], "acme", guarded["artifacts"])
     assert client(guarded, key=key).completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
@@ -288,7 +311,7 @@ def test_the_request_log_records_each_request_and_shows_tampering(guarded):
     records = [json.loads(line) for line in text.splitlines()]
     assert {r["status"] for r in records} >= {200, 401, 404, 429}
     for _, key in guarded["key"].values():
-        assert key not in text and key.split("-")[2] not in text  # key ids only, never a key
+        assert key not in text and key.split("-", 2)[2] not in text  # key ids only, never a key
     assert "prompt" not in records[0]  # prompts only when the operator opts in
     last = records[-1]
     assert (last["tenant"], last["key_id"], last["model"], last["version"]) == ("acme", guarded["key"]["acme"][0], MODEL, f"{MODEL}/1")

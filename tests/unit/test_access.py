@@ -56,7 +56,7 @@ def test_grants_cover_a_whole_model_or_exactly_one_alias_or_version():
 def test_the_file_keeps_hashes_only_and_a_key_authenticates(keys):
     path, (acme_id, acme_key), _ = keys
     text = path.read_text()
-    assert acme_key not in text and acme_key.split("-")[2] not in text and acme_id in text
+    assert acme_key not in text and acme_key.split("-", 2)[2] not in text and acme_id in text
     assert path.stat().st_mode & 0o077 == 0  # readable by its owner only
     tenants = Tenants(path, log=lambda _: None)
     caller = tenants.authenticate(f"Bearer {acme_key}")
