@@ -12,7 +12,14 @@ Which served version answers is the router's choice (routing.py): one pinned ver
 alias of a registered model with a canary split (fleet.py). Every response's `model` is the
 registry reference `NAME/VERSION` of the version that produced it, also in the `X-Kiln-Version`
 header (and the alias that chose it in `X-Kiln-Alias`). `/metrics` on the same port counts
-requests, tokens and time to first token per model, alias and version (Prometheus).
+requests, tokens and time to first token per model, alias and version (Prometheus), and carries
+Triton's metrics too; `/health` answers probes.
+
+With `kiln serve --keys` every request needs an API key (tenants.py: 401, 404 for a model the key
+may not call, 429 over a limit) and carries its tenant's priority class to the model; with
+`--request-log` each request ends in one hash-chained record (request_log.py); with
+`--otlp-endpoint` it is one span of a trace that goes on into Triton and the model (tracing.py).
+A `Ticket` follows each request to its end, which happens once whichever way it ends.
 """
 
 from __future__ import annotations
