@@ -13,8 +13,8 @@ from .request import GenerationRequest, Limits, RequestError, Sequence, advance,
 from .sampler import sample
 from .scheduler import Row, Scheduler, chunk_size, generate
 from .waiting import CLASSES as PRIORITY_CLASSES
-from .waiting import DEFAULT_RANK, WaitingRoom
+from .waiting import DEFAULT_RANK, WaitingRoom, class_rank
 
 __all__ = ["BLOCK_TOKENS", "DEFAULT_RANK", "PRIORITY_CLASSES", "GenerationRequest", "Limits", "PrefixCache", "PrefixStats", "RequestError",
-           "Row", "Scheduler", "Sequence", "WaitingRoom", "advance", "chunk_size", "completion_tokens", "generate", "parse_request",
+           "Row", "Scheduler", "Sequence", "WaitingRoom", "advance", "class_rank", "chunk_size", "completion_tokens", "generate", "parse_request",
            "prompt_char_limit", "sample"]

@@ -19,10 +19,15 @@ CLASSES = ("critical", "standard", "batch")  # rank 0, 1, 2
 DEFAULT_RANK = 1  # a request that names no class (Triton's own clients, a server without keys)
 
 
+def class_rank(rank: int) -> int:
+    """A request's class rank as given, held to the classes there are."""
+    return min(max(int(rank), 0), len(CLASSES) - 1)
+
+
 class WaitingRoom:
-    def __init__(self, classes: int = len(CLASSES)):
+    def __init__(self):
         self._ready = threading.Condition()
-        self._classes: list[OrderedDict[str, deque]] = [OrderedDict() for _ in range(classes)]  # tenant -> requests, in turn
+        self._classes: list[OrderedDict[str, deque]] = [OrderedDict() for _ in CLASSES]  # tenant -> requests, in turn
         self._count = 0
         self._closed = False
 
@@ -32,7 +37,7 @@ class WaitingRoom:
     def offer(self, item: Any, rank: int = DEFAULT_RANK, tenant: str = "", capacity: int | None = None) -> tuple[bool, Any]:
         """(admitted, pushed_out): `pushed_out` is a waiting item that lost its place to this one
         (the caller refuses it), else None."""
-        rank = min(max(int(rank), 0), len(self._classes) - 1)
+        rank = class_rank(rank)
         with self._ready:
             pushed_out = None
             if capacity is not None and self._count >= capacity:

@@ -238,7 +238,7 @@ class TritonPythonModel:
             # straight in, `max_queue` more may wait; beyond that a lower class's waiting request
             # gives up its place (kiln_engine.WaitingRoom), else this one is refused now
             rank = scalar(request, "priority")
-            rank = int(rank[0]) if rank is not None and len(rank) else kiln_engine.DEFAULT_RANK
+            rank = kiln_engine.class_rank(rank[0]) if rank is not None and len(rank) else kiln_engine.DEFAULT_RANK
             tenant = scalar(request, "tenant")
             trace = None
             if self.tracing is not None:  # the context of Triton's span for this request: the model's spans join its trace
@@ -248,7 +248,7 @@ class TritonPythonModel:
                                                       capacity=self.free_rows + self.max_queue)
             for refused, why in ((pushed_out, "a higher-priority request took its place"), (None if admitted else item, "")):
                 if refused is not None:
-                    self.metrics.refused[min(max(refused[5], 0), 2)].increment(1)
+                    self.metrics.refused[refused[5]].increment(1)
                     refused[1].send(error_response(f"server busy: {self.max_batch} requests running and {self.max_queue} waiting"
                                                    f"{'; ' + why if why else ''}; retry later"),
                                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

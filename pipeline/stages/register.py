@@ -210,7 +210,7 @@ def make_run(recipe_doc: dict[str, Any], recipe_text: str, tracking_uri: str, ar
                 version = client.create_model_version(
                     cfg.model_name, source=f"models:/{model.model_id}", model_id=model.model_id, run_id=run_id,
                     tags={**lineage, KEY_TAG: ctx.key},
-                        description=version_description(recipe_doc["name"], lineage, metrics, exp_id, run_id),
+                    description=version_description(recipe_doc["name"], lineage, metrics, exp_id, run_id),
                 )
             # the logged model names the version it became, as MLflow's own registration does (its
             # pages link the two)
