@@ -16,7 +16,7 @@ import typer
 
 from pipeline.console import fail, make_console
 from pipeline.errors import KilnError
-from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry
+from pipeline.registry.commands import ArtifactsOpt, StoreOpt, open_registry, store_failures_reported
 
 keys_app = typer.Typer(help="API keys for `kiln serve --keys FILE`: tenants, model grants, limits.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check the request log `kiln serve --request-log FILE` writes.", no_args_is_help=True)
@@ -79,6 +79,7 @@ def revoke(file: KeysFile, key_id: Annotated[str, typer.Argument(help="The key's
 
 
 @audit_app.command("verify")
+@store_failures_reported
 def verify(target: Annotated[str, typer.Argument(help="A request log (`kiln serve --request-log FILE`), or models:/NAME for "
                                                       "that registered model's promotion audit.")],
            head: Annotated[Optional[str], typer.Option(help="A request log's head hash kept elsewhere (printed when kiln serve "
@@ -87,14 +88,15 @@ def verify(target: Annotated[str, typer.Argument(help="A request log (`kiln serv
     """Check every record's hash and its chain to the one before; exit 6 naming the first record
     that was edited, removed or moved."""
     from pipeline.registry.promotion import verify_audit_chain
-    from pipeline.registry.refs import VersionRef
+    from pipeline.registry.refs import VersionRef, resolve
     from pipeline.serving.request_log import verify_file
 
     console = make_console()
     try:
         if target.startswith("models:/"):
-            name = VersionRef.parse(target).name
-            done = verify_audit_chain(open_registry(tracking_uri, artifacts).client, name)
+            client = open_registry(tracking_uri, artifacts).client
+            name = resolve(client, VersionRef(VersionRef.parse(target).name)).name  # a clear error when there is no such model
+            done = verify_audit_chain(client, name)
             what = f"{name}'s promotion audit"
         else:
             done, what = verify_file(Path(target), head), target

@@ -115,6 +115,8 @@ def test_promotion_rollback_and_audit(flow, store):
     checked = flow("audit", "verify", f"models:/{MODEL}")
     assert checked.returncode == 0 and f"{len(events)} records, chain intact" in checked.stdout, checked.stdout
     assert sorted(e["seq"] for e in events) == list(range(1, len(events) + 1))
+    missing = flow("audit", "verify", "models:/no-such-model")
+    assert missing.returncode == 8 and "no registered model 'no-such-model'" in missing.stdout, missing.stdout + missing.stderr
     head = client.get_registered_model(MODEL).tags["kiln.audit_head"]
     client.set_registered_model_tag(MODEL, "kiln.audit_head", head.replace(json.loads(head)["hash"], "0" * 64))
     cut = flow("audit", "verify", f"models:/{MODEL}")
