@@ -1,4 +1,5 @@
-"""Latency and peak memory of one model, measured in a child process of its own so that peak RSS
+"""Latency and peak memory of one model, timed through Kiln's decode engine (`pipeline.engine`,
+the scheduler the Triton and MLflow models run) and measured in a child process of its own so that peak RSS
 is that model's, not the validating process's (which also holds the PyTorch reference).
 
     python -m pipeline.latency --spec spec.json   (prints one JSON object)
@@ -37,13 +38,17 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
         lm = TorchCausalLM(load_causal_lm(Path(spec["model_dir"]), spec.get("dtype", "float32")))
-    from pipeline.modeling.runtime import greedy_decode
+    from tokenizers import Tokenizer
 
+    from pipeline.engine import timed_greedy
+
+    # the loop serving runs (kiln_engine.Scheduler, one row), detokenizing included
+    tokenizer = Tokenizer.from_file(spec["tokenizer_file"])
     for _ in range(spec["warmup"]):
-        greedy_decode(lm, prompt, spec["new_tokens"], time.perf_counter)
+        timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter)
     ttfts, steps, tokens = [], [], []
     for _ in range(spec["repeats"]):
-        tokens, ttft, step_times = greedy_decode(lm, prompt, spec["new_tokens"], time.perf_counter)
+        tokens, ttft, step_times = timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter)
         ttfts.append(ttft)
         steps.append(step_times)
     summary = LatencySummary.from_runs(ttfts, steps)

@@ -11,10 +11,10 @@ model, the MLflow pyfunc model, validate's latency and the benchmarks all drive 
 from .prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixStats
 from .request import GenerationRequest, Limits, RequestError, Sequence, advance, completion_tokens, parse_request, prompt_char_limit
 from .sampler import sample
-from .scheduler import Row, Scheduler, chunk_size, generate
+from .scheduler import Row, Scheduler, chunk_size, generate, timed_greedy
 from .waiting import CLASSES as PRIORITY_CLASSES
 from .waiting import DEFAULT_RANK, WaitingRoom, class_rank
 
 __all__ = ["BLOCK_TOKENS", "DEFAULT_RANK", "PRIORITY_CLASSES", "GenerationRequest", "Limits", "PrefixCache", "PrefixStats", "RequestError",
            "Row", "Scheduler", "Sequence", "WaitingRoom", "advance", "class_rank", "chunk_size", "completion_tokens", "generate", "parse_request",
-           "prompt_char_limit", "sample"]
+           "prompt_char_limit", "sample", "timed_greedy"]

@@ -199,3 +199,17 @@ def generate(lm, requests: list[GenerationRequest], tokenizer, eos_ids: set[int]
         arrivals, waiting = waiting[: running.free], waiting[running.free :]
         running.admit_many([(req, lambda d, f, i=i: emit(i, d, f)) for i, req in arrivals])
         running.step()
+
+
+def timed_greedy(lm, tokenizer, prompt_ids, new_tokens: int, clock, **options) -> tuple[list[int], float, list[float]]:
+    """One greedy request through a one-row scheduler, the loop serving runs, generating exactly
+    `new_tokens` (no end-of-sequence stop, so every run times the same work). Returns the tokens,
+    the time to the first token and the time between each token and the next, as a client of the
+    engine sees them (detokenizing included). `options`: the scheduler's."""
+    scheduler = Scheduler(lm, tokenizer, set(), 1, **options)
+    sent: list[float] = []
+    start = clock()
+    row = scheduler.admit(GenerationRequest(tuple(int(t) for t in prompt_ids), new_tokens), lambda delta, finish: sent.append(clock()))
+    while scheduler.active:
+        scheduler.step()
+    return row.seq.ids, sent[0] - start, [b - a for a, b in zip(sent, sent[1:])]

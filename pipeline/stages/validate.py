@@ -158,7 +158,8 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
 
     prompt = ids[: cfg.latency.prompt_tokens]
     common = {"prompt_ids": prompt, "new_tokens": cfg.latency.new_tokens, "warmup": cfg.latency.warmup,
-              "repeats": cfg.latency.repeats, "threads": engine.meta.get("session_options", {}).get("threads")}
+              "repeats": cfg.latency.repeats, "threads": engine.meta.get("session_options", {}).get("threads"),
+              "tokenizer_file": str(engine.path / "tokenizer.json")}
     ctx.log(f"latency: {len(prompt)}-token prompt, {cfg.latency.new_tokens} new tokens, {cfg.latency.repeats} runs")
     runs = 1 + int(cfg.compare_source_speed)
     with ctx.progress(f"latency ({cfg.latency.warmup} warm-up + {cfg.latency.repeats} runs, a process per model)", total=runs) as advance:

@@ -20,6 +20,7 @@ from pipeline.engine import (
     parse_request,
     prompt_char_limit,
     sample,
+    timed_greedy,
 )
 from pipeline.modeling.runtime import greedy_decode
 from pipeline.targets import get_target
@@ -101,6 +102,19 @@ def test_greedy_equals_the_engines_decode_loop(engine):
     texts, reasons = run(lm, tokenizer, [req])
     assert texts[0] == tokenizer.decode(ids, skip_special_tokens=True)
     assert reasons[0] in ("eos", "length")
+
+
+def test_validates_latency_times_the_scheduler_and_generates_what_greedy_does(engine):
+    """validate's latency (pipeline.latency) runs `timed_greedy`: a prompt longer than one chunk,
+    exactly `new_tokens` tokens (no end-of-sequence stop), the same ids as the reference loop."""
+    lm, tokenizer = engine
+    prompt = np.asarray(tokenizer.encode("def f(x):\n    return x * 2\n" * 6).ids, dtype=np.int64)
+    assert len(prompt) > 20
+    reference, _, _ = greedy_decode(lm, prompt, 12, lambda: 0.0)
+    ticks = iter(range(1000))
+    tokens, ttft, steps = timed_greedy(lm, tokenizer, prompt, 12, lambda: float(next(ticks)), prefill_chunk=16)
+    assert tokens == reference and len(steps) == 11
+    assert ttft >= 1 and all(s >= 1 for s in steps)  # every token's time is measured (the clock ticks per call)
 
 
 def test_a_batch_answers_each_request_as_if_alone(engine):
