@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import make_run_context, quiet_libraries
-from pipeline.corpus import load_text
+from pipeline.corpus import eval_token_ids, split_by_domain
 from pipeline.latency import measure_in_subprocess
 from pipeline.metrics import eval_windows, perplexity
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
@@ -112,8 +112,11 @@ def main() -> None:
     recipe, source, engines, root = build_engines(args.recipe, args.engines, args.overrides, console)
     tokenizer = load_tokenizer(next(iter(engines.values())).path)
     v = recipe.validation
-    ids = tokenizer(load_text(v.eval_text, "eval", "validate.eval_text"))["input_ids"]
-    windows = eval_windows(ids[: v.max_eval_tokens], v.window)
+    # perplexity out of domain (the texts other than the calibration text, pooled), and in domain beside it
+    outside, inside = split_by_domain(eval_token_ids(tokenizer, v), v, recipe.quantize.calibration.text)
+    windows = [w for _, text in (outside or inside) for w in eval_windows(text, v.window)]
+    inside_windows = [w for _, text in inside for w in eval_windows(text, v.window)] if outside else []
+    ids = (outside or inside)[0][1]
     threads = next(iter(engines.values())).meta["session_options"]["threads"]
     common = {"prompt_ids": ids[: args.prompt_tokens], "new_tokens": args.new_tokens, "warmup": 1, "repeats": 1, "threads": threads}
 
@@ -137,16 +140,20 @@ def main() -> None:
     # Test prompts for greedy agreement: spread over the held-out text.
     step = max(1, (len(ids) - args.prompt_tokens) // args.test_prompts)
     prompts = [ids[i * step: i * step + args.prompt_tokens] for i in range(args.test_prompts)]
-    console.print(f"perplexity on {sum(len(w) for w in windows)} held-out tokens in {len(windows)} windows; "
+    console.print(f"perplexity on {sum(len(w) for w in windows)} held-out tokens in {len(windows)} windows of "
+                  f"{', '.join(label for label, _ in outside or inside)}"
+                  + (f" (in-domain beside: {', '.join(label for label, _ in inside)})" if inside_windows else "") + "; "
                   f"greedy on {len(prompts)} test prompts")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for name, peer in peers.items():
             if "same_model_as" in peer:
-                peer.update({k: peers[peer["same_model_as"]][k] for k in ("ppl", "predictions", "greedy")})
+                peer.update({k: peers[peer["same_model_as"]][k] for k in ("ppl", "ppl_in", "predictions", "greedy")})
             elif peer["kind"] == "genai":
                 scored = run_genai(args.genai_python, "ppl", peer["model"], {"windows": [w.tolist() for w in windows], "threads": threads}, tmp)
                 peer["ppl"], peer["predictions"] = scored["ppl"], np.asarray(scored["predictions"])
+                peer["ppl_in"] = inside_windows and run_genai(args.genai_python, "ppl", peer["model"],
+                                                              {"windows": [w.tolist() for w in inside_windows], "threads": threads}, tmp)["ppl"]
                 peer["greedy"] = run_genai(args.genai_python, "greedy", peer["model"],
                                            {"prompts": prompts, "new_tokens": args.new_tokens, "threads": threads}, tmp)["tokens"]
             else:
@@ -154,6 +161,7 @@ def main() -> None:
                       else TorchCausalLM(load_causal_lm(source.model_dir)))
                 nll, count, peer["predictions"] = score(lm, windows, lambda _n: None)
                 peer["ppl"] = perplexity(nll, count)
+                peer["ppl_in"] = inside_windows and perplexity(*score(lm, inside_windows, lambda _n: None)[:2])
                 peer["greedy"] = [greedy_decode(lm, np.asarray(p, dtype=np.int64), args.new_tokens, time.perf_counter)[0] for p in prompts]
             console.print(f"  {name}: perplexity {peer['ppl']:.4f}")
 
@@ -174,13 +182,14 @@ def main() -> None:
     table = Table(title=f"{recipe.name}: batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy; "
                         f"medians of {args.rounds} alternating rounds, {threads} threads")
     columns = ("peer", "tokens/s", "TTFT (ms)", "p50 (ms)", "p95 (ms)", "peak RSS (MB)", "perplexity", "ppl vs ref",
-               "top-1 = ref", "greedy = ref", f"tok/s ÷ {fastest_peer}")
+               "in-domain ppl", "top-1 = ref", "greedy = ref", f"tok/s ÷ {fastest_peer}")
     for col in columns:
         table.add_column(col, justify="left" if col == "peer" else "right")
     for name, peer in peers.items():
         m = med[name]
         table.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['ttft_ms']:.1f}", f"{m['decode_p50_ms']:.2f}", f"{m['decode_p95_ms']:.2f}",
                       f"{m['peak_rss_mb']:.0f}", f"{peer['ppl']:.4f}", f"{(peer['ppl'] / ref['ppl'] - 1) * 100:+.2f} %",
+                      f"{peer['ppl_in']:.4f}" if peer["ppl_in"] else "-",
                       f"{float(np.mean(peer['predictions'] == ref['predictions'])):.4f}", greedy_agreement(peer["greedy"], ref["greedy"]),
                       f"{m['tokens_per_s'] / med[fastest_peer]['tokens_per_s']:.2f}x")
     console.print(table)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import make_run_context, quiet_libraries
-from pipeline.corpus import load_text
+from pipeline.corpus import eval_token_ids
 from pipeline.latency import measure_in_subprocess
 from pipeline.modeling.hf import load_tokenizer
 from pipeline.plan import run_stages
@@ -44,7 +44,7 @@ def main() -> None:
     done = run_stages(recipe, ctx, ("source", "quantize", "export", "build"), console.print, Path.cwd())
     source, engine = done["source"], done["build"]
 
-    ids = load_tokenizer(engine.path)(load_text(recipe.validation.eval_text, "eval", "validate.eval_text"))["input_ids"]
+    ids = eval_token_ids(load_tokenizer(engine.path), recipe.validation)[0][1]  # the latency prompt, as validate takes it
     common = {"prompt_ids": ids[: args.prompt_tokens], "new_tokens": args.new_tokens, "warmup": 1, "repeats": 1,
               "threads": engine.meta["session_options"]["threads"]}
     sides = {

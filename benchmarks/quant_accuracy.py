@@ -21,6 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.metric_table import per_text_rows
+
 
 def kiln(recipe: Path, artifacts: Path, *overrides: str) -> dict:
     args = [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(artifacts),
@@ -58,14 +60,17 @@ def main() -> None:
     first = rows[0][2]
     table = Table(title=f"{args.recipe.name}: int4 builds vs the fp32 source (perplexity {first['source_ppl']:.3f}), "
                         "all through the ONNX Runtime engine")
-    for col in ("method", "group", "perplexity", "increase", "next-token agreement", "layer output error (mean)",
-                "quantize time (s)", "quantize peak RSS (MB)"):
+    texts = [row.key for row in per_text_rows(first) if row.key.endswith("/ppl_increase_pct")]  # each evaluation text's increase
+    for col in ("method", "group", "perplexity", "increase", "next-token agreement", *(f"increase: {k.split('/')[1]}" for k in texts),
+                "layer output error (mean)", "quantize time (s)", "quantize peak RSS (MB)"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for method, group, m, quant in rows:
         table.add_row(method, str(group), f"{m['engine_ppl']:.3f}", f"{m['ppl_increase_pct']:+.2f} %",
-                      f"{m['next_token_agreement']:.3f}", f"{quant['meta']['mean_relative_output_error']:.4f}",
+                      f"{m['next_token_agreement']:.3f}", *(f"{m[k]:+.2f} %" if k in m else "-" for k in texts),
+                      f"{quant['meta']['mean_relative_output_error']:.4f}",
                       f"{quant['seconds']:.1f}", f"{quant['meta']['process_peak_rss_mb']:.0f}")
     console.print(table)
+    console.print("perplexity, increase and agreement pool the evaluation texts other than the calibration text (what the gates see)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import make_run_context, quiet_libraries
-from pipeline.corpus import load_text
+from pipeline.corpus import eval_token_ids
 from pipeline.metrics import agreement, eval_windows, perplexity
 from pipeline.modeling.hf import load_tokenizer
 from pipeline.modeling.runtime import OrtCausalLM, greedy_decode, make_ort_session
@@ -45,8 +45,7 @@ def main() -> None:
     exported = run_stages(recipe, ctx, ("source", "quantize", "export"), console.print, Path.cwd())["export"]
 
     cfg = recipe.validation
-    ids = load_tokenizer(exported.path)(load_text(cfg.eval_text, "eval", "validate.eval_text"))["input_ids"][: cfg.max_eval_tokens]
-    windows = eval_windows(ids, cfg.window)
+    windows = [w for _, ids in eval_token_ids(load_tokenizer(exported.path), cfg) for w in eval_windows(ids, cfg.window)]
     with tempfile.TemporaryDirectory() as tmp:
         graphs = {"exported (fp32)": OrtCausalLM(make_ort_session(exported.model_file))}
         for precision in ("fp32", "fp16"):
@@ -58,7 +57,7 @@ def main() -> None:
         greedy = {name: [greedy_decode(lm, p, args.new_tokens, lambda: 0.0)[0] for p in prompts] for name, lm in graphs.items()}
 
     reference = "exported (fp32)"
-    table = Table(title=f"{recipe.name}: {len(ids)} held-out tokens, windows of {cfg.window}; ONNX Runtime CPU")
+    table = Table(title=f"{recipe.name}: {sum(len(w) for w in windows)} held-out tokens, windows of {cfg.window}; ONNX Runtime CPU")
     for col in ("graph", "perplexity", "vs exported", "top-1 = exported", f"greedy = exported ({len(prompts)} prompts)"):
         table.add_column(col)
     ref_ppl = perplexity(scored[reference][0], scored[reference][1])

@@ -43,7 +43,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.engine import timed_greedy
 
     # the loop serving runs (kiln_engine.Scheduler, one row), detokenizing included
-    tokenizer = Tokenizer.from_file(spec["tokenizer_file"])
+    tokenizer = Tokenizer.from_file(spec.get("tokenizer_file") or str(Path(spec.get("engine_dir") or spec["model_dir"]) / "tokenizer.json"))
     for _ in range(spec["warmup"]):
         timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter)
     ttfts, steps, tokens = [], [], []

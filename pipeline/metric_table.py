@@ -10,7 +10,7 @@ value (`pct`) or as an absolute difference (`abs`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 
@@ -84,6 +84,25 @@ METRICS: tuple[MetricRow, ...] = (
     # written at registration (the engine folder's size), not by the validate stage
     MetricRow("engine_size_mb", "engine size (MB)", ".1f", "lower", unit="MB", column="size MB", summary=False),
 )
+
+# Accuracy is also measured on each evaluation text alone (validate: `eval/<text>/<key>`); those
+# figures are these rows, per text: reported and compared, never gated or promoted on.
+PER_TEXT = ("engine_ppl", "ppl_increase_pct", "next_token_agreement")
+PER_TEXT_PREFIX = "eval/"
+
+
+def per_text_key(text: str, key: str) -> str:
+    return f"{PER_TEXT_PREFIX}{text}/{key}"
+
+
+def per_text_rows(keys) -> list[MetricRow]:
+    """The per-text rows for the texts that `keys` (metric keys of one or more runs) name, by text then table order."""
+    texts = sorted({k[len(PER_TEXT_PREFIX):].rsplit("/", 1)[0] for k in keys if k.startswith(PER_TEXT_PREFIX) and k.count("/") >= 2})
+    by_key = {m.key: m for m in METRICS}
+    return [replace(by_key[key], key=per_text_key(text, key), label=f"{by_key[key].label} ({text})", gate=None, promote=None,
+                    column=None, source_key=None, summary=False)
+            for text in texts for key in PER_TEXT]
+
 
 BY_KEY = {m.key: m for m in METRICS}
 GATED = tuple(m for m in METRICS if m.gate is not None)

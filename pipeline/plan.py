@@ -82,9 +82,10 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
                          if p]
         if spec_problems:
             problems.append(RecipeError(spec_problems))
-    text = recipe.validation.eval_text
-    if text.file is not None and not text.file.is_file():
-        problems.append(RecipeError([f"validate.eval_text.file: {str(text.file)!r} does not exist"]))
+    missing = [f"validate.eval_text.{i}.file: {str(text.file)!r} does not exist"
+               for i, text in enumerate(recipe.validation.eval_text) if text.file is not None and not text.file.is_file()]
+    if missing:
+        problems.append(RecipeError(missing))
     target_problems = recipe_problems(recipe)
     if target_problems:
         problems.append(RecipeError(target_problems))
@@ -134,8 +135,9 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
                   f"{q.method} ({q.resolved_backend}) int{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"),
         StageSpec("export", STAGES["export"], OnnxModel, recipe.export, ("source", "quantize"), backend=f"onnx opset {recipe.export.opset}"),
         StageSpec("build", STAGES["build"], Engine, recipe.build, ("export",), backend=recipe.build.target),
-        StageSpec("validate", STAGES["validate"], ValidationReport, recipe.validation, ("source", "build"),
-                  key_extra={"eval_file": text_fingerprint(recipe.validation.eval_text)},
+        StageSpec("validate", validate.make_run(q.calibration.text), ValidationReport, recipe.validation, ("source", "build"),
+                  key_extra={"eval_texts": [text_fingerprint(t) for t in recipe.validation.eval_text],
+                             "calibration_text": q.calibration.text.model_dump(mode="json")},
                   backend=f"gates: {', '.join(k for k, v in recipe.validation.gates.model_dump().items() if v is not None) or 'none'}",
                   check=validate.enforce(recipe.validation.on_gate_failure, warn)),
     ]

@@ -8,6 +8,7 @@ before raising one `RecipeError`.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +37,10 @@ class Section(BaseModel):
 
 
 class TextConfig(Section):
-    """Where text comes from. Built-in: Python's own language reference (`pydoc_data.topics`),
-    split deterministically into a calibration part and a held-out eval part.
+    """Where text comes from. Built-in corpora (offline, each its own domain; `pipeline/corpus.py`):
+    `pydoc-topics`, Python's language reference, split deterministically into a calibration part
+    and a held-out eval part; `package-readmes`, the READMEs of Kiln's dependencies; `licenses`,
+    the licence texts they ship.
 
     ```yaml
     text: {corpus: pydoc-topics}           # built-in
@@ -45,9 +48,23 @@ class TextConfig(Section):
     ```
     """
 
-    corpus: Literal["pydoc-topics"] | None = "pydoc-topics"
+    corpus: Literal["pydoc-topics", "package-readmes", "licenses"] | None = "pydoc-topics"
     file: Path | None = None
     field: str = "text"
+
+    @property
+    def label(self) -> str:
+        """How reports and metric keys name this text: the corpus, or the file's name in the
+        characters an MLflow metric key allows."""
+        return re.sub(r"[^A-Za-z0-9_.\- ]", "_", self.file.stem) if self.file is not None else str(self.corpus)
+
+    def same_text_as(self, other: "TextConfig") -> bool:
+        """The same corpus, or the same file (by path, or by content where both exist)."""
+        if self.file is None or other.file is None:
+            return self.file is None and other.file is None and self.corpus == other.corpus
+        if self.file.resolve() == other.file.resolve():
+            return True
+        return self.file.is_file() and other.file.is_file() and self.file.read_bytes() == other.file.read_bytes()
 
     @model_validator(mode="after")
     def _one_source(self) -> "TextConfig":
@@ -385,10 +402,16 @@ GatesConfig = create_model(
 class ValidateConfig(Section):
     """Accuracy against the unquantized source, latency of the built engine, and gates.
 
+    `eval_text` is one text or a list; each is scored (perplexity, agreement) and reported on its
+    own, and the headline metrics and gates pool every text's tokens. An evaluation text may not be
+    the calibration text (`quantize.calibration.text`): a build is scored on text it was not fitted
+    to, unless `allow_calibration_text: true`, and then that text is reported as in-domain.
+
     ```yaml
     validate:
-      eval_text: {corpus: pydoc-topics}
-      max_eval_tokens: 4096
+      eval_text: [{corpus: package-readmes}, {corpus: licenses}]   # default
+      allow_calibration_text: false
+      max_eval_tokens: 4096     # per text
       window: 256
       latency: {prompt_tokens: 64, new_tokens: 64, warmup: 1, repeats: 3}
       gates: {max_ppl_increase_pct: 10, min_next_token_agreement: 0.8}
@@ -396,13 +419,27 @@ class ValidateConfig(Section):
     ```
     """
 
-    eval_text: TextConfig = TextConfig()
+    eval_text: tuple[TextConfig, ...] = Field((TextConfig(corpus="package-readmes"), TextConfig(corpus="licenses")), min_length=1)
+    allow_calibration_text: bool = False
     max_eval_tokens: int = Field(4096, ge=16)
     window: int = Field(256, ge=8)
     latency: LatencyConfig = LatencyConfig()
     gates: GatesConfig = GatesConfig()
     on_gate_failure: Literal["fail", "warn"] = "fail"
     compare_source_speed: bool = True
+
+    @field_validator("eval_text", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, (dict, TextConfig)) else value
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> "ValidateConfig":
+        labels = [t.label for t in self.eval_text]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"eval_text names {', '.join(repeated)} more than once; each text is reported under its own name")
+        return self
 
 
 # --------------------------------------------------------------------------- register
@@ -660,6 +697,13 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         problems.append(f"validate.window: {v.window} exceeds build.max_sequence_length {context}")
     if v.window > v.max_eval_tokens:
         problems.append(f"validate.window: {v.window} exceeds validate.max_eval_tokens {v.max_eval_tokens}")
+    calibration = recipe.quantize.calibration.text
+    for i, text in enumerate(v.eval_text):
+        if text.same_text_as(calibration) and not v.allow_calibration_text:
+            problems.append(f"validate.eval_text.{i}: {text.label!r} is the calibration text (quantize.calibration.text); a build "
+                            "scored on the text it was calibrated on looks better than it is. Allowed: another file or built-in "
+                            "corpus (package-readmes, licenses, pydoc-topics), or validate.allow_calibration_text: true to "
+                            "score it as in-domain")
     pkg = recipe.package
     if pkg is not None and pkg.max_tokens_cap >= context:
         problems.append(f"package.max_tokens_cap: {pkg.max_tokens_cap} leaves no room for a prompt in build.max_sequence_length "

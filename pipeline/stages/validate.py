@@ -8,21 +8,22 @@ run's `check` hook turns failed gates into a non-zero exit after the report is w
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from pipeline.artifacts import Engine, SourceCheckpoint, ValidationReport, write_json_atomic
-from pipeline.corpus import load_text
+from pipeline.corpus import CORPUS_DOMAINS, eval_token_ids
 from pipeline.errors import QualityGateFailed
 from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
 from pipeline.memory import CHILD_PEAK_KEY, release_free_memory
-from pipeline.metric_table import GATED, side_by_side
+from pipeline.metric_table import GATED, PER_TEXT, per_text_key, side_by_side
 from pipeline.metrics import agreement, eval_windows, perplexity, token_nll
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import CausalLM, TorchCausalLM
-from pipeline.recipe import GatesConfig, ValidateConfig
+from pipeline.recipe import GatesConfig, TextConfig, ValidateConfig
 from pipeline.runner import StageContext
 from pipeline.targets import get_target
 
@@ -81,12 +82,30 @@ def enforce(on_failure: str, warn):
     return check
 
 
+def describe_text(text: TextConfig) -> str:
+    return f"file {text.file.name}" if text.file is not None else CORPUS_DOMAINS[text.corpus]
+
+
+def per_text_rows(meta: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per evaluation text: name, what it is, tokens, source and engine perplexity, increase, agreement."""
+    return [(label + (" (in-domain: calibration text)" if t["in_domain"] else ""), t["domain"], str(t["tokens"]),
+             f"{t['source_ppl']:.3f}", f"{t['engine_ppl']:.3f}", f"{t['ppl_increase_pct']:+.2f} %", f"{t['next_token_agreement']:.3f}")
+            for label, t in meta.get("eval_texts", {}).items()]
+
+
+PER_TEXT_HEADER = ("eval text", "what it is", "tokens", "source ppl", "engine ppl", "ppl increase", "agreement")
+
+
 def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Validation report", "",
         f"Target: `{meta['target']}`; eval tokens: {meta['eval_tokens']} in windows of {meta['window']}.", "",
         f"| metric | source (PyTorch {meta['source_dtype']}) | engine |", "|---|---|---|",
         *(f"| {label} | {src} | {eng} |" for label, src, eng in side_by_side(metrics)),
+        "", "Perplexity and agreement above pool the evaluation texts' tokens (an in-domain text only when it is the "
+        "only one); each text alone:", "",
+        "| " + " | ".join(PER_TEXT_HEADER) + " |", "|---" * len(PER_TEXT_HEADER) + "|",
+        *("| " + " | ".join(row) + " |" for row in per_text_rows(meta)),
     ]
     lines += ["", "## Gates", ""]
     lines += [f"- {'✓' if g['passed'] else '✗'} {describe_gate(g)}" for g in gates] or ["- (none)"]
@@ -101,6 +120,8 @@ def render_html(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: dict
 
     rows = "".join(f"<tr><td>{escape(label)}</td><td>{escape(src)}</td><td>{escape(eng)}</td></tr>"
                    for label, src, eng in side_by_side(metrics))
+    text_rows = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in per_text_rows(meta))
+    text_header = "".join(f"<th>{escape(h)}</th>" for h in PER_TEXT_HEADER)
     gate_items = "".join(f"<li class={'pass' if g['passed'] else 'fail'}>{'✓' if g['passed'] else '✗'} {escape(describe_gate(g))}</li>"
                          for g in gates) or "<li>(none)</li>"
     return f"""<!doctype html>
@@ -111,6 +132,9 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}} td:first-chil
 <body><h1>Validation report</h1>
 <p>Target: <code>{escape(meta['target'])}</code>; eval tokens: {meta['eval_tokens']} in windows of {meta['window']}.</p>
 <table><tr><th>metric</th><th>source (PyTorch {escape(meta['source_dtype'])})</th><th>engine</th></tr>{rows}</table>
+<p>Perplexity and agreement above pool the evaluation texts' tokens (an in-domain text only when it is the only one);
+each text alone:</p>
+<table><tr>{text_header}</tr>{text_rows}</table>
 <h2>Gates</h2><ul>{gate_items}</ul>
 <h2>Latency and accuracy</h2>
 <img alt="latency and accuracy" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(figure_png).decode()}">
@@ -142,19 +166,54 @@ def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any]
     plt.close(fig)
 
 
-def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext) -> ValidationReport:
+def make_run(calibration_text: TextConfig):
+    """The stage's function for a recipe whose calibration text is `calibration_text` (an evaluation
+    text that is the same text is reported as in-domain)."""
+
+    def run_validate(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext) -> ValidationReport:
+        return run(cfg, source, engine, ctx=ctx, calibration_text=calibration_text)
+
+    return run_validate
+
+
+def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext,
+        calibration_text: TextConfig | None = None) -> ValidationReport:
     tokenizer = load_tokenizer(engine.path)
-    ids = tokenizer(load_text(cfg.eval_text, "eval", "validate.eval_text"))["input_ids"][: cfg.max_eval_tokens]
-    windows = eval_windows(ids, cfg.window)
-    ctx.log(f"{len(ids)} eval tokens in {len(windows)} windows of {cfg.window}")
+    texts = [(label, ids, eval_windows(ids, cfg.window)) for label, ids in eval_token_ids(tokenizer, cfg)]
+    for label, ids, windows in texts:
+        ctx.log(f"eval text {label!r}: {len(ids)} tokens in {len(windows)} windows of {cfg.window}")
 
     target = get_target(engine.target)
-    with ctx.progress("perplexity (engine)", total=len(windows)) as advance:
-        eng_nll, count, eng_pred = score(target.load(engine.path, dict(engine.meta)), windows, advance)
+    n_windows = sum(len(w) for _, _, w in texts)
+    with ctx.progress("perplexity (engine)", total=n_windows) as advance:
+        lm = target.load(engine.path, dict(engine.meta))
+        eng_scores = [score(lm, windows, advance) for _, _, windows in texts]
+        del lm
     release_free_memory()  # the engine's session is gone: its memory goes back before the source loads
-    with ctx.progress("perplexity (source)", total=len(windows)) as advance:
-        src_nll, _, src_pred = score(TorchCausalLM(load_causal_lm(source.model_dir, source.dtype)), windows, advance)
-    source_ppl, engine_ppl = perplexity(src_nll, count), perplexity(eng_nll, count)
+    with ctx.progress("perplexity (source)", total=n_windows) as advance:
+        lm = TorchCausalLM(load_causal_lm(source.model_dir, source.dtype))
+        src_scores = [score(lm, windows, advance) for _, _, windows in texts]
+        del lm
+
+    def accuracy(src, eng) -> dict[str, float]:
+        (src_nll, count, src_pred), (eng_nll, _, eng_pred) = src, eng
+        source_ppl, engine_ppl = perplexity(src_nll, count), perplexity(eng_nll, count)
+        return {"source_ppl": source_ppl, "engine_ppl": engine_ppl, "ppl_increase_pct": 100.0 * (engine_ppl - source_ppl) / source_ppl,
+                "next_token_agreement": agreement(src_pred, eng_pred)}
+
+    def pooled(scores):
+        return sum(s[0] for s in scores), sum(s[1] for s in scores), np.concatenate([s[2] for s in scores])
+
+    in_domain = {label for (label, _, _), text_cfg in zip(texts, cfg.eval_text)
+                 if calibration_text is not None and text_cfg.same_text_as(calibration_text)}
+    per_text = {}
+    for (label, ids, _), src, eng, text_cfg in zip(texts, src_scores, eng_scores, cfg.eval_text):
+        per_text[label] = accuracy(src, eng) | {"tokens": len(ids), "predicted_tokens": src[1], "in_domain": label in in_domain,
+                                                "domain": describe_text(text_cfg)}
+        ctx.log(f"  {label}{' (in-domain: the calibration text)' if label in in_domain else ''}: perplexity "
+                f"{per_text[label]['source_ppl']:.3f} → {per_text[label]['engine_ppl']:.3f} "
+                f"({per_text[label]['ppl_increase_pct']:+.2f} %), agreement {per_text[label]['next_token_agreement']:.3f}")
+    ids = texts[0][1]  # the latency prompt: the first text's opening
 
     prompt = ids[: cfg.latency.prompt_tokens]
     common = {"prompt_ids": prompt, "new_tokens": cfg.latency.new_tokens, "warmup": cfg.latency.warmup,
@@ -172,13 +231,15 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
                                             ctx.out_dir, "source")
             advance(1)
 
+    # The headline figures (and gates) pool the out-of-domain texts' tokens; an in-domain text is
+    # reported beside them, never mixed in, unless it is all there is.
+    headline = [i for i, (label, _, _) in enumerate(texts) if label not in in_domain] or list(range(len(texts)))
     metrics = {
-        "source_ppl": source_ppl,
-        "engine_ppl": engine_ppl,
-        "ppl_increase_pct": 100.0 * (engine_ppl - source_ppl) / source_ppl,
-        "next_token_agreement": agreement(src_pred, eng_pred),
+        **accuracy(pooled([src_scores[i] for i in headline]), pooled([eng_scores[i] for i in headline])),
         **{k: eng_lat[k] for k in ("ttft_ms", "decode_p50_ms", "decode_p95_ms", "tokens_per_s", "peak_rss_mb")},
     }
+    for label, figures in per_text.items():
+        metrics |= {per_text_key(label, k): figures[k] for k in ("source_ppl", *PER_TEXT)}
     if eng_lat.get("gpu_memory_mb") is not None:  # GPU targets: memory the engine's process holds on the GPU
         metrics["gpu_memory_mb"] = eng_lat["gpu_memory_mb"]
     if src_lat:
@@ -186,8 +247,9 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]
     gates = evaluate_gates(cfg.gates, metrics)
     # What promotion compares against: two builds' accuracy numbers are comparable only on the same tokens.
-    eval_digest = sha256_bytes(np.asarray(ids, dtype=np.int64).tobytes())
-    meta = {"target": engine.target, "eval_tokens": len(ids), "window": cfg.window, "predicted_tokens": count,
+    eval_digest = sha256_bytes(json.dumps([[label, list(map(int, ids))] for label, ids, _ in texts]).encode())
+    meta = {"target": engine.target, "eval_tokens": sum(len(t[1]) for t in texts), "window": cfg.window,
+            "predicted_tokens": sum(s[1] for s in src_scores), "eval_texts": per_text,
             "source_dtype": source.dtype,
             "eval_tokens_sha256": eval_digest,
             "source_latency": src_lat and {k: v for k, v in src_lat.items() if k != "generated_ids"},

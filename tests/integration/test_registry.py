@@ -179,6 +179,10 @@ def test_diff_shows_two_versions_side_by_side(flow, store):
     doc = json.loads(as_json.stdout)
     rows = {m["metric"]: m for m in doc["metrics"]}
     assert rows["next_token_agreement"]["verdict"] == "worse" and rows["next_token_agreement"]["a"] == pytest.approx(1.0, abs=0.02)
+    # each evaluation text's figures too (issue 25), from the metrics the versions' runs logged
+    for text in ("package-readmes", "licenses"):
+        row = rows[f"eval/{text}/ppl_increase_pct"]
+        assert row["label"] == f"perplexity increase vs source ({text})" and row["a"] is not None and row["b"] > row["a"]
     assert {"setting": "quantize.method", "a": "none", "b": "rtn"} in doc["recipe"]
     assert all(g["a_passed"] is not None for g in doc["gates"])
     bad = flow("models", "diff", f"{MODEL}/1", f"{MODEL}/9")

@@ -147,3 +147,35 @@ def test_prompt_kernel_defaults_to_fp32_on_the_fused_graph_only():
     assert portable.prefill_int4_compute == "int8"
     with pytest.raises(RecipeError, match="prefill_int4_compute: a separate prompt kernel is a fused-graph feature"):
         load_recipe(TINY_RECIPE, ["build.graph=portable", "build.prefill_int4_compute=int8"])
+
+
+def test_an_eval_text_that_is_the_calibration_text_is_refused_unless_opted_in(tmp_path):
+    """Scored on the text it was calibrated on, a build looks better than it is (issue 25): `kiln check`
+    names the eval text's YAML path, why, and the opt-in; the opt-in passes."""
+    doc = base_doc()
+    doc["quantize"]["calibration"] = {"text": {"corpus": "pydoc-topics"}}
+    doc["validate"]["eval_text"] = [{"corpus": "licenses"}, {"corpus": "pydoc-topics"}]
+    (problem,) = problems_of(tmp_path, doc)
+    assert problem.startswith("validate.eval_text.1: 'pydoc-topics' is the calibration text (quantize.calibration.text)")
+    assert "validate.allow_calibration_text: true" in problem
+    proc = run_kiln("check", str(write(tmp_path, doc)), artifacts=tmp_path)
+    assert proc.returncode == 2 and "validate.eval_text.1" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    # the same file under two names is the same text
+    (tmp_path / "calib.txt").write_text("some text " * 50)
+    (tmp_path / "copy.txt").write_text("some text " * 50)
+    doc["quantize"]["calibration"] = {"text": {"file": str(tmp_path / "calib.txt")}}
+    doc["validate"]["eval_text"] = {"file": str(tmp_path / "copy.txt")}  # one text, not a list
+    (problem,) = problems_of(tmp_path, doc)
+    assert problem.startswith("validate.eval_text.0: 'copy' is the calibration text")
+    doc["validate"]["allow_calibration_text"] = True
+    assert load_recipe(write(tmp_path, doc)).validation.eval_text[0].label == "copy"
+
+
+def test_eval_texts_default_to_two_domains_apart_from_calibration_and_need_distinct_names(tmp_path):
+    doc = base_doc()
+    doc["validate"].pop("eval_text", None)
+    texts = load_recipe(write(tmp_path, doc)).validation.eval_text
+    assert [t.label for t in texts] == ["package-readmes", "licenses"]
+    doc["validate"]["eval_text"] = [{"corpus": "licenses"}, {"corpus": "licenses"}]
+    (problem,) = problems_of(tmp_path, doc)
+    assert "eval_text names licenses more than once" in problem

@@ -77,6 +77,23 @@ def test_calibration_and_eval_text_never_overlap():
     assert len(shared) <= 0.02 * len(long_lines(eval_text)), sorted(shared)[:5]
 
 
+def test_builtin_eval_corpora_are_other_domains_with_text_enough():
+    """package-readmes and licenses (issue 25): read offline from the installed distributions,
+    deterministic, each with more than the default 4,096 eval tokens, and sharing no paragraph with
+    the calibration text."""
+    from pipeline.corpus import text_fingerprint
+
+    calibration = {p.strip() for p in load_text(TextConfig(), "calibration", "q").split("\n\n")}
+    for corpus in ("package-readmes", "licenses"):
+        cfg = TextConfig(corpus=corpus)
+        text = load_text(cfg, "eval", "validate.eval_text.0")
+        assert len(text) > 4 * 4096 and load_text(cfg, "eval", "v") == text, corpus
+        assert not calibration & {p.strip() for p in text.split("\n\n")}, corpus
+        assert text_fingerprint(cfg) == text_fingerprint(cfg) is not None
+    assert "Apache License" in load_text(TextConfig(corpus="licenses"), "eval", "v")
+    assert "<!--" not in load_text(TextConfig(corpus="package-readmes"), "eval", "v")
+
+
 def test_user_text_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     assert load_text(TextConfig(file=tmp_path / "a.txt"), "eval", "v.eval_text") == "hello world"

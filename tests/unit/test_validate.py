@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -97,3 +98,28 @@ def test_ci_summary_is_printed_once_with_nested_headings(tiny_run, tmp_path):
     proc = run_kiln("run", str(TINY_RECIPE), "--ci", artifacts=tiny_run["artifacts"], env={"GITHUB_STEP_SUMMARY": str(summary_file)})
     assert proc.returncode == 0 and "Source vs build" in proc.stdout and "## Kiln:" not in proc.stdout
     assert summary_file.read_text().startswith("## Kiln: tiny-llama-int4-cpu (gates passed)")
+
+
+def test_each_eval_text_is_scored_apart_and_the_headline_pools_them(tiny_run):
+    """Issue 25: the default evaluation texts (two domains unlike the calibration text) are each
+    reported (validation.json, MLflow-bound metrics, report); the headline perplexity pools their
+    tokens, so it lies between theirs; an in-domain text opted into is reported and kept out of it."""
+    validation = json.loads((tiny_run["paths"]["validate"] / "validation.json").read_text())
+    texts, metrics = validation["eval_texts"], validation["metrics"]
+    assert sorted(texts) == ["licenses", "package-readmes"] and not any(t["in_domain"] for t in texts.values())
+    assert sum(t["tokens"] for t in texts.values()) == validation["eval_tokens"]
+    for key in ("engine_ppl", "source_ppl"):
+        low, high = sorted(t[key] for t in texts.values())
+        assert low <= metrics[key] <= high and low < high
+        assert all(metrics[f"eval/{label}/{key}"] == t[key] for label, t in texts.items())
+    report = (tiny_run["paths"]["validate"] / "report.md").read_text()
+    assert "| package-readmes | READMEs of Kiln's dependencies" in report and "| licenses |" in report
+
+    proc = run_kiln("run", str(TINY_RECIPE), "--set", "validate.eval_text=[{corpus: licenses}, {corpus: pydoc-topics}]",
+                    "--set", "validate.allow_calibration_text=true", artifacts=tiny_run["artifacts"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tiny_run["artifacts"] / "last_run.json").read_text())
+    opted = json.loads((Path(next(s["path"] for s in summary["stages"] if s["stage"] == "validate")) / "validation.json").read_text())
+    assert opted["eval_texts"]["pydoc-topics"]["in_domain"] and not opted["eval_texts"]["licenses"]["in_domain"]
+    assert opted["metrics"]["engine_ppl"] == opted["eval_texts"]["licenses"]["engine_ppl"]  # the in-domain text stays out
+    assert "pydoc-topics (in-domain: calibration text)" in (Path(summary["stages"][4]["path"]) / "report.md").read_text()
