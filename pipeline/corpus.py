@@ -68,7 +68,7 @@ def _distributions():
             continue
 
 
-def readme_paragraphs() -> list[str]:
+def readme_paragraphs(opening_chars: int = README_OPENING_CHARS) -> list[str]:
     seen: set[str] = set()
     chosen = []
     for dist in _distributions():
@@ -77,7 +77,7 @@ def readme_paragraphs() -> list[str]:
         prose = [p for p in distinct_paragraphs([body], seen) if not MARKUP.match(p)]
         size = 0
         for paragraph in prose:
-            if size >= README_OPENING_CHARS:
+            if size >= opening_chars:
                 break
             chosen.append(paragraph)
             size += len(paragraph)

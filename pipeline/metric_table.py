@@ -104,6 +104,29 @@ def per_text_rows(keys) -> list[MetricRow]:
             for text in texts for key in PER_TEXT]
 
 
+# lm-evaluation-harness tasks (validate.tasks): `task/<task>/<metric>` (the engine's score),
+# `task/<task>/source_<metric>` and `task/<task>/drop_points`, gated per task by its own
+# `max_drop_points`. Their rows are made from the keys a run has.
+TASK_PREFIX = "task/"
+
+
+def task_key(task: str, key: str) -> str:
+    return f"{TASK_PREFIX}{task}/{key}"
+
+
+def task_rows(keys) -> list[MetricRow]:
+    """Rows for the task scores and drops that `keys` (metric keys of one or more runs) hold."""
+    rows = []
+    for key in sorted(k for k in keys if k.startswith(TASK_PREFIX) and k.count("/") == 2):
+        task, metric = key[len(TASK_PREFIX):].split("/")
+        if metric == "drop_points":
+            rows.append(MetricRow(key, f"{task}: drop vs source (points)", "+.2f", "lower", summary=False))
+        elif not metric.startswith("source_"):
+            lower = "perplexity" in metric or metric == "bits_per_byte"
+            rows.append(MetricRow(key, f"{task}: {metric}", ".4f", "lower" if lower else "higher", summary=False))
+    return rows
+
+
 BY_KEY = {m.key: m for m in METRICS}
 GATED = tuple(m for m in METRICS if m.gate is not None)
 PROMOTED = tuple(m for m in METRICS if m.promote is not None)

@@ -36,6 +36,7 @@ from pipeline.recipe import SOURCE_KINDS, Recipe
 from pipeline.runner import RunContext, Runner, StageSpec
 from pipeline.stages import STAGES, register, source, validate
 from pipeline.targets import recipe_problems, unavailable_reason
+from pipeline.task_eval import task_fingerprint, unknown_task_problems
 
 
 def effective_recipe_text(recipe: Recipe) -> str:
@@ -84,8 +85,18 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
             problems.append(RecipeError(spec_problems))
     missing = [f"validate.eval_text.{i}.file: {str(text.file)!r} does not exist"
                for i, text in enumerate(recipe.validation.eval_text) if text.file is not None and not text.file.is_file()]
+    missing += [f"validate.tasks.{i}.name: task file {task.name!r} does not exist"
+                for i, task in enumerate(recipe.validation.tasks) if task.name.endswith((".yaml", ".yml")) and not Path(task.name).is_file()]
     if missing:
         problems.append(RecipeError(missing))
+    else:
+        try:
+            unknown = unknown_task_problems(recipe.validation.tasks)
+        except MissingDependency as e:
+            problems.append(e)
+        else:
+            if unknown:
+                problems.append(RecipeError(unknown))
     target_problems = recipe_problems(recipe)
     if target_problems:
         problems.append(RecipeError(target_problems))
@@ -137,7 +148,8 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
         StageSpec("build", STAGES["build"], Engine, recipe.build, ("export",), backend=recipe.build.target),
         StageSpec("validate", validate.make_run(q.calibration.text), ValidationReport, recipe.validation, ("source", "build"),
                   key_extra={"eval_texts": [text_fingerprint(t) for t in recipe.validation.eval_text],
-                             "calibration_text": q.calibration.text.model_dump(mode="json")},
+                             "calibration_text": q.calibration.text.model_dump(mode="json"),
+                             "tasks": [task_fingerprint(t.name) for t in recipe.validation.tasks]},
                   backend=f"gates: {', '.join(k for k, v in recipe.validation.gates.model_dump().items() if v is not None) or 'none'}",
                   check=validate.enforce(recipe.validation.on_gate_failure, warn)),
     ]

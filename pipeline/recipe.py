@@ -399,6 +399,32 @@ GatesConfig = create_model(
        for m in metric_table.GATED})
 
 
+class TaskConfig(Section):
+    """A task benchmark through lm-evaluation-harness, scored on the engine and on the source.
+
+    ```yaml
+    tasks:
+      - name: kiln_cloze          # Kiln's offline tasks (pipeline/eval_tasks/), a task YAML on local
+        limit: 100                #   files (path ending .yaml), or a registered lm-eval task
+        num_fewshot: 0
+        metric: acc               # null: the task's first metric
+        max_drop_points: 5        # gate: the engine's score at most 5 points (of 100) below the source's
+    ```
+    """
+
+    name: str = Field(min_length=1)
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0, le=64)
+    metric: str | None = None
+    max_drop_points: float | None = Field(None, ge=0, le=100)
+
+    @property
+    def label(self) -> str:
+        """How reports and metric keys name the task: its name, or a task file's stem."""
+        name = Path(self.name).stem if self.name.endswith((".yaml", ".yml")) else self.name
+        return re.sub(r"[^A-Za-z0-9_.\- ]", "_", name)
+
+
 class ValidateConfig(Section):
     """Accuracy against the unquantized source, latency of the built engine, and gates.
 
@@ -414,6 +440,7 @@ class ValidateConfig(Section):
       max_eval_tokens: 4096     # per text
       window: 256
       latency: {prompt_tokens: 64, new_tokens: 64, warmup: 1, repeats: 3}
+      tasks: [{name: kiln_cloze, max_drop_points: 5}]   # lm-evaluation-harness tasks (TaskConfig)
       gates: {max_ppl_increase_pct: 10, min_next_token_agreement: 0.8}
       on_gate_failure: fail       # fail | warn
     ```
@@ -427,6 +454,7 @@ class ValidateConfig(Section):
     gates: GatesConfig = GatesConfig()
     on_gate_failure: Literal["fail", "warn"] = "fail"
     compare_source_speed: bool = True
+    tasks: tuple[TaskConfig, ...] = ()
 
     @field_validator("eval_text", mode="before")
     @classmethod
@@ -439,6 +467,14 @@ class ValidateConfig(Section):
         repeated = sorted({x for x in labels if labels.count(x) > 1})
         if repeated:
             raise ValueError(f"eval_text names {', '.join(repeated)} more than once; each text is reported under its own name")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_tasks(self) -> "ValidateConfig":
+        labels = [t.label for t in self.tasks]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"tasks names {', '.join(repeated)} more than once")
         return self
 
 

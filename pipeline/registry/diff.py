@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.metric_table import METRICS, per_text_rows
+from pipeline.metric_table import METRICS, per_text_rows, task_rows
 from pipeline.registry.fetch import fetch_validation
 
 # version tags that are bookkeeping, not lineage
@@ -48,7 +48,8 @@ def diff_versions(client, tracking_uri: str, mv_a, mv_b) -> VersionDiff:
 
     run_a, run_b = client.get_run(mv_a.run_id), client.get_run(mv_b.run_id)
     out = VersionDiff(f"{mv_a.name} v{mv_a.version}", f"{mv_b.name} v{mv_b.version}")
-    for row in (*METRICS, *per_text_rows({*run_a.data.metrics, *run_b.data.metrics})):
+    keys = {*run_a.data.metrics, *run_b.data.metrics}
+    for row in (*METRICS, *per_text_rows(keys), *task_rows(keys)):
         a, b = run_a.data.metrics.get(row.key), run_b.data.metrics.get(row.key)
         if a is None and b is None:
             continue

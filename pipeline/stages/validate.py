@@ -19,7 +19,7 @@ from pipeline.errors import QualityGateFailed
 from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
 from pipeline.memory import CHILD_PEAK_KEY, release_free_memory
-from pipeline.metric_table import GATED, PER_TEXT, per_text_key, side_by_side
+from pipeline.metric_table import GATED, PER_TEXT, per_text_key, side_by_side, task_key
 from pipeline.metrics import agreement, eval_windows, perplexity, token_nll
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import CausalLM, TorchCausalLM
@@ -93,6 +93,16 @@ def per_text_rows(meta: dict[str, Any]) -> list[tuple[str, ...]]:
             for label, t in meta.get("eval_texts", {}).items()]
 
 
+def task_table_rows(metrics: dict[str, Any], meta: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per lm-eval task: name (limit, shots), its metric, source and engine scores, the drop."""
+    rows = []
+    for label, t in meta.get("tasks", {}).items():
+        m = t["metric"]
+        shown = f"{label} ({t['limit'] or 'all'} items, {t['num_fewshot']}-shot)"
+        rows.append((shown, m, f"{t['source'][m]:.4f}", f"{t['engine'][m]:.4f}", f"{metrics[task_key(label, 'drop_points')]:+.2f}"))
+    return rows
+
+
 PER_TEXT_HEADER = ("eval text", "what it is", "tokens", "source ppl", "engine ppl", "ppl increase", "agreement")
 
 
@@ -107,6 +117,9 @@ def render_markdown(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: 
         "| " + " | ".join(PER_TEXT_HEADER) + " |", "|---" * len(PER_TEXT_HEADER) + "|",
         *("| " + " | ".join(row) + " |" for row in per_text_rows(meta)),
     ]
+    if meta.get("tasks"):
+        lines += ["", "| task | metric | source | engine | drop (points) |", "|---|---|---|---|---|",
+                  *("| " + " | ".join(row) + " |" for row in task_table_rows(metrics, meta))]
     lines += ["", "## Gates", ""]
     lines += [f"- {'✓' if g['passed'] else '✗'} {describe_gate(g)}" for g in gates] or ["- (none)"]
     return "\n".join(lines) + "\n"
@@ -122,6 +135,9 @@ def render_html(metrics: dict[str, Any], gates: list[dict[str, Any]], meta: dict
                    for label, src, eng in side_by_side(metrics))
     text_rows = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in per_text_rows(meta))
     text_header = "".join(f"<th>{escape(h)}</th>" for h in PER_TEXT_HEADER)
+    task_rows = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in task_table_rows(metrics, meta))
+    task_table = ("<table><tr><th>task</th><th>metric</th><th>source</th><th>engine</th><th>drop (points)</th></tr>"
+                  f"{task_rows}</table>\n") if task_rows else ""
     gate_items = "".join(f"<li class={'pass' if g['passed'] else 'fail'}>{'✓' if g['passed'] else '✗'} {escape(describe_gate(g))}</li>"
                          for g in gates) or "<li>(none)</li>"
     return f"""<!doctype html>
@@ -135,7 +151,7 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}} td:first-chil
 <p>Perplexity and agreement above pool the evaluation texts' tokens (an in-domain text only when it is the only one);
 each text alone:</p>
 <table><tr>{text_header}</tr>{text_rows}</table>
-<h2>Gates</h2><ul>{gate_items}</ul>
+{task_table}<h2>Gates</h2><ul>{gate_items}</ul>
 <h2>Latency and accuracy</h2>
 <img alt="latency and accuracy" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(figure_png).decode()}">
 </body></html>
@@ -166,6 +182,20 @@ def plot_latency_accuracy(path, metrics: dict[str, Any], eng_lat: dict[str, Any]
     plt.close(fig)
 
 
+def evaluate_tasks(cfg: ValidateConfig, lm: CausalLM, engine: Engine, ctx: StageContext, side: str) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on one model (`pipeline/task_eval.py`), with the engine's context
+    limit, tokenizer and end-of-sequence ids for both sides."""
+    if not cfg.tasks:
+        return {}
+    from pipeline.stages.package import context_limit, eos_token_ids
+    from pipeline.task_eval import make_kiln_lm, run_tasks
+
+    kiln_lm = make_kiln_lm(lm, load_tokenizer(engine.path), context_limit(engine), set(eos_token_ids(engine.path)))
+    with ctx.progress(f"tasks ({side}): {', '.join(t.name for t in cfg.tasks)}", total=len(cfg.tasks)) as advance:
+        results = run_tasks(kiln_lm, cfg.tasks, lambda line: (ctx.log(f"{side} {line}"), advance(1)))
+    return results
+
+
 def make_run(calibration_text: TextConfig):
     """The stage's function for a recipe whose calibration text is `calibration_text` (an evaluation
     text that is the same text is reported as in-domain)."""
@@ -188,12 +218,14 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
     with ctx.progress("perplexity (engine)", total=n_windows) as advance:
         lm = target.load(engine.path, dict(engine.meta))
         eng_scores = [score(lm, windows, advance) for _, _, windows in texts]
-        del lm
+    eng_tasks = evaluate_tasks(cfg, lm, engine, ctx, "engine")
+    del lm
     release_free_memory()  # the engine's session is gone: its memory goes back before the source loads
     with ctx.progress("perplexity (source)", total=n_windows) as advance:
         lm = TorchCausalLM(load_causal_lm(source.model_dir, source.dtype))
         src_scores = [score(lm, windows, advance) for _, _, windows in texts]
-        del lm
+    src_tasks = evaluate_tasks(cfg, lm, engine, ctx, "source")
+    del lm
 
     def accuracy(src, eng) -> dict[str, float]:
         (src_nll, count, src_pred), (eng_nll, _, eng_pred) = src, eng
@@ -246,10 +278,20 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         metrics |= {f"source_{k}": src_lat[k] for k in ("tokens_per_s", "ttft_ms", "peak_rss_mb")}
         metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]
     gates = evaluate_gates(cfg.gates, metrics)
+    task_results = {}
+    for task in cfg.tasks:
+        from pipeline.task_eval import task_metrics
+
+        figures, gate = task_metrics(task, eng_tasks[task.name], src_tasks[task.name])
+        metrics |= figures
+        gates += [gate] if gate else []
+        task_results[task.label] = {"metric": task.metric or next(iter(eng_tasks[task.name]["scores"])),
+                                    "engine": eng_tasks[task.name]["scores"], "source": src_tasks[task.name]["scores"],
+                                    "limit": task.limit, "num_fewshot": task.num_fewshot}
     # What promotion compares against: two builds' accuracy numbers are comparable only on the same tokens.
     eval_digest = sha256_bytes(json.dumps([[label, list(map(int, ids))] for label, ids, _ in texts]).encode())
     meta = {"target": engine.target, "eval_tokens": sum(len(t[1]) for t in texts), "window": cfg.window,
-            "predicted_tokens": sum(s[1] for s in src_scores), "eval_texts": per_text,
+            "predicted_tokens": sum(s[1] for s in src_scores), "eval_texts": per_text, "tasks": task_results,
             "source_dtype": source.dtype,
             "eval_tokens_sha256": eval_digest,
             "source_latency": src_lat and {k: v for k, v in src_lat.items() if k != "generated_ids"},
