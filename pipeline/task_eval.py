@@ -248,3 +248,15 @@ def task_metrics(task, engine: dict[str, Any], source: dict[str, Any]) -> tuple[
                 "label": f"{task.label} {metric} drop vs source (points)", "value": drop, "op": "<=",
                 "limit": task.max_drop_points, "passed": bool(drop <= task.max_drop_points)}
     return metrics, gate
+
+
+def task_outcomes(tasks, engine: dict[str, Any], source: dict[str, Any]) -> tuple[dict[str, float], list[dict], dict[str, Any]]:
+    """Every task's metrics, gate results and report entry, from `run_tasks` on engine and source."""
+    metrics, gates, results = {}, [], {}
+    for task in tasks:
+        figures, gate = task_metrics(task, engine[task.name], source[task.name])
+        metrics |= figures
+        gates += [gate] if gate else []
+        results[task.label] = {"metric": task.metric or next(iter(engine[task.name]["scores"])), "engine": engine[task.name]["scores"],
+                               "source": source[task.name]["scores"], "limit": task.limit, "num_fewshot": task.num_fewshot}
+    return metrics, gates, results

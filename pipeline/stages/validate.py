@@ -279,15 +279,12 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]
     gates = evaluate_gates(cfg.gates, metrics)
     task_results = {}
-    for task in cfg.tasks:
-        from pipeline.task_eval import task_metrics
+    if cfg.tasks:
+        from pipeline.task_eval import task_outcomes
 
-        figures, gate = task_metrics(task, eng_tasks[task.name], src_tasks[task.name])
-        metrics |= figures
-        gates += [gate] if gate else []
-        task_results[task.label] = {"metric": task.metric or next(iter(eng_tasks[task.name]["scores"])),
-                                    "engine": eng_tasks[task.name]["scores"], "source": src_tasks[task.name]["scores"],
-                                    "limit": task.limit, "num_fewshot": task.num_fewshot}
+        task_figures, task_gates, task_results = task_outcomes(cfg.tasks, eng_tasks, src_tasks)
+        metrics |= task_figures
+        gates += task_gates
     # What promotion compares against: two builds' accuracy numbers are comparable only on the same tokens.
     eval_digest = sha256_bytes(json.dumps([[label, list(map(int, ids))] for label, ids, _ in texts]).encode())
     meta = {"target": engine.target, "eval_tokens": sum(len(t[1]) for t in texts), "window": cfg.window,
