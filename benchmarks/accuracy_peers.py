@@ -12,10 +12,11 @@ corpus's held-out part (in-domain) beside them. Rows:
 - each recipe's Kiln engine (its stages up to build, reused from the cache when built before);
 - onnxruntime-genai's int4 CPU model (its model builder on the same fp32 source; environment:
   benchmarks/setup_genai_env.sh), if that environment exists;
-- llama.cpp Q4_0 and Q4_K_M: llama.cpp's own `convert_hf_to_gguf.py` on the fp32 source (from the
-  llama.cpp tree in llama-cpp-python's source distribution, `--llama-src`), quantized by
-  `llama_model_quantize`, scored by llama-cpp-python (environment: benchmarks/setup_llamacpp_env.sh;
-  benchmarks/llamacpp_peer.py).
+- llama.cpp Q4_0 and Q4_K_M: `llama_model_quantize` on the recipe's GGUF source file (requantized:
+  llama.cpp dequantizes it to the very f32 weights Kiln's source holds), or on the F32 file llama.cpp's
+  own `convert_hf_to_gguf.py` writes from a Hugging Face source (the llama.cpp tree in
+  llama-cpp-python's source distribution, `--llama-src`); scored by llama-cpp-python (environment:
+  benchmarks/setup_llamacpp_env.sh; benchmarks/llamacpp_peer.py).
   The converted vocabulary keeps the source tokenizer's ids (checked on the eval text).
 """
 
@@ -34,12 +35,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import make_run_context, quiet_libraries
-from pipeline.corpus import eval_token_ids
+from pipeline.corpus import eval_token_ids, load_text
 from pipeline.metrics import eval_windows, perplexity
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import TorchCausalLM
 from pipeline.plan import run_stages
 from pipeline.recipe import load_recipe
+from pipeline.stages.source import resolve_path
 from pipeline.stages.validate import score
 from pipeline.targets import get_target
 
@@ -48,20 +50,27 @@ LLAMA_PYTHON = HERE.parent / "artifacts" / "bench" / "llamacpp-venv" / "bin" / "
 LLAMA_SRC = HERE.parent / "artifacts" / "bench" / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 
 
-def llama_gguf(source, llama_src: Path, root: Path, kind: str, console: Console) -> Path:
-    """The source as llama.cpp's converter writes it (F32), then quantized to `kind`."""
+def llama_gguf(source, recipe, llama_src: Path, root: Path, kind: str, console: Console) -> Path:
+    """The source quantized to `kind` by llama.cpp's own quantizer. A GGUF source is requantized
+    from its own file (llama.cpp dequantizes it to f32 first: the same weights as Kiln's fp32
+    source, whose values are that file's dequantized ones); a Hugging Face source goes through
+    llama.cpp's convert_hf_to_gguf.py (F32) first."""
     out_dir = root / "bench" / f"llamacpp-{(source.digest or source.path.name)[:16]}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    f32 = out_dir / "model-f32.gguf"
-    if not f32.is_file():
-        console.print(f"converting {source.model_dir} with llama.cpp's convert_hf_to_gguf.py")
-        env = {**os.environ, "PYTHONPATH": str(llama_src / "gguf-py")}
-        subprocess.run([str(LLAMA_PYTHON), str(llama_src / "convert_hf_to_gguf.py"), str(source.model_dir), "--outtype", "f32",
-                        "--outfile", str(f32)], check=True, env=env, capture_output=True)
+    origin = resolve_path(recipe.source.path) if recipe.source.path else None
+    if origin is not None and origin.suffix == ".gguf":
+        start, requantize = origin, ["--allow-requantize"]
+    else:
+        start, requantize = out_dir / "model-f32.gguf", []
+        if not start.is_file():
+            console.print(f"converting {source.model_dir} with llama.cpp's convert_hf_to_gguf.py")
+            env = {**os.environ, "PYTHONPATH": str(llama_src / "gguf-py")}
+            subprocess.run([str(LLAMA_PYTHON), str(llama_src / "convert_hf_to_gguf.py"), str(source.model_dir), "--outtype", "f32",
+                            "--outfile", str(start)], check=True, env=env, capture_output=True)
     quantized = out_dir / f"model-{kind}.gguf"
     if not quantized.is_file():
-        subprocess.run([str(LLAMA_PYTHON), str(HERE / "llamacpp_peer.py"), "quantize", "--gguf", str(f32), "--out", str(quantized),
-                        "--type", kind], check=True, capture_output=True)
+        subprocess.run([str(LLAMA_PYTHON), str(HERE / "llamacpp_peer.py"), "quantize", "--gguf", str(start), "--out", str(quantized),
+                        "--type", kind, *requantize], check=True, capture_output=True)
     return quantized
 
 
@@ -107,8 +116,9 @@ def main() -> None:
         console.print(f"onnxruntime-genai left out: no environment at {args.genai_python} (benchmarks/setup_genai_env.sh)")
     if (args.llama_src / "convert_hf_to_gguf.py").is_file() and LLAMA_PYTHON.is_file():
         for kind in ("q4_0", "q4_k_m"):
-            gguf = llama_gguf(source, args.llama_src, ctx.settings.artifacts_root, kind, console)
+            gguf = llama_gguf(source, first, args.llama_src, ctx.settings.artifacts_root, kind, console)
             scorers[f"llama.cpp {kind.upper()}"] = lambda ws, tmp, g=gguf: llama_score(g, ws, tmp, args.threads)
+        same_ids(gguf, tokenizer, v, console)
     else:
         console.print("llama.cpp left out: no environment (bash benchmarks/setup_llamacpp_env.sh makes it)")
     console.print("OpenVINO GenAI left out: no environment for it in this benchmark yet")
@@ -136,6 +146,27 @@ def main() -> None:
                       *(f"{100 * (row['texts'][t][0] / ref['texts'][t][0] - 1):+.2f} %" + (" (in-domain)" if t in inside else "")
                         for t in texts))
     console.print(table)
+
+
+def same_ids(gguf: Path, tokenizer, v, console: Console) -> None:
+    """Whether llama.cpp's tokenizer (the GGUF file's) splits each evaluation text as the source
+    tokenizer does. Every row is scored on the source tokenizer's ids, which index the same
+    vocabulary in both, so a different split is reported, not corrected."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for text_cfg in v.eval_text:
+            text = load_text(text_cfg, "eval", "validate.eval_text")[:20_000]
+            (Path(tmp) / "t.txt").write_text(text)
+            proc = subprocess.run([str(LLAMA_PYTHON), str(HERE / "llamacpp_peer.py"), "tokenize", "--gguf", str(gguf),
+                                   "--text-file", str(Path(tmp) / "t.txt")], capture_output=True, text=True, check=True)
+            ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+            theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+            if ours == theirs:
+                console.print(f"llama.cpp's tokenizer: the source's ids on {text_cfg.label} ({len(ours)} tokens)")
+                continue
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            console.print(f"llama.cpp's tokenizer splits {text_cfg.label} differently from token {first} of {len(ours)}: "
+                          f"source {tokenizer.convert_ids_to_tokens(ours[first:first + 4])} vs llama.cpp "
+                          f"{tokenizer.convert_ids_to_tokens(theirs[first:first + 4])}")
 
 
 def score_lm(lm, windows) -> tuple[float, np.ndarray]:
