@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import make_run_context, quiet_libraries
-from pipeline.corpus import eval_token_ids, load_text
+from pipeline.corpus import eval_token_ids, in_domain_labels, load_text
 from pipeline.metrics import eval_windows, perplexity
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
 from pipeline.modeling.runtime import TorchCausalLM
@@ -99,7 +99,7 @@ def main() -> None:
     tokenizer = load_tokenizer(source.model_dir)
     v, calibration = first.validation, first.quantize.calibration.text
     texts = {label: eval_windows(ids, v.window) for label, ids in eval_token_ids(tokenizer, v)}
-    inside = {t.label for t in v.eval_text if t.same_text_as(calibration)}
+    inside = in_domain_labels(v, calibration)
     outside = [label for label in texts if label not in inside]
     console.print(f"texts: {', '.join(f'{k} ({sum(len(w) for w in ws)} tokens)' for k, ws in texts.items())}; "
                   f"out of domain: {', '.join(outside)}; in-domain: {', '.join(inside) or 'none'}")

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import make_run_context, quiet_libraries
-from pipeline.corpus import eval_token_ids, split_by_domain
+from pipeline.corpus import eval_token_ids, in_domain_labels
 from pipeline.latency import measure_in_subprocess
 from pipeline.metrics import eval_windows, perplexity
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer
@@ -113,7 +113,9 @@ def main() -> None:
     tokenizer = load_tokenizer(next(iter(engines.values())).path)
     v = recipe.validation
     # perplexity out of domain (the texts other than the calibration text, pooled), and in domain beside it
-    outside, inside = split_by_domain(eval_token_ids(tokenizer, v), v, recipe.quantize.calibration.text)
+    inside_labels = in_domain_labels(v, recipe.quantize.calibration.text)
+    texts = eval_token_ids(tokenizer, v)
+    outside, inside = [t for t in texts if t[0] not in inside_labels], [t for t in texts if t[0] in inside_labels]
     windows = [w for _, text in (outside or inside) for w in eval_windows(text, v.window)]
     inside_windows = [w for _, text in inside for w in eval_windows(text, v.window)] if outside else []
     ids = (outside or inside)[0][1]

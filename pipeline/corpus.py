@@ -157,10 +157,10 @@ def eval_token_ids(tokenizer, cfg: ValidateConfig) -> list[tuple[str, list[int]]
             for i, text in enumerate(cfg.eval_text)]
 
 
-def split_by_domain(texts: list[tuple[str, list[int]]], cfg: ValidateConfig, calibration: TextConfig) -> tuple[list, list]:
-    """(out-of-domain, in-domain) evaluation texts: in-domain ones are the calibration text."""
-    in_domain = [t.same_text_as(calibration) for t in cfg.eval_text]
-    return [t for t, inside in zip(texts, in_domain) if not inside], [t for t, inside in zip(texts, in_domain) if inside]
+def in_domain_labels(cfg: ValidateConfig, calibration: TextConfig | None) -> set[str]:
+    """The evaluation texts that are the calibration text (scored only by opt-in, never pooled into
+    the headline figures)."""
+    return {t.label for t in cfg.eval_text if calibration is not None and t.same_text_as(calibration)}
 
 
 def text_fingerprint(cfg: TextConfig) -> str | None:

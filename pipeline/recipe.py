@@ -462,19 +462,13 @@ class ValidateConfig(Section):
         return [value] if isinstance(value, (dict, TextConfig)) else value
 
     @model_validator(mode="after")
-    def _distinct_labels(self) -> "ValidateConfig":
-        labels = [t.label for t in self.eval_text]
-        repeated = sorted({x for x in labels if labels.count(x) > 1})
-        if repeated:
-            raise ValueError(f"eval_text names {', '.join(repeated)} more than once; each text is reported under its own name")
-        return self
-
-    @model_validator(mode="after")
-    def _distinct_tasks(self) -> "ValidateConfig":
-        labels = [t.label for t in self.tasks]
-        repeated = sorted({x for x in labels if labels.count(x) > 1})
-        if repeated:
-            raise ValueError(f"tasks names {', '.join(repeated)} more than once")
+    def _distinct_names(self) -> "ValidateConfig":
+        # each text and each task is reported (and its metrics keyed) under its own name
+        for field, items in (("eval_text", self.eval_text), ("tasks", self.tasks)):
+            labels = [item.label for item in items]
+            repeated = sorted({x for x in labels if labels.count(x) > 1})
+            if repeated:
+                raise ValueError(f"{field} names {', '.join(repeated)} more than once; each is reported under its own name")
         return self
 
 

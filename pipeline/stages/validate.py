@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import Engine, SourceCheckpoint, ValidationReport, write_json_atomic
-from pipeline.corpus import CORPUS_DOMAINS, eval_token_ids
+from pipeline.corpus import CORPUS_DOMAINS, eval_token_ids, in_domain_labels
 from pipeline.errors import QualityGateFailed
 from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
@@ -236,8 +236,7 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
     def pooled(scores):
         return sum(s[0] for s in scores), sum(s[1] for s in scores), np.concatenate([s[2] for s in scores])
 
-    in_domain = {label for (label, _, _), text_cfg in zip(texts, cfg.eval_text)
-                 if calibration_text is not None and text_cfg.same_text_as(calibration_text)}
+    in_domain = in_domain_labels(cfg, calibration_text)
     per_text = {}
     for (label, ids, _), src, eng, text_cfg in zip(texts, src_scores, eng_scores, cfg.eval_text):
         per_text[label] = accuracy(src, eng) | {"tokens": len(ids), "predicted_tokens": src[1], "in_domain": label in in_domain,
