@@ -4,7 +4,7 @@ READMEs): English prose about software and legal English, not the calibration te
 
 - `kiln_cloze` (multiple choice, loglikelihood): a sentence without its last word; the choices are
   that word and three last words of other sentences.
-- `kiln_next_words` (generate_until): a sentence without its last three words; the answer is them.
+- `kiln_last_word` (generate_until): the same sentence start; the answer is its last word, generated.
 
 The files are committed, so a task's items never change with an installed package's README:
     python -m pipeline.eval_tasks.make_tasks
@@ -43,7 +43,7 @@ def main() -> None:
     pool = sentences()
     chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=min(ITEMS, len(pool)), replace=False))]
     last_words = sorted({s.split()[-1][:-1] for s in pool})
-    with (HERE / "kiln_cloze.jsonl").open("w") as cloze, (HERE / "kiln_next_words.jsonl").open("w") as nxt:
+    with (HERE / "kiln_cloze.jsonl").open("w") as cloze, (HERE / "kiln_last_word.jsonl").open("w") as last:
         for sentence in chosen:
             words = sentence.split()
             answer = words[-1][:-1]
@@ -52,7 +52,7 @@ def main() -> None:
             order = rng.permutation(4)
             cloze.write(json.dumps({"context": " ".join(words[:-1]), "choices": [choices[i] for i in order],
                                     "answer": int(np.where(order == 0)[0][0])}) + "\n")
-            nxt.write(json.dumps({"context": " ".join(words[:-3]), "target": " ".join(words[-3:])[:-1]}) + "\n")
+            last.write(json.dumps({"context": " ".join(words[:-1]), "target": answer}) + "\n")
     print(f"{len(chosen)} items from {len(pool)} sentences")
 
 

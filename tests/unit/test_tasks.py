@@ -101,15 +101,15 @@ def test_a_task_gate_fails_on_a_drop_over_its_limit_and_names_it():
 def test_validate_scores_offline_tasks_on_engine_and_source_and_gates_them(tiny_run):
     """The tiny recipe with Kiln's two offline tasks: scores in validation.json, the report, the
     MLflow run, and a max_drop_points gate whose verdict follows the measured drop."""
-    tasks = "[{name: kiln_cloze, limit: 60, max_drop_points: 0}, {name: kiln_next_words, limit: 8}]"
+    tasks = "[{name: kiln_cloze, limit: 60, max_drop_points: 0}, {name: kiln_last_word, limit: 8}]"
     proc = run_kiln("run", str(TINY_RECIPE), "--set", f"validate.tasks={tasks}", artifacts=tiny_run["artifacts"])
     # this run's report (a failed gate leaves it in the cache, and no run summary names it)
     validate_dir = max((p.parent for p in (tiny_run["artifacts"] / "cache" / "validate").glob("*/validation.json")
-                        if "kiln_next_words" in json.loads(p.read_text()).get("tasks", {})), key=lambda d: d.stat().st_mtime)
+                        if "kiln_last_word" in json.loads(p.read_text()).get("tasks", {})), key=lambda d: d.stat().st_mtime)
     validation = json.loads((validate_dir / "validation.json").read_text())
     m = validation["metrics"]
     assert 0 <= m["task/kiln_cloze/acc"] <= 1 and 0 <= m["task/kiln_cloze/source_acc"] <= 1
-    assert m["task/kiln_next_words/exact_match"] >= 0
+    assert m["task/kiln_last_word/exact_match"] >= 0
     drop = m["task/kiln_cloze/drop_points"]
     assert drop == pytest.approx(100 * (m["task/kiln_cloze/source_acc"] - m["task/kiln_cloze/acc"]))
     gate = next(g for g in validation["gates"] if g["gate"] == "tasks.kiln_cloze.max_drop_points")
@@ -118,7 +118,7 @@ def test_validate_scores_offline_tasks_on_engine_and_source_and_gates_them(tiny_
     if drop > 0:
         assert "tasks.kiln_cloze.max_drop_points: kiln_cloze acc drop vs source (points)" in proc.stdout
     report = (validate_dir / "report.md").read_text()
-    assert "| kiln_cloze (60 items, 0-shot) | acc |" in report and "| kiln_next_words (8 items, 0-shot) | exact_match |" in report
+    assert "| kiln_cloze (60 items, 0-shot) | acc |" in report and "| kiln_last_word (8 items, 0-shot) | exact_match |" in report
     assert "Traceback" not in proc.stderr and "it/s]" not in proc.stdout + proc.stderr  # no library progress bars
 
 
