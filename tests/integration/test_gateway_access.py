@@ -41,7 +41,11 @@ tenants:
     max_concurrent: 1
 """
 # a package with 2 rows and 4 places to wait, so a dozen requests overload it
-SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set", "package.max_tokens_cap=220")
+# 2 rows, 4 waiting places, and room for answers long enough (900 tokens, about a second) that a
+# row is still busy when a request sent after it arrives (220 tokens, ~0.3 s, was too tight once in CI)
+SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set", "build.max_sequence_length=1024",
+         "--set", "package.max_tokens_cap=900")
+ROW_TOKENS = 900
 LONG_PROMPT = "The quick brown fox"
 
 
@@ -215,8 +219,8 @@ def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_s
     batch request arriving at a room full of critical ones is refused: tests/unit/test_access.py.)"""
     import asyncio
 
-    long = client(guarded, "acme").completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=220, temperature=0)
-    assert long.choices[0].finish_reason == "length"  # a greedy answer that keeps a row busy for 220 steps
+    long = client(guarded, "acme").completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=ROW_TOKENS, temperature=0)
+    assert long.choices[0].finish_reason == "length"  # a greedy answer that keeps a row busy for ROW_TOKENS steps
 
     async def overload():
         def aclient(tenant):
@@ -224,7 +228,7 @@ def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_s
 
         async def one(c, cls):
             try:
-                answer = await c.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=220, temperature=0)
+                answer = await c.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=ROW_TOKENS, temperature=0)
                 return cls, 200, answer.choices[0].finish_reason
             except openai.APIStatusError as e:
                 return cls, e.status_code, e.body.get("message") if isinstance(e.body, dict) else str(e.body)
@@ -244,7 +248,7 @@ def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_s
     batch = [r for r in results if r[0] == "batch"]
     assert [r[1] for r in critical] == [200] * 4, results
     # each critical arrival found the room full and pushed out a waiting batch request (4 when all
-    # arrive before the 2 running rows end, ~0.3 s here; fewer if a row freed first)
+    # arrive before the 2 running rows end, ~1 s here; fewer if a row freed first)
     pushed = [r for r in batch if r[1] == 503]
     assert all("a higher-priority request took its place" in str(r[2]) for r in pushed) and 1 <= len(pushed) <= 4, results
     assert all(r[1] in (200, 503) for r in batch), results
