@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import MissingDependency, StageFailed
+from pipeline.metrics import token_nll
 
 KILN_TASKS = Path(__file__).parent / "eval_tasks"
 SCORE_BATCH = 8  # rows per scoring forward: [8, 256, 49152] fp32 logits are 400 MB for SmolLM2
@@ -38,12 +39,6 @@ def require_lm_eval():
     except ImportError:
         raise MissingDependency("validate.tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13 "
                                 "(Kiln's own environment has it)") from None
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def make_kiln_lm(lm, tokenizer, max_length: int, eos_ids: set[int], slots: int = 8):
@@ -82,8 +77,8 @@ def make_kiln_lm(lm, tokenizer, max_length: int, eos_ids: set[int], slots: int =
                 logits, _ = scorer.forward(ids, None)
             for b, (i, inputs, n) in enumerate(group):
                 targets = np.asarray(pairs[i][1][-n:])
-                logp = log_softmax(logits[b, len(inputs) - n:len(inputs)])
-                out[i] = (float(logp[np.arange(n), targets].sum()), bool((logp.argmax(axis=-1) == targets).all()))
+                scored = logits[b, len(inputs) - n:len(inputs)]
+                out[i] = (-float(token_nll(scored, targets).sum()), bool((scored.argmax(axis=-1) == targets).all()))
         return out  # type: ignore[return-value]
 
     class KilnLM(LM):
