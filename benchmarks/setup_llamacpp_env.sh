@@ -18,4 +18,6 @@ if [ ! -f "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py
   "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$SRC"
   tar xzf "$SRC/llama_cpp_python-$VERSION.tar.gz" -C "$SRC"
 fi
+# the same gguf-py revision as the converter (tests/llamacpp_gguf.py record reads GGUF vocabularies with it)
+$PIP --no-deps "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py"
 echo "llama.cpp environment ready: $VENV/bin/python; converter: $SRC/llama_cpp_python-$VERSION/vendor/llama.cpp"

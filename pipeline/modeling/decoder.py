@@ -362,27 +362,12 @@ def read_json(path: Path) -> Any:
 
 
 def spec_from_gguf(path: Path) -> DecoderSpec:
-    """The spec from a GGUF file's metadata, through transformers' own GGUF reader (no tensors read).
-    The gguf package's reader looks at the header first: a truncated or foreign file is refused in
-    a fraction of a second, before transformers is imported."""
-    try:
-        from gguf import GGUFReader
+    """The spec from a GGUF file's metadata (no tensors read), as Kiln's GGUF reader maps llama.cpp's
+    architecture and keys back to a transformers config (pipeline/modeling/gguf_checkpoint.py)."""
+    from pipeline.modeling.gguf_checkpoint import GgufMetadata, gguf_config
 
-        GGUFReader(str(path))
-    except Exception as e:  # truncated files raise IndexError/ValueError/struct errors
-        raise UnsupportedModel(f"{path}: cannot read its GGUF metadata ({type(e).__name__}: {str(e)[:300]})") from None
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:  # the GGUF reader raises many types on truncated or foreign files
-        raise UnsupportedModel(f"{path}: cannot read its GGUF metadata ({type(e).__name__}: {str(e)[:300]})") from None
-    arch = next((a for a in (config.architectures or []) if a in ARCHITECTURES), None)
-    if arch is None:
-        arch = next((a for a, f in ARCHITECTURES.items() if f.name == config.model_type or a.lower().startswith(config.model_type)), None)
-    if arch is None:
-        raise UnsupportedModel(f"{path}: GGUF model type {config.model_type!r} is not supported by Kiln; supported: {supported_list()}")
-    return describe(config, arch)
+    config = gguf_config(GgufMetadata(path))
+    return describe(config, config.architectures[0])
 
 
 def tiny_config(family: str, overrides: dict[str, Any]):

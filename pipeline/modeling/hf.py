@@ -208,26 +208,6 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def gguf_to_checkpoint(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> None:
-    """Dequantize a GGUF file into an ordinary safetensors checkpoint (`dtype`) with its tokenizer."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = gguf_file.parent, gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
-    config = gguf_model.config
-    # transformers marks GGUF-loaded models as quantized and refuses to save them; the tensors are
-    # already dequantized to fp32, so rebuild a plain model of the same class and copy them over.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = getattr(transformers, type(gguf_model).__name__)(config).to(getattr(torch, dtype))
-    plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    plain.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-
 def byte_level_tokenizer():
     """A 257-token byte-level tokenizer (256 bytes + end-of-text), built offline for test models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

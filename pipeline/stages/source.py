@@ -1,6 +1,7 @@
 """source: resolve the checkpoint into an ordinary, safe HF folder (`model/`) with its tokenizer.
 
-Accepts a local HF folder (safetensors only), a GGUF file (dequantized with transformers + gguf), a
+Accepts a local HF folder (safetensors only), a GGUF file as llama.cpp writes it
+(read and dequantized by pipeline/modeling/gguf_checkpoint.py), a
 hub id (when online), or a random model of a supported family for tests. `source.dtype` decides the
 precision of the written checkpoint (`auto`: a folder's own; float32 for GGUF and random models).
 """
@@ -16,6 +17,7 @@ from pipeline.artifacts import SourceCheckpoint
 from pipeline.errors import RecipeError
 from pipeline.hashing import sha256_file
 from pipeline.modeling.decoder import UnsupportedModel, spec_from_folder
+from pipeline.modeling.gguf_checkpoint import gguf_to_checkpoint
 from pipeline.modeling.hf import (
     CHECKPOINT_PATTERNS,
     SourceError,
@@ -24,7 +26,6 @@ from pipeline.modeling.hf import (
     checkpoint_dtype,
     convert_checkpoint,
     copy_checkpoint,
-    gguf_to_checkpoint,
     load_tokenizer,
     make_random_model,
     read_config,

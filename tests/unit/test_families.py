@@ -268,7 +268,7 @@ def test_gguf_source_of_another_family(family_name, tmp_path):
     from safetensors.numpy import load_file
 
     from pipeline.modeling.decoder import spec_from_gguf
-    from pipeline.modeling.hf import gguf_to_checkpoint
+    from pipeline.modeling.gguf_checkpoint import gguf_to_checkpoint
     from tests.gguf_files import write_gguf
 
     make_random_model(RandomModelConfig(family=family_name, config=GGUF_FAMILIES[family_name]), tmp_path / "hf")
