@@ -250,11 +250,12 @@ def test_an_ignore_pattern_the_family_does_not_have_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- GGUF sources of other families
 
-# What a GGUF file's metadata carries for each family as transformers reads it: no rope scaling,
-# partial rotary or sliding window keys from this writer, so the tiny models leave those off.
+# What a GGUF file of tests/gguf_files.py's writer carries for each family: no rope scaling,
+# partial rotary or sliding window keys, so the tiny models leave those off. Files as llama.cpp's
+# own converter writes them: tests/unit/test_gguf_llamacpp.py.
 GGUF_FAMILIES = {"llama": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
                  "qwen2": {"use_sliding_window": False},
-                 "qwen3": {"head_dim": 128},  # transformers' Qwen3 GGUF reader takes head_dim from its default (128)
+                 "qwen3": {},
                  "phi3": {"sliding_window": None, "partial_rotary_factor": 1.0,
                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}}
 
