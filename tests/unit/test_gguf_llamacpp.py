@@ -1,7 +1,7 @@
 """GGUF files as llama.cpp's own converter writes them (tests/llamacpp_gguf.py), read by Kiln: the
 tokenizer's ids equal llama.cpp's on multilingual text and code, the dequantized model's logits are
 within tolerance of llama.cpp's on the same file (Q8_0 and a 4-bit file), and a converted Gemma 3
-and Qwen2 file build end to end."""
+and Qwen2 file build end to end. The real SmolLM2 Q4_1 file (Llama) is checked the same way."""
 
 import json
 from pathlib import Path
@@ -14,6 +14,7 @@ import yaml
 from pipeline.modeling.gguf_checkpoint import GgufMetadata, gguf_config, gguf_to_checkpoint
 from pipeline.modeling.hf import load_causal_lm, load_tokenizer, make_random_model
 from pipeline.recipe import RandomModelConfig
+from pipeline.stages.source import resolve_path
 from tests import llamacpp_gguf
 from tests.conftest import TINY_RECIPE, run_kiln
 
@@ -30,6 +31,9 @@ def converted(tmp_path_factory):
         path = llamacpp_gguf.QUANTIZED_DIR / REFERENCE[key]["file"] if quant else llamacpp_gguf.make_gguf(name, outtype, work, root)
         assert llamacpp_gguf.sha256(path) == REFERENCE[key]["sha256"], f"{path.name} differs from the file llama.cpp was run on"
         files[key] = path
+    for key, uri in llamacpp_gguf.REAL_FILES.items():
+        files[key] = resolve_path(uri)
+        assert llamacpp_gguf.sha256(files[key]) == REFERENCE[key]["sha256"]
     return files
 
 
