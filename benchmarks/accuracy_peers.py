@@ -18,6 +18,9 @@ corpus's held-out part (in-domain) beside them. Rows:
   llama-cpp-python's source distribution, `--llama-src`); scored by llama-cpp-python (environment:
   benchmarks/setup_llamacpp_env.sh; benchmarks/llamacpp_peer.py).
   The converted vocabulary keeps the source tokenizer's ids (checked on the eval text).
+- OpenVINO int4: `optimum-cli export openvino --weight-format int4` (nncf's defaults for the model)
+  on the same fp32 source, scored on the OpenVINO runtime (environment: benchmarks/setup_openvino_env.sh;
+  benchmarks/openvino_peer.py), if that environment exists.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from pipeline.targets import get_target
 
 HERE = Path(__file__).resolve().parent
 LLAMA_PYTHON = HERE.parent / "artifacts" / "bench" / "llamacpp-venv" / "bin" / "python"  # benchmarks/setup_llamacpp_env.sh
+OPENVINO_PYTHON = HERE.parent / "artifacts" / "bench" / "openvino-venv" / "bin" / "python"  # benchmarks/setup_openvino_env.sh
 LLAMA_SRC = HERE.parent / "artifacts" / "bench" / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("recipes", type=Path, nargs="+")
     parser.add_argument("--genai-python", type=Path, default=GENAI_PYTHON)
     parser.add_argument("--llama-src", type=Path, default=LLAMA_SRC, help="llama.cpp source tree (with convert_hf_to_gguf.py)")
+    parser.add_argument("--openvino-python", type=Path, default=OPENVINO_PYTHON)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     console = Console(width=200)
@@ -121,7 +126,11 @@ def main() -> None:
         same_ids(gguf, tokenizer, v, console)
     else:
         console.print("llama.cpp left out: no environment (bash benchmarks/setup_llamacpp_env.sh makes it)")
-    console.print("OpenVINO GenAI left out: no environment for it in this benchmark yet")
+    if args.openvino_python.is_file():
+        model = openvino_model(args.openvino_python, source, ctx.settings.artifacts_root, console)
+        scorers["OpenVINO int4 (nncf defaults)"] = lambda ws, tmp: openvino_score(args.openvino_python, model, ws, tmp, args.threads)
+    else:
+        console.print(f"OpenVINO left out: no environment at {args.openvino_python} (benchmarks/setup_openvino_env.sh)")
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -167,6 +176,30 @@ def same_ids(gguf: Path, tokenizer, v, console: Console) -> None:
             console.print(f"llama.cpp's tokenizer splits {text_cfg.label} differently from token {first} of {len(ours)}: "
                           f"source {tokenizer.convert_ids_to_tokens(ours[first:first + 4])} vs llama.cpp "
                           f"{tokenizer.convert_ids_to_tokens(theirs[first:first + 4])}")
+
+
+def openvino_model(python: Path, source, root: Path, console: Console) -> Path:
+    out = root / "bench" / f"openvino-int4-{(source.digest or source.path.name)[:16]}"
+    if not (out / "openvino_model.xml").is_file():
+        log = out.with_name(out.name + ".export.log")
+        console.print(f"exporting {source.model_dir} to OpenVINO int4 into {out} (log: {log})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as handle:
+            subprocess.run([str(python), str(HERE / "openvino_peer.py"), "export", "--hf", str(source.model_dir), "--out", str(out)],
+                           check=True, stdout=handle, stderr=subprocess.STDOUT)
+    config = out / "openvino_config.json"
+    if config.is_file():
+        console.print(f"OpenVINO weight compression: {json.loads(config.read_text()).get('quantization_config')}")
+    return out
+
+
+def openvino_score(python: Path, model: Path, windows, tmp: Path, threads: int) -> tuple[float, np.ndarray]:
+    spec = tmp / "openvino_spec.json"
+    spec.write_text(json.dumps({"windows": [w.tolist() for w in windows], "threads": threads}))
+    proc = subprocess.run([str(python), str(HERE / "openvino_peer.py"), "ppl", "--model", str(model), "--spec", str(spec)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["ppl"], np.asarray(result["predictions"])
 
 
 def score_lm(lm, windows) -> tuple[float, np.ndarray]:

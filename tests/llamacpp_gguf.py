@@ -13,12 +13,12 @@ turned into a tokenizer folder by transformers; the converter recognises its pre
 Gemma 2/3 use a 1,024-piece SentencePiece BPE model trained here on Python's own docs with Gemma's
 special pieces and settings (Gemma's real one is not offline). Configs are the ones llama.cpp can
 represent (Gemma 3's fixed 5:1 sliding pattern, `query_pre_attn_scalar` = head_dim).
-Not here: Phi-3 (llama.cpp 0.3.36 refuses the converted file's vocabulary when it is this small
-SentencePiece model: "unordered_map::at"), so Kiln's phi3 row is checked only against files the
-gguf package writes (tests/unit/test_families.py)."""
+Phi-3 uses the Qwen2 vocabulary as a GPT2Tokenizer, as Phi-4 does: llama.cpp 0.3.36 refuses a
+converted Phi-3 file whose vocabulary is the small SentencePiece model ("unordered_map::at")."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,6 +47,7 @@ class Fixture:
     architecture: str
     tokenizer: str  # "vocab:<ggml-vocab name>" or "spm"
     config: dict[str, Any] = field(default_factory=dict)
+    tokenizer_class: str | None = None  # written into tokenizer_config.json (the converter reads it)
 
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -59,6 +60,19 @@ FIXTURES = {
                       {**GEMMA_IDS, "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 2}),
     "gemma3": Fixture("gemma3_text", "Gemma3ForCausalLM", "spm",
                       {**GEMMA_IDS, "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6}),
+    # llama.cpp writes Mistral as `llama` (no sliding window in that architecture)
+    "mistral": Fixture("mistral", "MistralForCausalLM", "spm", {"sliding_window": None}),
+    "granite": Fixture("granite", "GraniteForCausalLM", "vocab:qwen2",
+                       {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
+                        "logits_scaling": 2.0}),
+    "olmo2": Fixture("olmo2", "Olmo2ForCausalLM", "vocab:qwen2"),
+    # Phi-4's layout: Phi3ForCausalLM with a byte-level BPE tokenizer; partial rotary, LongRoPE factors
+    "phi3": Fixture("phi3", "Phi3ForCausalLM", "vocab:qwen2",
+                    {"sliding_window": None, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 128,
+                     "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                         "original_max_position_embeddings": 128, "long_factor": [1.0, 1.5, 2.0, 4.0],
+                                         "short_factor": [1.0, 1.1, 1.2, 1.3]}},
+                    tokenizer_class="GPT2Tokenizer"),
 }
 
 
@@ -105,6 +119,14 @@ def spm_tokenizer(folder: Path) -> Any:
     return transformers.GemmaTokenizer(vocab=vocab, merges=generate_merges(vocab))
 
 
+@functools.cache
+def vocab_tokenizer(root: Path, vocab: str) -> Any:
+    """A real vocabulary llama.cpp ships, as a transformers tokenizer (read once: 151k tokens take seconds)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(root / "models", gguf_file=f"ggml-vocab-{vocab}.gguf")
+
+
 def make_hf_model(name: str, folder: Path, root: Path) -> None:
     """The fixture's tiny random model and tokenizer as a Hugging Face folder (seeded)."""
     import torch
@@ -115,9 +137,11 @@ def make_hf_model(name: str, folder: Path, root: Path) -> None:
     if fixture.tokenizer == "spm":
         tokenizer = spm_tokenizer(folder)
     else:
-        vocab = fixture.tokenizer.split(":", 1)[1]
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "models", gguf_file=f"ggml-vocab-{vocab}.gguf")
+        tokenizer = vocab_tokenizer(root, fixture.tokenizer.split(":", 1)[1])
     tokenizer.save_pretrained(folder)
+    if fixture.tokenizer_class:
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": fixture.tokenizer_class}))
     ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(tokenizer, k) is not None}
     config = transformers.AutoConfig.for_model(fixture.model_type, **{**TINY, **ids, **fixture.config, "vocab_size": len(tokenizer),
                                                                       "architectures": [fixture.architecture]})

@@ -144,6 +144,14 @@ def phi3_config(meta: GgufMetadata) -> dict[str, Any]:
     return {"rope_parameters": params, "partial_rotary_factor": rotary / head_dim, "sliding_window": None, **extra}
 
 
+def granite_config(meta: GgufMetadata) -> dict[str, Any]:
+    """Granite's four multipliers, which llama.cpp's converter renames to *_scale keys."""
+    multipliers = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+                   "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
+    return {"rope_parameters": rope(meta),
+            **{hf: float(meta.hparam(key)) for hf, key in multipliers.items() if meta.hparam(key) is not None}}
+
+
 GGUF_ARCHITECTURES = {
     "llama": GgufArchitecture("LlamaForCausalLM", "llama", permuted_qk=True, config=lambda m: {"rope_parameters": rope(m)}),
     "qwen2": GgufArchitecture("Qwen2ForCausalLM", "qwen2", config=lambda m: {"rope_parameters": rope(m, default_theta=1_000_000.0)}),
@@ -151,6 +159,8 @@ GGUF_ARCHITECTURES = {
     "gemma2": GgufArchitecture("Gemma2ForCausalLM", "gemma2", norm_shift=1.0, config=gemma2_config),
     "gemma3": GgufArchitecture("Gemma3ForCausalLM", "gemma3_text", norm_shift=1.0, config=gemma3_config),
     "phi3": GgufArchitecture("Phi3ForCausalLM", "phi3", config=phi3_config),
+    "granite": GgufArchitecture("GraniteForCausalLM", "granite", permuted_qk=True, config=granite_config),
+    "olmo2": GgufArchitecture("Olmo2ForCausalLM", "olmo2", config=lambda m: {"rope_parameters": rope(m)}),
 }
 # What a GGUF file may hold that Kiln would silently get wrong: refused with the reason.
 REFUSED_TENSORS = {"rope_freqs.weight": "per-dimension rope frequency factors (Llama 3.1-style long context)"}
@@ -233,7 +243,7 @@ def spm_tokenizer(meta: GgufMetadata):
     """llama.cpp's SentencePiece tokenizer ("llama" model) as a transformers fast tokenizer: BPE over
     the pieces with merges ranked by the merged piece's score (what llama.cpp's SPM merge loop does),
     byte fallback, spaces as ▁, the space prefix and BOS as the file says."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
@@ -248,10 +258,13 @@ def spm_tokenizer(meta: GgufMetadata):
                        byte_fallback=True, fuse_unk=True)
     tokenizer = Tokenizer(model)
     space_prefix = bool(meta.value("tokenizer.ggml.add_space_prefix", True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if space_prefix else "never",
-                                                       split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    # llama.cpp prepends the space to every run of text that starts the input or follows a special
+    # token, even one that starts with spaces: a normalizer (run per segment between added tokens),
+    # not transformers' Metaspace, which skips text already starting with one
+    steps = [normalizers.Prepend("▁")] if space_prefix else []
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
     added_tokens(tokenizer, tokens, types)
     with_bos(tokenizer, meta, tokens, default=True)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_token_kwargs(meta, tokens))

@@ -131,4 +131,4 @@ def test_an_architecture_kiln_does_not_read_is_refused_at_check(tmp_path):
     proc = run_kiln("check", str(tmp_path / "r.yaml"), artifacts=tmp_path)
     text = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 2 and "Traceback" not in text, text
-    assert "GGUF architecture 'bloom' (written by llama.cpp) is not read by Kiln; read: llama, qwen2, qwen3, gemma2, gemma3, phi3" in text
+    assert "GGUF architecture 'bloom' (written by llama.cpp) is not read by Kiln; read: llama, qwen2, qwen3, gemma2, gemma3, phi3, granite, olmo2" in text

@@ -1,0 +1,69 @@
+"""The OpenVINO peer, run inside its own environment (benchmarks/setup_openvino_env.sh).
+
+    export --hf FOLDER --out DIR [--weight-format int4]   optimum-cli export openvino (int4 weights through nncf,
+                                                         its defaults for the model), as a user would
+    ppl --model DIR --spec SPEC.json                     perplexity and greedy predictions over token windows,
+                                                         the OpenVINO runtime (optimum-intel's model class)
+
+The model is the one OpenVINO GenAI's LLMPipeline runs; optimum-intel's OVModelForCausalLM runs the
+same IR on the same runtime and returns the logits at every position, which LLMPipeline does not.
+Prints one JSON line last."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def export(hf: Path, out: Path, weight_format: str) -> dict:
+    cli = Path(sys.executable).with_name("optimum-cli")
+    subprocess.run([str(cli), "export", "openvino", "--model", str(hf), "--task", "text-generation-with-past",
+                    "--weight-format", weight_format, str(out)], check=True)
+    config = out / "openvino_config.json"
+    return {"out": str(out), "quantization": json.loads(config.read_text()).get("quantization_config") if config.is_file() else None}
+
+
+def perplexity(model_dir: Path, windows: list[list[int]], threads: int) -> dict:
+    import torch
+    from optimum.intel import OVModelForCausalLM
+
+    model = OVModelForCausalLM.from_pretrained(model_dir, ov_config={"INFERENCE_NUM_THREADS": str(threads)}, use_cache=False)
+    nll, count, predictions = 0.0, 0, []
+    for window in windows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([window]), attention_mask=torch.ones(1, len(window), dtype=torch.long)).logits
+        logits = np.asarray(logits[0, : len(window) - 1].float().numpy(), dtype=np.float64)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        targets = np.asarray(window[1:])
+        nll -= float(logp[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+        predictions += logits.argmax(axis=-1).tolist()
+    return {"ppl": math.exp(nll / count), "tokens": count, "predictions": predictions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["export", "ppl"])
+    parser.add_argument("--hf", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--weight-format", default="int4")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--spec", type=Path)
+    args = parser.parse_args()
+    if args.command == "export":
+        result = export(args.hf, args.out, args.weight_format)
+    else:
+        spec = json.loads(args.spec.read_text())
+        result = perplexity(args.model, spec["windows"], spec.get("threads", 2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
