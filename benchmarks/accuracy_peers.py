@@ -18,7 +18,7 @@ corpus's held-out part (in-domain) beside them. Rows:
   llama-cpp-python's source distribution, `--llama-src`); scored by llama-cpp-python (environment:
   benchmarks/setup_llamacpp_env.sh; benchmarks/llamacpp_peer.py).
   The converted vocabulary keeps the source tokenizer's ids (checked on the eval text).
-- OpenVINO int4: `optimum-cli export openvino --weight-format int4` (nncf's defaults for the model)
+- OpenVINO int4: `optimum-cli export openvino --weight-format int4 --group-size 32` (nncf's other defaults)
   on the same fp32 source, scored on the OpenVINO runtime (environment: benchmarks/setup_openvino_env.sh;
   benchmarks/openvino_peer.py), if that environment exists.
 """
@@ -128,7 +128,7 @@ def main() -> None:
         console.print("llama.cpp left out: no environment (bash benchmarks/setup_llamacpp_env.sh makes it)")
     if args.openvino_python.is_file():
         model = openvino_model(args.openvino_python, source, ctx.settings.artifacts_root, console)
-        scorers["OpenVINO int4 (nncf defaults)"] = lambda ws, tmp: openvino_score(args.openvino_python, model, ws, tmp, args.threads)
+        scorers["OpenVINO int4 g32 (nncf)"] = lambda ws, tmp: openvino_score(args.openvino_python, model, ws, tmp, args.threads)
     else:
         console.print(f"OpenVINO left out: no environment at {args.openvino_python} (benchmarks/setup_openvino_env.sh)")
 

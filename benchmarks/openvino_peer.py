@@ -1,7 +1,8 @@
 """The OpenVINO peer, run inside its own environment (benchmarks/setup_openvino_env.sh).
 
-    export --hf FOLDER --out DIR [--weight-format int4]   optimum-cli export openvino (int4 weights through nncf,
-                                                         its defaults for the model), as a user would
+    export --hf FOLDER --out DIR [--group-size 32]        optimum-cli export openvino --weight-format int4 (nncf;
+                                                         its other defaults); group 32 as Kiln's recipes (nncf's
+                                                         default 128 does not divide SmolLM2's 576 channels)
     ppl --model DIR --spec SPEC.json                     perplexity and greedy predictions over token windows,
                                                          the OpenVINO runtime (optimum-intel's model class)
 
@@ -21,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 
-def export(hf: Path, out: Path, weight_format: str) -> dict:
+def export(hf: Path, out: Path, group_size: int) -> dict:
     cli = Path(sys.executable).with_name("optimum-cli")
     subprocess.run([str(cli), "export", "openvino", "--model", str(hf), "--task", "text-generation-with-past",
-                    "--weight-format", weight_format, str(out)], check=True)
+                    "--weight-format", "int4", "--group-size", str(group_size), str(out)], check=True)
     config = out / "openvino_config.json"
     return {"out": str(out), "quantization": json.loads(config.read_text()).get("quantization_config") if config.is_file() else None}
 
@@ -33,7 +34,7 @@ def perplexity(model_dir: Path, windows: list[list[int]], threads: int) -> dict:
     import torch
     from optimum.intel import OVModelForCausalLM
 
-    model = OVModelForCausalLM.from_pretrained(model_dir, ov_config={"INFERENCE_NUM_THREADS": str(threads)}, use_cache=False)
+    model = OVModelForCausalLM.from_pretrained(model_dir, ov_config={"INFERENCE_NUM_THREADS": str(threads)})
     nll, count, predictions = 0.0, 0, []
     for window in windows:
         with torch.no_grad():
@@ -53,12 +54,12 @@ def main() -> None:
     parser.add_argument("command", choices=["export", "ppl"])
     parser.add_argument("--hf", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--weight-format", default="int4")
+    parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--spec", type=Path)
     args = parser.parse_args()
     if args.command == "export":
-        result = export(args.hf, args.out, args.weight_format)
+        result = export(args.hf, args.out, args.group_size)
     else:
         spec = json.loads(args.spec.read_text())
         result = perplexity(args.model, spec["windows"], spec.get("threads", 2))
