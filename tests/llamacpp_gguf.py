@@ -8,10 +8,11 @@ is recorded once in the llama.cpp environment (`benchmarks/setup_llamacpp_env.sh
 converted file's sha256. The tests rebuild the same files with the same converter (pure Python) and
 use a reference only for a file with the same bytes.
 
-Tokenizers: Qwen2/Qwen3 use the real Qwen2 vocabulary llama.cpp ships (`models/ggml-vocab-qwen2.gguf`,
-turned into a tokenizer folder by transformers; the converter recognises its pre-tokenizer);
-Gemma 2/3 use a 1,024-piece SentencePiece BPE model trained here on Python's own docs with Gemma's
-special pieces and settings (Gemma's real one is not offline). Configs are the ones llama.cpp can
+Tokenizers: the byte-level BPE families (Qwen2, Qwen3, Granite, OLMo 2) use the real Qwen2
+vocabulary llama.cpp ships (`models/ggml-vocab-qwen2.gguf`, turned into a tokenizer folder by
+transformers; the converter recognises its pre-tokenizer); Gemma 2/3 and Mistral use a 1,024-piece
+SentencePiece BPE model trained here on Python's own docs with Gemma's special pieces and settings
+(Gemma's real one is not offline). Configs are the ones llama.cpp can
 represent (Gemma 3's fixed 5:1 sliding pattern, `query_pre_attn_scalar` = head_dim).
 Phi-3 uses the Qwen2 vocabulary as a GPT2Tokenizer, as Phi-4 does: llama.cpp 0.3.36 refuses a
 converted Phi-3 file whose vocabulary is the small SentencePiece model ("unordered_map::at")."""
