@@ -115,8 +115,8 @@ def main() -> None:
         engine = run_stages(recipe, ctx, ("source", "quantize", "export", "build"), console.print, Path.cwd())["build"]
         scorers[f"Kiln {recipe.name}"] = lambda ws, _tmp, e=engine: score_lm(get_target(e.target).load(e.path, dict(e.meta)), ws)
     if args.genai_python.is_file():
-        model = genai_model(args.genai_python, source, ctx.settings.artifacts_root, console)
-        scorers["onnxruntime-genai int4"] = lambda ws, tmp: genai_score(args.genai_python, model, ws, tmp, args.threads)
+        genai = genai_model(args.genai_python, source, ctx.settings.artifacts_root, console)
+        scorers["onnxruntime-genai int4"] = lambda ws, tmp: genai_score(args.genai_python, genai, ws, tmp, args.threads)
     else:
         console.print(f"onnxruntime-genai left out: no environment at {args.genai_python} (benchmarks/setup_genai_env.sh)")
     if (args.llama_src / "convert_hf_to_gguf.py").is_file() and LLAMA_PYTHON.is_file():
@@ -127,8 +127,8 @@ def main() -> None:
     else:
         console.print("llama.cpp left out: no environment (bash benchmarks/setup_llamacpp_env.sh makes it)")
     if args.openvino_python.is_file():
-        model = openvino_model(args.openvino_python, source, ctx.settings.artifacts_root, console)
-        scorers["OpenVINO int4 g32 (nncf)"] = lambda ws, tmp: openvino_score(args.openvino_python, model, ws, tmp, args.threads)
+        openvino = openvino_model(args.openvino_python, source, ctx.settings.artifacts_root, console)
+        scorers["OpenVINO int4 g32 (nncf)"] = lambda ws, tmp: openvino_score(args.openvino_python, openvino, ws, tmp, args.threads)
     else:
         console.print(f"OpenVINO left out: no environment at {args.openvino_python} (benchmarks/setup_openvino_env.sh)")
 
