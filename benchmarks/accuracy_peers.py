@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from decode import GENAI_PYTHON, genai_model, run_genai
+from decode import GENAI_PYTHON, genai_model, peer_model, run_genai
 from rich.console import Console
 from rich.table import Table
 
@@ -78,15 +78,6 @@ def llama_gguf(source, recipe, llama_src: Path, root: Path, kind: str, console: 
     return quantized
 
 
-def llama_score(gguf: Path, windows: list[np.ndarray], tmp: Path, threads: int) -> tuple[float, np.ndarray]:
-    spec = tmp / "llama_spec.json"
-    spec.write_text(json.dumps({"windows": [w.tolist() for w in windows], "threads": threads}))
-    proc = subprocess.run([str(LLAMA_PYTHON), str(HERE / "llamacpp_peer.py"), "ppl", "--gguf", str(gguf), "--spec", str(spec)],
-                          capture_output=True, text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result["ppl"], np.asarray(result["predictions"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", type=Path, nargs="+")
@@ -122,13 +113,15 @@ def main() -> None:
     if (args.llama_src / "convert_hf_to_gguf.py").is_file() and LLAMA_PYTHON.is_file():
         for kind in ("q4_0", "q4_k_m"):
             gguf = llama_gguf(source, first, args.llama_src, ctx.settings.artifacts_root, kind, console)
-            scorers[f"llama.cpp {kind.upper()}"] = lambda ws, tmp, g=gguf: llama_score(g, ws, tmp, args.threads)
+            scorers[f"llama.cpp {kind.upper()}"] = lambda ws, tmp, g=gguf: peer_perplexity(
+                LLAMA_PYTHON, "llamacpp_peer.py", ["--gguf", str(g)], ws, tmp, args.threads)
         same_ids(gguf, tokenizer, v, console)
     else:
         console.print("llama.cpp left out: no environment (bash benchmarks/setup_llamacpp_env.sh makes it)")
     if args.openvino_python.is_file():
         openvino = openvino_model(args.openvino_python, source, ctx.settings.artifacts_root, console)
-        scorers["OpenVINO int4 g32 (nncf)"] = lambda ws, tmp: openvino_score(args.openvino_python, openvino, ws, tmp, args.threads)
+        scorers["OpenVINO int4 g32 (nncf)"] = lambda ws, tmp: peer_perplexity(
+            args.openvino_python, "openvino_peer.py", ["--model", str(openvino)], ws, tmp, args.threads)
     else:
         console.print(f"OpenVINO left out: no environment at {args.openvino_python} (benchmarks/setup_openvino_env.sh)")
 
@@ -180,23 +173,15 @@ def same_ids(gguf: Path, tokenizer, v, console: Console) -> None:
 
 def openvino_model(python: Path, source, root: Path, console: Console) -> Path:
     out = root / "bench" / f"openvino-int4-{(source.digest or source.path.name)[:16]}"
-    if not (out / "openvino_model.xml").is_file():
-        log = out.with_name(out.name + ".export.log")
-        console.print(f"exporting {source.model_dir} to OpenVINO int4 into {out} (log: {log})")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as handle:
-            subprocess.run([str(python), str(HERE / "openvino_peer.py"), "export", "--hf", str(source.model_dir), "--out", str(out)],
-                           check=True, stdout=handle, stderr=subprocess.STDOUT)
-    config = out / "openvino_config.json"
-    if config.is_file():
-        console.print(f"OpenVINO weight compression: {json.loads(config.read_text()).get('quantization_config')}")
-    return out
+    return peer_model(python, "openvino_peer.py", ["export", "--hf", str(source.model_dir)], out, "openvino_model.xml",
+                      f"the OpenVINO int4 model of {source.model_dir}", console)
 
 
-def openvino_score(python: Path, model: Path, windows, tmp: Path, threads: int) -> tuple[float, np.ndarray]:
-    spec = tmp / "openvino_spec.json"
+def peer_perplexity(python: Path, script: str, model_args: list[str], windows, tmp: Path, threads: int) -> tuple[float, np.ndarray]:
+    """A peer script's `ppl` command (llamacpp_peer.py, openvino_peer.py) on the windows."""
+    spec = tmp / "peer_spec.json"
     spec.write_text(json.dumps({"windows": [w.tolist() for w in windows], "threads": threads}))
-    proc = subprocess.run([str(python), str(HERE / "openvino_peer.py"), "ppl", "--model", str(model), "--spec", str(spec)],
+    proc = subprocess.run([str(python), str(HERE / script), "ppl", *model_args, "--spec", str(spec)],
                           capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return result["ppl"], np.asarray(result["predictions"])

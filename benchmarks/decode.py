@@ -72,16 +72,23 @@ def run_genai(python: Path, command: str, model: Path, spec: dict, tmp: Path) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def genai_model(python: Path, source, root: Path, console: Console) -> Path:
-    out = root / "bench" / f"genai-int4-cpu-{(source.digest or source.path.name)[:16]}"
-    if not (out / "genai_config.json").is_file():
+def peer_model(python: Path, script: str, args: list[str], out: Path, marker: str, what: str, console: Console) -> Path:
+    """A peer's model made once by its own tools in its own environment (`script` under benchmarks/),
+    into `out` (done when `out/marker` exists), with its output in a log beside it."""
+    if not (out / marker).is_file():
         log = out.with_name(out.name + ".build.log")
-        console.print(f"building the onnxruntime-genai int4 model of {source.model_dir} into {out} (log: {log})")
+        console.print(f"building {what} into {out} (log: {log})")
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as handle:
-            subprocess.run([str(python), str(HERE / "genai_peer.py"), "build", "--hf", str(source.model_dir), "--out", str(out)],
-                           check=True, stdout=handle, stderr=subprocess.STDOUT)
+            subprocess.run([str(python), str(HERE / script), *args, "--out", str(out)], check=True, stdout=handle,
+                           stderr=subprocess.STDOUT)
     return out
+
+
+def genai_model(python: Path, source, root: Path, console: Console) -> Path:
+    out = root / "bench" / f"genai-int4-cpu-{(source.digest or source.path.name)[:16]}"
+    return peer_model(python, "genai_peer.py", ["build", "--hf", str(source.model_dir)], out, "genai_config.json",
+                      f"the onnxruntime-genai int4 model of {source.model_dir}", console)
 
 
 def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
+from window_scores import WindowScores
 
 QUANT_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "q5_0": 8, "q6_k": 18}  # llama_ftype values
 
@@ -45,18 +44,12 @@ def perplexity(gguf: Path, windows: list[list[int]], threads: int) -> dict:
     # n_batch 1: one token per decode call. With more (64 or the whole window), llama-cpp-python
     # 0.3.36 crashed (SIGSEGV in llama_decode) on Q4_0 and Q4_K_M files on this AMX machine; F32 did not.
     llm = Llama(model_path=str(gguf), n_ctx=width, n_batch=1, n_threads=threads, logits_all=True, verbose=False)
-    nll, count, predictions = 0.0, 0, []
+    scores = WindowScores()
     for window in windows:
         llm.reset()
         llm.eval(window)
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        targets = np.asarray(window[1:])
-        nll -= float(logp[np.arange(len(targets)), targets].sum())
-        count += len(targets)
-        predictions += logits.argmax(axis=-1).tolist()
-    return {"ppl": math.exp(nll / count), "tokens": count, "predictions": predictions}
+        scores.add(llm.scores, window)
+    return scores.result()
 
 
 def tokenize(gguf: Path, text: str) -> list[int]:

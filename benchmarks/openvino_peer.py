@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from window_scores import WindowScores
 
 
 def export(hf: Path, out: Path, group_size: int) -> dict:
@@ -35,18 +34,12 @@ def perplexity(model_dir: Path, windows: list[list[int]], threads: int) -> dict:
     from optimum.intel import OVModelForCausalLM
 
     model = OVModelForCausalLM.from_pretrained(model_dir, ov_config={"INFERENCE_NUM_THREADS": str(threads)})
-    nll, count, predictions = 0.0, 0, []
+    scores = WindowScores()
     for window in windows:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([window]), attention_mask=torch.ones(1, len(window), dtype=torch.long)).logits
-        logits = np.asarray(logits[0, : len(window) - 1].float().numpy(), dtype=np.float64)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        targets = np.asarray(window[1:])
-        nll -= float(logp[np.arange(len(targets)), targets].sum())
-        count += len(targets)
-        predictions += logits.argmax(axis=-1).tolist()
-    return {"ppl": math.exp(nll / count), "tokens": count, "predictions": predictions}
+        scores.add(logits[0].float().numpy(), window)
+    return scores.result()
 
 
 def main() -> None:
