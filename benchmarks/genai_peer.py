@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from window_scores import WindowScores
 
 
 def peak_rss_mb() -> float:
@@ -94,7 +95,7 @@ def perplexity(model_dir: Path, spec: dict) -> dict:
     session = ort.InferenceSession(str(model_dir / config["decoder"]["filename"]), options, providers=["CPUExecutionProvider"])
     kv_heads, head_dim = config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]
     names = {i.name for i in session.get_inputs()}
-    nll, count, preds = 0.0, 0, []
+    scores = WindowScores()
     for window in spec["windows"]:
         ids = np.asarray(window, dtype=np.int64)[None, :]
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -103,13 +104,8 @@ def perplexity(model_dir: Path, spec: dict) -> dict:
         for name in names:
             if name.startswith("past_key_values"):
                 feeds[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
-        logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= float(logp[np.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
-        preds += logits[:-1].argmax(-1).tolist()
-        count += ids.shape[1] - 1
-    return {"ppl": float(np.exp(nll / count)), "tokens": count, "predictions": preds}
+        scores.add(session.run(["logits"], feeds)[0][0], window)
+    return scores.result()
 
 
 def greedy(model_dir: Path, spec: dict) -> dict:

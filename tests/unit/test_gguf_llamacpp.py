@@ -70,18 +70,15 @@ def test_logits_match_llama_cpp(key, checkpoints):
     assert np.all(at_llama_top >= logits.max(-1) - 0.05 * scale), key
 
 
-def test_parity_check_can_fail(converted, tmp_path):
+def test_parity_check_can_fail(converted, tmp_path, monkeypatch):
     """Without undoing Gemma's norm shift the logits leave the tolerance (the check is not vacuous)."""
     from dataclasses import replace
 
     from pipeline.modeling import gguf_checkpoint
 
-    row = gguf_checkpoint.GGUF_ARCHITECTURES["gemma3"]
-    gguf_checkpoint.GGUF_ARCHITECTURES["gemma3"] = replace(row, norm_shift=0.0)
-    try:
-        gguf_to_checkpoint(converted["gemma3-q8_0"], tmp_path / "wrong")
-    finally:
-        gguf_checkpoint.GGUF_ARCHITECTURES["gemma3"] = row
+    rows = gguf_checkpoint.GGUF_ARCHITECTURES
+    monkeypatch.setitem(rows, "gemma3", replace(rows["gemma3"], norm_shift=0.0))
+    gguf_to_checkpoint(converted["gemma3-q8_0"], tmp_path / "wrong")
     ref = REFERENCE["gemma3-q8_0"]
     with torch.no_grad():
         logits = load_causal_lm(tmp_path / "wrong")(torch.tensor([ref["prompt_ids"]])).logits[0].numpy()
