@@ -335,6 +335,9 @@ class BuildConfig(Section):
       prefill_int4_compute: null  # the same for prompts (fused graph): null = fp32 (elsewhere int4_compute), which ONNX Runtime runs faster
                                   #   than int8 on prompts of 64+ tokens (measured, docs/results.md); a value other
                                   #   than int4_compute adds a second graph file sharing the engine's weights
+      prefill_runtime: onnxruntime  # onnxruntime | openvino: prompt chunks of 32+ tokens run on OpenVINO's CPU plugin
+                                  #   (the same graph file; fused graph on onnxruntime-cpu only), 2-3x faster at 256+
+                                  #   tokens here, within 5 % of the decode kernel's logits (checked at build)
       threads: null               # ONNX Runtime intra-op threads; null = all cores
       tensorrt: {...}             # see TensorRtConfig
     ```
@@ -346,6 +349,7 @@ class BuildConfig(Section):
     optimization_level: Literal["basic", "extended", "all"] = "all"
     int4_compute: Literal["fp32", "int8"] = "fp32"
     prefill_int4_compute: Literal["fp32", "int8"] | None = None
+    prefill_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     threads: int | None = Field(None, ge=1)
     tensorrt: TensorRtConfig | None = None
 
@@ -357,6 +361,14 @@ class BuildConfig(Section):
         if self.graph == "fused" and self.target != "onnxruntime-cpu":
             raise ValueError(f"graph: fused is built for onnxruntime-cpu only (fp32 GroupQueryAttention on CPU); "
                              f"target {self.target} allows: portable")
+        if self.prefill_runtime == "openvino":
+            if self.graph != "fused":
+                raise ValueError(f"prefill_runtime: openvino runs the fused graph's prompts; graph {self.graph} allows: onnxruntime")
+            if self.prefill_int4_compute not in (None, self.int4_compute):
+                raise ValueError("prefill_int4_compute: prompts run on OpenVINO (prefill_runtime: openvino), which chooses its own "
+                                 "compute; leave it unset or set prefill_runtime: onnxruntime")
+            # chunks too short for OpenVINO run on the decode kernel: no second ONNX Runtime graph
+            object.__setattr__(self, "prefill_int4_compute", self.int4_compute)
         if self.prefill_int4_compute is None:
             object.__setattr__(self, "prefill_int4_compute", "fp32" if self.graph == "fused" else self.int4_compute)
         if self.prefill_int4_compute != self.int4_compute and self.graph != "fused":

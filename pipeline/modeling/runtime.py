@@ -108,14 +108,16 @@ class FusedOrtCausalLM:
 
     `prefill_session`: the same graph with another matmul kernel for prompts (an int8-activation
     engine's prompts run with fp32 activations: at 512 tokens ONNX Runtime's int8 MatMulNBits is
-    slower than its fp32 one, measured in docs/results.md). It shares the KV buffers."""
+    slower than its fp32 one, measured in docs/results.md). It shares the KV buffers.
+    `openvino_prefill`: prompt chunks of one row run on OpenVINO instead (`OpenVinoPrefill`)."""
 
-    def __init__(self, session, max_sequence_length: int, prefill_session=None):
+    def __init__(self, session, max_sequence_length: int, prefill_session=None, openvino_prefill: "OpenVinoPrefill | None" = None):
         import onnxruntime as ort
 
         self._ort = ort
         self.session = session
         self.prefill_session = prefill_session
+        self.openvino_prefill = openvino_prefill
         self.max_sequence_length = max_sequence_length
         past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]
@@ -200,6 +202,12 @@ class FusedOrtCausalLM:
                             "(set build.max_sequence_length in the recipe and rebuild)")
         cache = dict(state.cache) if state else self.new_cache(batch)
         kernel = kernel or ("prefill" if seq > 1 else "decode")
+        if kernel == "prefill" and self.openvino_prefill is not None:
+            if batch == 1 and lengths is None and seq >= OPENVINO_MIN_TOKENS:
+                logits = self.openvino_prefill.run(input_ids, cache["arrays"], int(totals[0]) - seq, last_only)
+                cache["row_lengths"] = totals
+                return logits, DecodeState(cache, total)
+            kernel = "decode"
         if kernel not in cache["bindings"]:  # no prefill session: one kernel for everything
             kernel = "decode"
         binding, session = cache["bindings"][kernel], self.prefill_session if kernel == "prefill" else self.session
@@ -222,6 +230,48 @@ class FusedOrtCausalLM:
                 logits = np.take_along_axis(logits, last[:, :, None], axis=1)
         cache["row_lengths"] = totals
         return logits, DecodeState(cache, total)
+
+
+# Prompt chunks shorter than this run on the decode session: below it OpenVINO's per-call cost
+# eats its faster matmuls (measured: 16 tokens after a past of 500, 61 ms vs 37 ms).
+OPENVINO_MIN_TOKENS = 32
+
+
+class OpenVinoPrefill:
+    """The engine's own graph file compiled by OpenVINO's CPU plugin, for prompt chunks of one row:
+    OpenVINO reads ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) and runs int4
+    matmuls with dynamically quantized activations and, where the CPU has AMX/AVX-512-BF16, bf16
+    attention (at 512 tokens 3.4x ONNX Runtime's fp32 kernel here; docs/results.md). Its
+    GroupQueryAttention takes the row's past as a tensor and returns past plus chunk, so the past is
+    copied in and only the chunk's keys and values are copied back into the row's buffers."""
+
+    def __init__(self, model_file, threads: int):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise MissingRuntime(f"this engine runs prompts on OpenVINO (build.prefill_runtime: openvino) and needs the openvino "
+                                 f"package ({e}); rebuild with build.prefill_runtime: onnxruntime to run without it") from None
+        self.version = ov.get_version()
+        compiled = ov.Core().compile_model(str(model_file), "CPU", {"INFERENCE_NUM_THREADS": int(threads)})
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # bf16 where the CPU has it
+        self.request = compiled.create_infer_request()
+        self.past_names = [p.get_any_name() for p in compiled.inputs if p.get_any_name().startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+
+    def run(self, input_ids: np.ndarray, arrays: list[np.ndarray], past: int, last_only: bool) -> np.ndarray:
+        """Prefill `input_ids` [1, seq] after the first `past` positions of row 0 of `arrays` (one per
+        past input, in the graph's order), writing the chunk's keys and values in place."""
+        seq = input_ids.shape[1]
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "seqlens_k": np.array([past + seq - 1], dtype=np.int32),
+                 "total_sequence_length": np.array(past + seq, dtype=np.int32),
+                 "logits_index": np.array([[seq - 1]] if last_only else [np.arange(seq)], dtype=np.int64)}
+        for name, array in zip(self.past_names, arrays):
+            feeds[name] = np.ascontiguousarray(array[:1, :, :past])
+        outputs = self.request.infer(feeds)
+        for name, array in zip(self.present_names, arrays):
+            array[:1, :, past:past + seq] = outputs[name][:, :, past:past + seq]
+        return np.array(outputs["logits"], dtype=np.float32)
 
 
 class TorchCausalLM:
@@ -365,7 +415,9 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
     decode = session(opts.get("model_file", "engine.onnx"))
     if opts.get("graph") == "fused":
         prefill = session(opts["prefill_model_file"], spinning=False) if opts.get("prefill_model_file") else None
-        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill)
+        openvino = (OpenVinoPrefill(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"])
+                    if opts.get("prefill_runtime") == "openvino" else None)
+        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino)
     return OrtCausalLM(decode)
 
 

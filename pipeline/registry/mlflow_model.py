@@ -30,6 +30,11 @@ EXAMPLE_PROMPT = "The Python programming language is"
 RUNTIME_LIBRARIES = ("numpy", "pandas", "onnxruntime", "tokenizers")
 
 
+def runtime_libraries(session_options: dict) -> tuple[str, ...]:
+    """What the pyfunc model imports to run this engine: an engine whose prompts run on OpenVINO needs it too."""
+    return RUNTIME_LIBRARIES + (("openvino",) if session_options.get("prefill_runtime") == "openvino" else ())
+
+
 def signature(limits: dict):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -104,7 +109,7 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
             code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
             signature=signature(settings["limits"]),
             input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
-            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in RUNTIME_LIBRARIES],
+            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in runtime_libraries(settings["session_options"])],
             metadata=metadata_tags, mlflow_model=Model(run_id=run_id, model_id=model_id),
         )
     finally:

@@ -26,7 +26,8 @@ from pipeline.errors import MissingDependency
 from pipeline.locking import file_lock
 
 # opentelemetry: the model's own spans (queue wait, prefill, decode) when `kiln serve --otlp-endpoint` is on
-PACKAGES = ("numpy==1.26.4", "onnxruntime==1.32.0", "tokenizers==0.23.3", "nvidia-pytriton==0.7.0",
+# openvino: engines built with build.prefill_runtime: openvino run their prompts on it
+PACKAGES = ("numpy==1.26.4", "onnxruntime==1.32.0", "openvino==2026.4.1", "tokenizers==0.23.3", "nvidia-pytriton==0.7.0",
             "opentelemetry-sdk==1.45.2", "opentelemetry-exporter-otlp-proto-http==1.45.2")
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 READY = ".kiln-ready"

@@ -1,6 +1,7 @@
 """The ONNX Runtime fused engine (`build.graph: fused`, the default) against the portable engine
 built from the same export: same weights, same outputs, KV cache updated in place, batch > 1."""
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,14 +9,16 @@ import onnx
 import pytest
 
 from pipeline.artifacts import OnnxModel, read_manifest
+from pipeline.errors import StageFailed
 from pipeline.metrics import perplexity
 from pipeline.modeling.decoder import DecoderSpec
-from pipeline.modeling.runtime import FusedOrtCausalLM, SequenceTooLong, greedy_decode
+from pipeline.modeling.runtime import OPENVINO_MIN_TOKENS, FusedOrtCausalLM, MissingRuntime, OpenVinoPrefill, SequenceTooLong, greedy_decode
 from pipeline.modeling.weights import OnnxWeights
 from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
+from pipeline.registry.mlflow_model import runtime_libraries
 from pipeline.stages.validate import score
-from pipeline.targets.onnxruntime_ep import OnnxRuntime, compare_decoders
+from pipeline.targets.onnxruntime_ep import OPENVINO_PREFILL_RTOL, OnnxRuntime, compare_decoders
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +125,54 @@ def test_rows_of_different_lengths_decode_as_if_alone(engines):
             alone, st = lm.forward(np.array([[step + 1 + row]], dtype=np.int64), st)
             expected.append(alone[0, 0])
         np.testing.assert_allclose(np.stack(batched[row]), np.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def openvino_engine(tiny_run, tmp_path_factory):
+    """The fused engine with its prompts on OpenVINO (`build.prefill_runtime: openvino`)."""
+    exported = OnnxModel(path=tiny_run["paths"]["export"], meta=read_manifest(tiny_run["paths"]["export"])["meta"])
+    out = tmp_path_factory.mktemp("openvino")
+    cfg = BuildConfig(prefill_runtime="openvino", max_sequence_length=256)
+    meta = OnnxRuntime("onnxruntime-cpu").build(exported, out, cfg, lambda _m: None)
+    return SimpleNamespace(path=out, meta=meta, lm=OnnxRuntime("onnxruntime-cpu").load(out, meta), exported=exported)
+
+
+def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
+    check = openvino_engine.meta["openvino_prefill_check"]
+    assert check["max_rel_logit_diff"] < OPENVINO_PREFILL_RTOL and check["prompt_len"] == 3 * OPENVINO_MIN_TOKENS
+    assert openvino_engine.meta["session_options"]["prefill_runtime"] == "openvino"
+    lm = openvino_engine.lm
+    assert lm.openvino_prefill is not None and lm.without_prefill().openvino_prefill is None
+    rng = np.random.default_rng(3)
+    long_prompt = rng.integers(0, 257, size=(1, 2 * OPENVINO_MIN_TOKENS))
+    ov_logits, ov_state = lm.forward(long_prompt, None)
+    kernel_logits, kernel_state = lm.without_prefill().forward(long_prompt, None)
+    assert np.abs(ov_logits - kernel_logits).max() / np.abs(kernel_logits).max() < OPENVINO_PREFILL_RTOL
+    assert not np.array_equal(ov_logits, kernel_logits)  # it did run elsewhere
+    # the chunk's keys and values are in the row's buffers, where the decode kernel reads them
+    ov_kv, kernel_kv = lm.read_positions(ov_state, 0, 0, long_prompt.shape[1]), lm.read_positions(kernel_state, 0, 0, long_prompt.shape[1])
+    assert np.abs(ov_kv - kernel_kv).max() / np.abs(kernel_kv).max() < OPENVINO_PREFILL_RTOL
+    assert not lm.read_positions(ov_state, 0, long_prompt.shape[1], 256).any()
+    # short chunks stay on the decode kernel: the same numbers bit for bit
+    short = long_prompt[:, :OPENVINO_MIN_TOKENS - 1]
+    np.testing.assert_array_equal(lm.forward(short, None)[0], lm.without_prefill().forward(short, None)[0])
+
+
+def test_the_openvino_check_fails_when_chunk_keys_and_values_are_not_written(openvino_engine, tmp_path, monkeypatch):
+    original = OpenVinoPrefill.run
+
+    def forgets_the_cache(self, input_ids, arrays, past, last_only):  # writes the chunk into copies
+        return original(self, input_ids, [array.copy() for array in arrays], past, last_only)
+
+    monkeypatch.setattr(OpenVinoPrefill, "run", forgets_the_cache)
+    with pytest.raises(StageFailed, match="prompts on OpenVINO do not give the engine's logits"):
+        OnnxRuntime("onnxruntime-cpu").build(openvino_engine.exported, tmp_path, BuildConfig(prefill_runtime="openvino", max_sequence_length=256),
+                                             lambda _m: None)
+
+
+def test_an_openvino_engine_without_openvino_is_refused_with_the_reason(openvino_engine, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(MissingRuntime, match="build.prefill_runtime: onnxruntime to run without it"):
+        OnnxRuntime("onnxruntime-cpu").load(openvino_engine.path, openvino_engine.meta)
+    assert runtime_libraries(openvino_engine.meta["session_options"])[-1] == "openvino"
+    assert "openvino" not in runtime_libraries({"graph": "fused"})

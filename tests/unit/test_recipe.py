@@ -149,6 +149,17 @@ def test_prompt_kernel_defaults_to_fp32_on_the_fused_graph_only():
         load_recipe(TINY_RECIPE, ["build.graph=portable", "build.prefill_int4_compute=int8"])
 
 
+def test_openvino_prompts_need_the_fused_graph_and_no_second_onnx_runtime_kernel():
+    openvino = load_recipe(TINY_RECIPE, ["build.int4_compute=int8", "build.prefill_runtime=openvino"]).build
+    assert (openvino.prefill_runtime, openvino.prefill_int4_compute) == ("openvino", "int8")
+    with pytest.raises(RecipeError, match="prefill_runtime: openvino runs the fused graph's prompts; graph portable allows: onnxruntime"):
+        load_recipe(TINY_RECIPE, ["build.graph=portable", "build.prefill_runtime=openvino"])
+    with pytest.raises(RecipeError, match="prefill_int4_compute: prompts run on OpenVINO"):
+        load_recipe(TINY_RECIPE, ["build.int4_compute=int8", "build.prefill_int4_compute=fp32", "build.prefill_runtime=openvino"])
+    with pytest.raises(RecipeError, match="build.prefill_runtime"):
+        load_recipe(TINY_RECIPE, ["build.prefill_runtime=tensorrt"])
+
+
 def test_an_eval_text_that_is_the_calibration_text_is_refused_unless_opted_in(tmp_path):
     """Scored on the text it was calibrated on, a build looks better than it is (issue 25): `kiln check`
     names the eval text's YAML path, why, and the opt-in; the opt-in passes."""
