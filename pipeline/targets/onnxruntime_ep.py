@@ -37,8 +37,9 @@ ENGINE_FILE = "engine.onnx"
 PREFILL_FILE = "prefill.onnx"
 # Fused vs exported graph, same weights: fp32 reordering noise only. Relative to the largest logit.
 FUSION_RTOL = 1e-3
-# OpenVINO's prompts vs the engine's decode kernel: int8 activations (both) and bf16 attention
-# (OpenVINO, where the CPU has it) round differently; measured 1-2 % on SmolLM2 (docs/results.md).
+# How much further than the engine's own decode kernel OpenVINO's prompts may land from exact math:
+# its dynamically quantized activations and bf16 (where the CPU has it) round differently; measured
+# 1-2 % on an fp32-compute SmolLM2 engine, within the int8 kernel's own 3-8 % on random prompts.
 OPENVINO_PREFILL_RTOL = 0.05
 
 
@@ -105,15 +106,10 @@ def decode_trace(reference, vocab: int, prompt_len: int = 24, steps: int = 8, ba
     return {"ids": ids, "logits": steps_logits, "tokens": tokens}
 
 
-def compare_to_trace(candidate, trace: dict[str, Any], prompt_chunks: int = 1) -> dict[str, Any]:
+def compare_to_trace(candidate, trace: dict[str, Any]) -> dict[str, Any]:
     """The candidate fed the reference's choices: the worst logits difference (relative to max
-    |logit|) and whether every greedy token agreed. `prompt_chunks`: the prompt goes in that many
-    forwards, each after the last one's keys and values."""
-    state, parts = None, []
-    for chunk in np.array_split(trace["ids"], prompt_chunks, axis=1):
-        part, state = candidate.forward(chunk, state)
-        parts.append(part)
-    logits = np.concatenate(parts, axis=1)
+    |logit|) and whether every greedy token agreed."""
+    logits, state = candidate.forward(trace["ids"], None)
     worst, same_tokens = 0.0, True
     for step, ref_logits in enumerate(trace["logits"]):
         worst = max(worst, float(np.abs(logits - ref_logits).max()) / float(np.abs(ref_logits).max()))
@@ -146,23 +142,46 @@ def check_fusion(exported, fused_file: Path, max_positions: int, threads: int) -
     return check
 
 
+def served_logits_error(candidate, trace: dict[str, Any], prompt_chunks: int) -> float:
+    """The worst difference (relative to max |logit|) from the trace's logits where serving reads
+    logits: the last position of each prompt chunk (each chunk after the last one's keys and
+    values), then every decode step fed the trace's tokens."""
+    errors, state, end = [], None, 0
+    reference = trace["logits"][0]
+    for chunk in np.array_split(trace["ids"], prompt_chunks, axis=1):
+        logits, state = candidate.forward(chunk, state, last_only=True)
+        end += chunk.shape[1]
+        errors.append(np.abs(logits[:, -1] - reference[:, end - 1]).max() / np.abs(reference[:, end - 1]).max())
+    for token, reference in zip(trace["tokens"], trace["logits"][1:]):
+        logits, state = candidate.forward(token[:, None].astype(np.int64), state)
+        errors.append(np.abs(logits - reference).max() / np.abs(reference).max())
+    return float(max(errors))
+
+
 def check_openvino_prefill(out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Prompts on OpenVINO must give what the engine's decode kernel gives (the kernel validate
-    scores) within OPENVINO_PREFILL_RTOL, in one chunk and in two (the second after the first's
-    keys and values), and the decode steps after them must read those keys and values as the
-    kernel's own. Greedy tokens are reported, not required: on random prompts near-ties flip."""
+    """Prompts on OpenVINO, and the decode steps that read their keys and values, against exact
+    math (the engine's graph with fp32 int4 compute), in one chunk and in two: they may differ by
+    OPENVINO_PREFILL_RTOL more than the engine's own decode kernel does on the same tokens (int8
+    activations already differ by several per cent on random prompts, measured)."""
     lm = load_ort_engine(out_dir, {**options, "model_file": ENGINE_FILE})
     steps = 8
     prompt_len = min(3 * OPENVINO_MIN_TOKENS, options["max_sequence_length"] - steps)
-    trace = decode_trace(lm.without_prefill(), lm.vocab, prompt_len=prompt_len, steps=steps, batch=1)
     chunkings = (1, 2) if prompt_len >= 2 * OPENVINO_MIN_TOKENS else (1,)
-    checks = [compare_to_trace(lm, trace, prompt_chunks=chunks) for chunks in chunkings]
-    worst = max(checks, key=lambda c: c["max_rel_logit_diff"])
-    result = {**worst, "openvino_version": lm.openvino_prefill.version, "openvino_precision": lm.openvino_prefill.precision,
-              "greedy_tokens_equal": all(c["greedy_tokens_equal"] for c in checks)}
-    if worst["max_rel_logit_diff"] > OPENVINO_PREFILL_RTOL:
-        raise StageFailed("build", f"prompts on OpenVINO do not give the engine's logits: {result} (limit {OPENVINO_PREFILL_RTOL} "
-                                   "relative); build.prefill_runtime: onnxruntime runs them on ONNX Runtime")
+    exact_file = out_dir / "exact-math-check.onnx"  # beside the engine: it reads the engine's weights file
+    write_prefill_graph(out_dir / ENGINE_FILE, "fp32", exact_file)
+    try:
+        exact = FusedOrtCausalLM(make_ort_session(exact_file, threads=options["threads"], optimization="disable"),
+                                 options["max_sequence_length"])
+        trace = decode_trace(exact, lm.vocab, prompt_len=prompt_len, steps=steps, batch=1)
+    finally:
+        exact_file.unlink()
+    kernel = max(served_logits_error(lm.without_prefill(), trace, chunks) for chunks in chunkings)
+    openvino = max(served_logits_error(lm, trace, chunks) for chunks in chunkings)
+    result = {"max_rel_logit_diff": openvino, "decode_kernel_max_rel_logit_diff": kernel, "prompt_len": prompt_len,
+              "decode_steps": steps, "openvino_version": lm.openvino_prefill.version, "openvino_precision": lm.openvino_prefill.precision}
+    if openvino > kernel + OPENVINO_PREFILL_RTOL:
+        raise StageFailed("build", f"prompts on OpenVINO do not give the engine's logits: {result} (limit: the decode kernel's "
+                                   f"difference + {OPENVINO_PREFILL_RTOL}); build.prefill_runtime: onnxruntime runs them on ONNX Runtime")
     return result
 
 
@@ -222,8 +241,9 @@ class OnnxRuntime:
             options["prefill_runtime"] = "openvino"
             prefill_check = check_openvino_prefill(out_dir, {**options, "optimization_level": "disable"})
             log(f"prompts of {OPENVINO_MIN_TOKENS}+ tokens run on OpenVINO {prefill_check['openvino_version']} "
-                f"({prefill_check['openvino_precision']} inference precision): max |Δlogits| {prefill_check['max_rel_logit_diff']:.1e} "
-                f"of max |logit| against the decode kernel, greedy tokens {'equal' if prefill_check['greedy_tokens_equal'] else 'different'}")
+                f"({prefill_check['openvino_precision']} inference precision): max |Δlogits| vs exact math "
+                f"{prefill_check['max_rel_logit_diff']:.1e} of max |logit| (decode kernel alone: "
+                f"{prefill_check['decode_kernel_max_rel_logit_diff']:.1e})")
         counts = op_counts(engine)
         log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
             f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")

@@ -140,6 +140,8 @@ def openvino_engine(tiny_run, tmp_path_factory):
 def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
     check = openvino_engine.meta["openvino_prefill_check"]
     assert check["max_rel_logit_diff"] < OPENVINO_PREFILL_RTOL and check["prompt_len"] == 3 * OPENVINO_MIN_TOKENS
+    assert check["decode_kernel_max_rel_logit_diff"] < 1e-5  # fp32 compute: the decode kernel is exact math
+    assert sorted(p.name for p in openvino_engine.path.iterdir() if p.suffix == ".onnx") == ["engine.onnx"]
     assert openvino_engine.meta["session_options"]["prefill_runtime"] == "openvino"
     lm = openvino_engine.lm
     assert lm.openvino_prefill is not None and lm.without_prefill().openvino_prefill is None
