@@ -6,6 +6,7 @@ benchmarks/setup_genai_env.sh: onnxruntime-genai pins its own onnxruntime), neve
     $PY benchmarks/genai_peer.py measure --model MODEL_DIR --spec S.json  # greedy decode latency (JSON)
     $PY benchmarks/genai_peer.py ppl     --model MODEL_DIR --spec S.json  # perplexity of its ONNX graph (JSON)
     $PY benchmarks/genai_peer.py greedy  --model MODEL_DIR --spec S.json  # greedy tokens for several prompts (JSON)
+    $PY benchmarks/genai_peer.py ttft    --model MODEL_DIR --spec S.json  # time to first token per prompt length (JSON)
 
 Perplexity runs the builder's own model.onnx in a plain ONNX Runtime session (the graph genai
 runs), scoring the same token windows as Kiln's validate stage.
@@ -113,9 +114,19 @@ def greedy(model_dir: Path, spec: dict) -> dict:
     return {"tokens": [greedy_generator(model, list(p), spec["new_tokens"])()[0] for p in spec["prompts"]]}
 
 
+def ttft(model_dir: Path, spec: dict) -> dict:
+    """Best time to the first token per prompt length ({"prompts": {"N": [[ids], ...]}}); the first prompt of each length is a warm-up."""
+    model = load_model(model_dir, spec.get("threads"))
+    best = {}
+    for length, batch in spec["prompts"].items():
+        times = [greedy_generator(model, list(prompt), 1)()[1] * 1e3 for prompt in batch]
+        best[length] = min(times[1:])
+    return {"ttft_ms": best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["build", "measure", "ppl", "greedy"])
+    parser.add_argument("command", choices=["build", "measure", "ppl", "greedy", "ttft"])
     parser.add_argument("--hf", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--model", type=Path)
@@ -125,7 +136,7 @@ def main() -> None:
         build(args.hf, args.out)
         return
     spec = json.loads(args.spec.read_text())
-    result = {"measure": measure, "ppl": perplexity, "greedy": greedy}[args.command](args.model, spec)
+    result = {"measure": measure, "ppl": perplexity, "greedy": greedy, "ttft": ttft}[args.command](args.model, spec)
     print(json.dumps(result))
 
 

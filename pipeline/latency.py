@@ -40,19 +40,22 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         lm = TorchCausalLM(load_causal_lm(Path(spec["model_dir"]), spec.get("dtype", "float32")))
     from tokenizers import Tokenizer
 
-    from pipeline.engine import timed_greedy
+    from pipeline.engine import DraftStats, timed_greedy
 
-    # the loop serving runs (kiln_engine.Scheduler, one row), detokenizing included
+    # the loop serving runs (kiln_engine.Scheduler, one row), detokenizing included; with
+    # `speculative` (the package's settings) its speculative decoding
+    options = {"speculative": spec["speculative"]} if spec.get("speculative") else {}
+    drafts = DraftStats()
     tokenizer = Tokenizer.from_file(spec.get("tokenizer_file") or str(Path(spec.get("engine_dir") or spec["model_dir"]) / "tokenizer.json"))
     for _ in range(spec["warmup"]):
-        timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter)
+        timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter, **options)
     ttfts, steps, tokens = [], [], []
     for _ in range(spec["repeats"]):
-        tokens, ttft, step_times = timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter)
+        tokens, ttft, step_times = timed_greedy(lm, tokenizer, prompt, spec["new_tokens"], time.perf_counter, drafts, **options)
         ttfts.append(ttft)
         steps.append(step_times)
     summary = LatencySummary.from_runs(ttfts, steps)
-    extra = {}
+    extra = {"drafts": drafts.as_dict()} if options else {}
     if spec["backend"] == "engine" and spec["engine_meta"].get("hardware"):
         from pipeline.targets.gpu import process_gpu_memory_mb
 

@@ -73,6 +73,10 @@ METRICS: tuple[MetricRow, ...] = (
               gate=Gate("min_tokens_per_s", strict=True),
               promote=PromotionLimit("max_tokens_per_s_drop_pct", 10.0, "pct", maximum=100.0, help="decode tokens/s, percent")),
     MetricRow("speedup_vs_source", "decode speed vs source", ".2f", "higher", unit="x"),
+    # package.speculative: the same latency runs with speculative decoding (validate measures both)
+    MetricRow("speculative_tokens_per_s", "tokens/s with speculative decoding", ".1f", "higher"),
+    MetricRow("speculative_speedup", "speculative vs plain decode", ".2f", "higher", unit="x"),
+    MetricRow("speculative_mean_accepted", "drafted tokens accepted per verification", ".2f", "higher"),
     MetricRow("ttft_ms", "time to first token (ms)", ".1f", "lower", unit="ms", column="TTFT ms", source_key="source_ttft_ms",
               gate=Gate("max_ttft_ms", strict=True),
               promote=PromotionLimit("max_ttft_increase_pct", 25.0, "pct", help="time to first token, percent")),

@@ -136,6 +136,7 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
     artifact_location = settings.artifact_location(tracking_uri)
     recipe_text = effective_recipe_text(recipe)
     q = recipe.quantize
+    speculative = recipe.package.speculative.model_dump() if recipe.package is not None and recipe.package.speculative else None
     specs = [
         StageSpec("source", STAGES["source"], SourceCheckpoint, recipe.source,
                   key_extra={"origin": source.origin_fingerprint(recipe.source)},
@@ -146,8 +147,8 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
                   f"{q.method} ({q.resolved_backend}) int{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}"),
         StageSpec("export", STAGES["export"], OnnxModel, recipe.export, ("source", "quantize"), backend=f"onnx opset {recipe.export.opset}"),
         StageSpec("build", STAGES["build"], Engine, recipe.build, ("export",), backend=recipe.build.target),
-        StageSpec("validate", validate.make_run(q.calibration.text), ValidationReport, recipe.validation, ("source", "build"),
-                  key_extra={"eval_texts": [text_fingerprint(t) for t in recipe.validation.eval_text],
+        StageSpec("validate", validate.make_run(q.calibration.text, speculative), ValidationReport, recipe.validation, ("source", "build"),
+                  key_extra={"eval_texts": [text_fingerprint(t) for t in recipe.validation.eval_text], "speculative": speculative,
                              "calibration_text": q.calibration.text.model_dump(mode="json"),
                              "tasks": [task_fingerprint(t.name) for t in recipe.validation.tasks]},
                   backend=f"gates: {', '.join(k for k, v in recipe.validation.gates.model_dump().items() if v is not None) or 'none'}",

@@ -12,6 +12,16 @@ Each `step` does two things:
    last such one (rows still prefilling or free inside that range take a placeholder token whose
    key and value land where the next chunk writes anyway, and their lengths are kept).
 
+**Speculative decoding** (`speculative`: prompt lookup, `drafter.PromptLookup`): while a single
+row is decoding, a draft of k tokens from the row's own text is verified in one forward of k + 1
+tokens on the decode kernel (logits at every position). Tokens are sampled from the target's
+logits position by position, exactly as k + 1 plain steps would sample them (same sampler, same
+random stream), and kept while they equal the draft; the first that differs is kept too and ends
+the step. The row's KV length is then set past the last kept input, so the rejected drafts' keys
+and values are overwritten by the next step without any copy. With several rows decoding, steps
+stay one token per row: a batched step already reads the weights once for all rows, and
+verifying drafts for every row would multiply its attention and matmul work by k + 1.
+
 KV memory follows live tokens: the engine's buffers are reserved for `slots` rows of the full
 context, but memory is taken page by page as positions are written and a row's pages go back to
 the operating system when its request ends (`lm.release_rows`). On an engine without per-row
@@ -28,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .drafter import DraftStats, PromptLookup
 from .prefix_cache import PrefixCache
 from .request import GenerationRequest, Sequence, advance
 from .sampler import sample
@@ -48,6 +59,7 @@ class Row:
     cached: int = 0
     next_token: int | None = None
     state: Any = None
+    drafter: PromptLookup | None = None
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -66,8 +78,13 @@ def chunk_size(remaining: int, budget: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, lm, tokenizer, eos_ids: set[int], slots: int, *, prefill_chunk: int = 256, prefix_cache_bytes: int = 0):
+    def __init__(self, lm, tokenizer, eos_ids: set[int], slots: int, *, prefill_chunk: int = 256, prefix_cache_bytes: int = 0,
+                 speculative: dict | None = None):
         self.lm, self.tokenizer, self.eos_ids = lm, tokenizer, eos_ids
+        # {"method": "prompt_lookup", "max_draft_tokens": k, "max_ngram": n}; engines without row
+        # views keep plain decoding (their rows cannot be rolled back in place)
+        self.speculative = speculative if speculative and hasattr(lm, "row_view") else None
+        self.draft_stats = DraftStats()
         self.prefill_chunk = prefill_chunk
         self.batched = hasattr(lm, "row_view")
         self.rows: list[Row | None] = [None] * slots
@@ -92,6 +109,9 @@ class Scheduler:
         rows = []
         for request, emit in arrivals:
             row = Row(Sequence(request, np.random.default_rng(request.seed)), emit, self.rows.index(None))
+            if self.speculative:
+                row.drafter = PromptLookup(max_draft=self.speculative.get("max_draft_tokens", 8),
+                                           max_ngram=self.speculative.get("max_ngram", 3))
             self.rows[row.slot] = row
             if self.prefix_cache is not None:
                 row.prompt_done = row.cached = self.prefix_cache.load(self.state, row.slot, row.prompt)
@@ -167,6 +187,8 @@ class Scheduler:
         decoding = [r for r in self.rows if r is not None and r.next_token is not None]
         if not decoding:
             return
+        if len(decoding) == 1 and decoding[0].drafter is not None and self._speculate(decoding[0]):
+            return
         if not self.batched:
             for row in decoding:
                 logits, row.state = self.lm.forward(np.asarray([[row.next_token]], dtype=np.int64), row.state)
@@ -187,6 +209,28 @@ class Scheduler:
             self._sample_and_send(row, logits[row.slot, -1])
 
 
+    def _speculate(self, row: Row) -> bool:
+        """Verify a prompt-lookup draft for `row` (the only decoding row); False: no draft, decode as usual."""
+        past = int(self.state.cache["row_lengths"][row.slot])
+        room = min(row.seq.request.max_tokens - len(row.seq.ids), self.lm.max_sequence_length - past) - 1
+        draft = row.drafter.propose(np.asarray([*row.prompt, *row.seq.ids], dtype=np.int64), room)
+        if not draft:
+            return False
+        view = self._view(row.slot, 1)
+        logits, _ = self.lm.forward(np.asarray([[row.next_token, *draft]], dtype=np.int64), view, kernel="decode")
+        accepted = 0
+        for position in range(len(draft) + 1):
+            self._sample_and_send(row, logits[0, position])
+            if row.seq.finish_reason is not None or position == len(draft) or row.next_token != draft[position]:
+                break
+            accepted += 1
+        row.drafter.update(len(draft), accepted)
+        self.draft_stats.add(len(draft), accepted)
+        if row.seq.finish_reason is None:  # keys and values up to the last kept input; the rest is overwritten later
+            self.state.cache["row_lengths"][row.slot] = past + 1 + accepted
+        return True
+
+
 def generate(lm, requests: list[GenerationRequest], tokenizer, eos_ids: set[int],
              emit: Callable[[int, str, str | None], None], batch: bool = True, slots: int = 8, **options) -> None:
     """Decode `requests` through one scheduler of `slots` rows (one row when not `batch`), admitting
@@ -201,15 +245,19 @@ def generate(lm, requests: list[GenerationRequest], tokenizer, eos_ids: set[int]
         running.step()
 
 
-def timed_greedy(lm, tokenizer, prompt_ids, new_tokens: int, clock, **options) -> tuple[list[int], float, list[float]]:
+def timed_greedy(lm, tokenizer, prompt_ids, new_tokens: int, clock, drafts: DraftStats | None = None,
+                 **options) -> tuple[list[int], float, list[float]]:
     """One greedy request through a one-row scheduler, the loop serving runs, generating exactly
     `new_tokens` (no end-of-sequence stop, so every run times the same work). Returns the tokens,
     the time to the first token and the time between each token and the next, as a client of the
-    engine sees them (detokenizing included). `options`: the scheduler's."""
+    engine sees them (detokenizing included; tokens kept from one verified draft arrive together).
+    `options`: the scheduler's; `drafts` gathers its speculative decoding's counts."""
     scheduler = Scheduler(lm, tokenizer, set(), 1, **options)
     sent: list[float] = []
     start = clock()
     row = scheduler.admit(GenerationRequest(tuple(int(t) for t in prompt_ids), new_tokens), lambda delta, finish: sent.append(clock()))
     while scheduler.active:
         scheduler.step()
+    if drafts is not None:
+        drafts.merge(scheduler.draft_stats)
     return row.seq.ids, sent[0] - start, [b - a for a, b in zip(sent, sent[1:])]

@@ -268,9 +268,13 @@ async def generate(client, served: Served, prompt: str, req: Sampling, priority:
             if finish is None:
                 yield result.as_numpy("text_output")[0].decode("utf-8"), None
                 continue
-            yield result.as_numpy("text_output")[0].decode("utf-8"), {
-                "finish_reason": finish[0].decode(), "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
-                "completion_tokens": int(result.as_numpy("completion_tokens")[0])}
+            summary = {"finish_reason": finish[0].decode(), "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
+                       "completion_tokens": int(result.as_numpy("completion_tokens")[0])}
+            for name in ("accepted_draft_tokens", "rejected_draft_tokens"):  # packages built before speculation lack them
+                value = result.as_numpy(name)
+                if value is not None:
+                    summary[name] = int(value[0])
+            yield result.as_numpy("text_output")[0].decode("utf-8"), summary
         ended = True
     finally:
         if not ended:
@@ -303,8 +307,14 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 def usage(summary: dict) -> dict:
-    return {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"],
-            "total_tokens": summary["prompt_tokens"] + summary["completion_tokens"]}
+    """OpenAI's `usage`; drafted tokens of speculative decoding as OpenAI counts predicted-output
+    tokens (`completion_tokens_details.accepted_prediction_tokens` / `rejected_prediction_tokens`)."""
+    answer = {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"],
+              "total_tokens": summary["prompt_tokens"] + summary["completion_tokens"]}
+    if summary.get("accepted_draft_tokens") or summary.get("rejected_draft_tokens"):
+        answer["completion_tokens_details"] = {"accepted_prediction_tokens": summary["accepted_draft_tokens"],
+                                               "rejected_prediction_tokens": summary["rejected_draft_tokens"]}
+    return answer
 
 
 class GatewayMetrics:

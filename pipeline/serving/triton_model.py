@@ -22,7 +22,7 @@ Metrics on Triton's metrics port (Python backend custom metrics), labelled with 
 version (the registry version when `kiln serve` serves a registered one): time to first token,
 time per output token (a request's mean), queue wait, generated tokens per request (histograms), running rows (gauge),
 cancelled requests, prompt tokens and prompt tokens served from the prefix cache (counters: their
-ratio is the hit rate), and for autoscaling the requests waiting for a row, the share of rows in
+ratio is the hit rate), speculative verifications and drafted and accepted tokens (counters), and for autoscaling the requests waiting for a row, the share of rows in
 use, and requests refused as busy by priority class.
 
 Before loading, every file of this model version is checked against `manifest.json` (sha256); a
@@ -83,14 +83,18 @@ def text_response(text: str):
     return pb_utils.InferenceResponse(output_tensors=[string_tensor("text_output", text)])
 
 
-def final_response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int):
+def final_response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, drafts=None):
     """The last response of a request: the text (all of it, or empty when streamed), why it ended
-    ("eos", "stop", "length", "cancelled") and the token counts an OpenAI `usage` needs."""
+    ("eos", "stop", "length", "cancelled"), the token counts an OpenAI `usage` needs and, from the
+    request's drafter's `DraftStats`, its accepted and rejected drafted tokens."""
+    accepted, drafted = (drafts.accepted, drafts.drafted) if drafts is not None else (0, 0)
     return pb_utils.InferenceResponse(output_tensors=[
         string_tensor("text_output", text),
         string_tensor("finish_reason", finish_reason),
         pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
         pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+        pb_utils.Tensor("accepted_draft_tokens", np.array([accepted], dtype=np.int32)),
+        pb_utils.Tensor("rejected_draft_tokens", np.array([drafted - accepted], dtype=np.int32)),
     ])
 
 
@@ -117,6 +121,11 @@ class Metrics:
         self.prompt_tokens = metric("kiln_prompt_tokens_total", "Prompt tokens of admitted requests", family.COUNTER)
         self.cached_tokens = metric("kiln_prefix_cache_hit_tokens_total", "Prompt tokens whose keys and values came from the prefix cache",
                                     family.COUNTER)
+        # speculative decoding (package.speculative): accepted / drafted is the acceptance rate,
+        # accepted / verifications the mean accepted length
+        self.verifications = metric("kiln_speculative_verifications_total", "Forwards that verified a draft", family.COUNTER)
+        self.drafted = metric("kiln_speculative_drafted_tokens_total", "Drafted tokens verified", family.COUNTER)
+        self.accepted = metric("kiln_speculative_accepted_tokens_total", "Drafted tokens accepted", family.COUNTER)
         # autoscaling signals: vLLM's num_requests_waiting and its batch occupancy under Kiln's names
         self.waiting = metric("kiln_requests_waiting", "Requests admitted and waiting for a row of the running batch", family.GAUGE)
         self.utilization = metric("kiln_batch_utilization", "Rows of the running batch in use, 0 to 1 (KV memory is per row)",
@@ -172,7 +181,9 @@ class Client:
             if self.tokens > 1:  # one observation per request: each observe is a round trip to the server
                 self.metrics.per_token.observe((now - self.first) / (self.tokens - 1))
             completion = kiln_engine.completion_tokens(self.tokens, finish_reason)
-            self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion),
+            drafter = getattr(self.row, "drafter", None)
+            self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion,
+                                            drafter.stats if drafter is not None else None),
                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             self.end_trace(finish_reason)
 
@@ -255,7 +266,17 @@ class TritonPythonModel:
         return None
 
     def new_scheduler(self):
+        self.shown_drafts = (0, 0, 0)
         return kiln_engine.Scheduler(self.lm, self.tokenizer, self.eos_ids, self.max_batch, **self.scheduler_options)
+
+    def show_drafts(self, running):
+        stats = running.draft_stats
+        counts = (stats.verifications, stats.drafted, stats.accepted)
+        if counts != self.shown_drafts:
+            for metric, now, shown in zip((self.metrics.verifications, self.metrics.drafted, self.metrics.accepted), counts, self.shown_drafts):
+                if now > shown:
+                    metric.increment(now - shown)
+            self.shown_drafts = counts
 
     def run(self):
         running = self.new_scheduler()
@@ -331,6 +352,7 @@ class TritonPythonModel:
             self.show_active(running)
             self.metrics.cancelled.increment(len(gone))
         running.step()
+        self.show_drafts(running)
         self.clients = [c for c in self.clients if c.row.seq.finish_reason is None]
         return True
 

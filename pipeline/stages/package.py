@@ -50,6 +50,8 @@ OUTPUTS = [  # text in every response; the final response also says why it ended
     ("finish_reason", "TYPE_STRING"),
     ("prompt_tokens", "TYPE_INT32"),
     ("completion_tokens", "TYPE_INT32"),
+    ("accepted_draft_tokens", "TYPE_INT32"),  # speculative decoding: drafted tokens kept, and
+    ("rejected_draft_tokens", "TYPE_INT32"),  # drafted tokens verified and thrown away
 ]
 
 
@@ -115,7 +117,8 @@ def copy_engine_package(dest: Path) -> None:
 
 def scheduler_settings(cfg: PackageConfig) -> dict:
     """The scheduler's options (`kiln_engine.Scheduler`) as serving.json and the MLflow model carry them."""
-    return {"prefill_chunk": cfg.prefill_chunk, "prefix_cache_bytes": cfg.prefix_cache_mb << 20}
+    return {"prefill_chunk": cfg.prefill_chunk, "prefix_cache_bytes": cfg.prefix_cache_mb << 20,
+            "speculative": cfg.speculative.model_dump() if cfg.speculative else None}
 
 
 def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepository:

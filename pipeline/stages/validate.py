@@ -196,18 +196,19 @@ def evaluate_tasks(cfg: ValidateConfig, lm: CausalLM, engine: Engine, ctx: Stage
     return results
 
 
-def make_run(calibration_text: TextConfig):
+def make_run(calibration_text: TextConfig, speculative: dict | None = None):
     """The stage's function for a recipe whose calibration text is `calibration_text` (an evaluation
-    text that is the same text is reported as in-domain)."""
+    text that is the same text is reported as in-domain) and whose package decodes with
+    `speculative` (its latency is then measured both ways)."""
 
     def run_validate(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext) -> ValidationReport:
-        return run(cfg, source, engine, ctx=ctx, calibration_text=calibration_text)
+        return run(cfg, source, engine, ctx=ctx, calibration_text=calibration_text, speculative=speculative)
 
     return run_validate
 
 
 def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext,
-        calibration_text: TextConfig | None = None) -> ValidationReport:
+        calibration_text: TextConfig | None = None, speculative: dict | None = None) -> ValidationReport:
     tokenizer = load_tokenizer(engine.path)
     texts = [(label, ids, eval_windows(ids, cfg.window)) for label, ids in eval_token_ids(tokenizer, cfg)]
     for label, ids, windows in texts:
@@ -251,11 +252,15 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
               "repeats": cfg.latency.repeats, "threads": engine.meta.get("session_options", {}).get("threads"),
               "tokenizer_file": str(engine.path / "tokenizer.json")}
     ctx.log(f"latency: {len(prompt)}-token prompt, {cfg.latency.new_tokens} new tokens, {cfg.latency.repeats} runs")
-    runs = 1 + int(cfg.compare_source_speed)
+    runs = 1 + int(cfg.compare_source_speed) + int(speculative is not None)
     with ctx.progress(f"latency ({cfg.latency.warmup} warm-up + {cfg.latency.repeats} runs, a process per model)", total=runs) as advance:
-        eng_lat = measure_in_subprocess({**common, "backend": "engine", "target": engine.target,
-                                         "engine_dir": str(engine.path), "engine_meta": dict(engine.meta)}, ctx.out_dir, "engine")
+        engine_spec = {**common, "backend": "engine", "target": engine.target, "engine_dir": str(engine.path), "engine_meta": dict(engine.meta)}
+        eng_lat = measure_in_subprocess(engine_spec, ctx.out_dir, "engine")
         advance(1)
+        spec_lat = None
+        if speculative is not None:
+            spec_lat = measure_in_subprocess({**engine_spec, "speculative": speculative}, ctx.out_dir, "engine_speculative")
+            advance(1)
         src_lat = None
         if cfg.compare_source_speed:
             src_lat = measure_in_subprocess({**common, "backend": "torch", "model_dir": str(source.model_dir), "dtype": source.dtype},
@@ -273,6 +278,13 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
         metrics |= {per_text_key(label, k): figures[k] for k in ("source_ppl", *PER_TEXT)}
     if eng_lat.get("gpu_memory_mb") is not None:  # GPU targets: memory the engine's process holds on the GPU
         metrics["gpu_memory_mb"] = eng_lat["gpu_memory_mb"]
+    if spec_lat:
+        metrics |= {"speculative_tokens_per_s": spec_lat["tokens_per_s"], "speculative_speedup": spec_lat["tokens_per_s"] / eng_lat["tokens_per_s"],
+                    "speculative_mean_accepted": spec_lat["drafts"]["mean_accepted_length"]}
+        same = spec_lat["generated_ids"] == eng_lat["generated_ids"]
+        ctx.log(f"speculative decoding ({speculative['method']}): {spec_lat['tokens_per_s']:.1f} vs {eng_lat['tokens_per_s']:.1f} tokens/s, "
+                f"{spec_lat['drafts']['mean_accepted_length']:.2f} drafted tokens accepted per verification, greedy tokens "
+                f"{'identical' if same else 'DIFFERENT'} to plain decoding")
     if src_lat:
         metrics |= {f"source_{k}": src_lat[k] for k in ("tokens_per_s", "ttft_ms", "peak_rss_mb")}
         metrics["speedup_vs_source"] = eng_lat["tokens_per_s"] / src_lat["tokens_per_s"]
@@ -291,7 +303,9 @@ def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: S
             "source_dtype": source.dtype,
             "eval_tokens_sha256": eval_digest,
             "source_latency": src_lat and {k: v for k, v in src_lat.items() if k != "generated_ids"},
-            "engine_generated_ids": eng_lat["generated_ids"], "source_generated_ids": src_lat and src_lat["generated_ids"]}
+            "engine_generated_ids": eng_lat["generated_ids"], "source_generated_ids": src_lat and src_lat["generated_ids"],
+            "speculative": spec_lat and {"settings": speculative, "drafts": spec_lat["drafts"],
+                                         "greedy_identical": spec_lat["generated_ids"] == eng_lat["generated_ids"]}}
     for g in gates:
         mark = "[green]✓[/green]" if g["passed"] else "[red]✗[/red]"
         ctx.log(f"{mark} {describe_gate(g)}")

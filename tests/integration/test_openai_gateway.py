@@ -106,3 +106,32 @@ def test_malformed_json_is_a_400_and_the_server_stays_ready(served):
             urllib.request.urlopen(req, timeout=30)
         assert refused.value.code == 400 and json.loads(refused.value.read())["error"]["type"] == "invalid_request_error"
     assert client.completions.create(model=MODEL, prompt="still here", max_tokens=2).choices[0].finish_reason in ("length", "stop")
+
+
+def test_prompt_lookup_streams_plain_decodings_text_and_counts_drafts_in_usage(tmp_path_factory):
+    """`package.speculative: {method: prompt_lookup}`: the served text is the engine's plain greedy
+    text, `usage.completion_tokens_details` counts accepted and rejected drafted tokens as OpenAI
+    counts predicted-output tokens, and the model's counters show the verifications."""
+    import json
+    import urllib.request
+    from pathlib import Path
+
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    serving_environment()
+    artifacts = tmp_path_factory.mktemp("speculative")
+    run_kiln("run", str(TINY_RECIPE), "--set", "package.speculative={method: prompt_lookup}", artifacts=artifacts, check=True)
+    paths = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
+    greedy = engine_greedy_text(paths["build"], paths["package"], MODEL)
+    prompt = "abc abc abc abc abc abc abc abc"
+    with kiln_serving(str(paths["package"]), artifacts) as (info, _):
+        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        details = chunks[-1].usage.completion_tokens_details
+        metrics = urllib.request.urlopen(info["openai"].removesuffix("/v1") + "/metrics").read().decode()
+    assert text == greedy(prompt, 40)
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
+    accepted = [line for line in metrics.splitlines() if line.startswith("kiln_speculative_accepted_tokens_total{")]
+    assert accepted and float(accepted[0].split()[-1]) == details.accepted_prediction_tokens

@@ -631,3 +631,21 @@ def test_kiln_serve_a_non_llama_family(tmp_path, env):
     assert read_manifest(paths["source"])["meta"]["architecture"] == "Gemma2ForCausalLM"
     text, _ = kiln_serve_generate(str(paths["package"]), name, tmp_path, "def main():", 8)
     assert text == engine_greedy_text(paths["build"], paths["package"], name)("def main():", 8)
+
+
+def test_an_engine_with_prompts_on_openvino_serves_its_own_greedy_output(env, tmp_path_factory):
+    """`build.prefill_runtime: openvino`: the Triton model (serving environment) runs a long prompt
+    on OpenVINO and decodes on ONNX Runtime, giving what the same engine gives outside Triton."""
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    artifacts = tmp_path_factory.mktemp("openvino")
+    run_kiln("run", str(TINY_RECIPE), "--set", "build.prefill_runtime=openvino", artifacts=artifacts, check=True)
+    paths = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
+    assert read_manifest(paths["build"])["meta"]["session_options"]["prefill_runtime"] == "openvino"
+    reference = engine_greedy_text(paths["build"], paths["package"], MODEL)
+    long_prompt = "Compilers turn recipes into engines, and engines into tokens: " * 2  # 126 byte-level tokens
+    with triton_server(paths["package"] / "model_repository", env, artifacts / "server.log") as (_, addresses):
+        for prompt in (long_prompt, "def main():"):
+            status, body = generate(addresses, {"text_input": prompt, "max_tokens": 12})
+            assert status == 200, body
+            assert body["text_output"] == reference(prompt, 12)

@@ -12,6 +12,7 @@ from pipeline.artifacts import read_manifest
 from pipeline.engine import (
     GenerationRequest,
     Limits,
+    PromptLookup,
     RequestError,
     Scheduler,
     Sequence,
@@ -373,3 +374,109 @@ def test_the_prefix_cache_stays_within_its_budget(engine):
         assert cache.stats.bytes <= 5 * block_bytes
     assert cache.stats.evicted_blocks > 0
     assert cache.load(state, 0, prompt) > 0  # the newest prompt survived
+
+
+# ------------------------------------------------------------------ speculative decoding (prompt lookup)
+
+PROMPT_LOOKUP = {"method": "prompt_lookup", "max_draft_tokens": 8}
+GROUNDED = ["The quick brown fox jumps over the lazy dog. The quick brown fox jumps",
+            "def area(r):\n    return 3.14 * r * r\n\ndef area(r):\n",
+            "abc abc abc abc abc abc abc abc"]
+
+
+def generated(lm, tokenizer, prompt: str, max_tokens: int, speculative=None, temperature=0.0, seed=None, slots=1):
+    scheduler = Scheduler(lm, tokenizer, set(), slots, speculative=speculative)
+    row = scheduler.admit(GenerationRequest(tuple(tokenizer.encode(prompt).ids), max_tokens, temperature, seed=seed), lambda d, f: None)
+    while scheduler.active:
+        scheduler.step()
+    return row.seq.ids, scheduler.draft_stats
+
+
+@pytest.mark.parametrize("prompt", GROUNDED)
+def test_prompt_lookup_gives_plain_decodings_greedy_tokens(engine, prompt):
+    lm, tokenizer = engine
+    plain, none = generated(lm, tokenizer, prompt, 48)
+    fast, stats = generated(lm, tokenizer, prompt, 48, PROMPT_LOOKUP)
+    assert fast == plain and none.verifications == 0
+    assert stats.verifications > 0 and 0 < stats.accepted < stats.drafted  # drafts accepted and rejected mid-way
+
+
+@pytest.mark.parametrize("drafts", ["right", "wrong"])
+def test_drafts_fully_accepted_or_fully_rejected_give_plain_decodings_tokens(engine, monkeypatch, drafts):
+    """A drafter that proposes exactly what plain decoding generates next (every draft accepted),
+    or always something else (every draft rejected)."""
+    lm, tokenizer = engine
+    prompt = tokenizer.encode(GROUNDED[0]).ids
+    plain, _ = generated(lm, tokenizer, GROUNDED[0], 40)
+
+    def propose(self, tokens, room):
+        done = len(tokens) - len(prompt)  # generated so far; the next ones are plain[done:]
+        upcoming = plain[done:done + min(4, room)]
+        return upcoming if drafts == "right" else [(t + 1) % 256 for t in upcoming]
+
+    monkeypatch.setattr(PromptLookup, "propose", propose)
+    fast, stats = generated(lm, tokenizer, GROUNDED[0], 40, PROMPT_LOOKUP)
+    assert fast == plain and stats.drafted > 0
+    assert stats.accepted == (stats.drafted if drafts == "right" else 0)
+    if drafts == "right":  # up to 5 tokens a step
+        assert stats.verifications <= len(plain) / 4
+    else:  # one token a step, every step but the last (no room left to draft)
+        assert stats.verifications == len(plain) - 2
+
+
+def test_prompt_lookup_samples_the_tokens_plain_sampling_samples(engine):
+    lm, tokenizer = engine
+    for seed in range(3):
+        plain, _ = generated(lm, tokenizer, GROUNDED[0], 40, temperature=0.7, seed=seed)
+        fast, _ = generated(lm, tokenizer, GROUNDED[0], 40, PROMPT_LOOKUP, temperature=0.7, seed=seed)
+        assert fast == plain
+
+
+def test_rejected_drafts_leave_no_stale_keys_and_values(engine):
+    """Mid-generation, the row's KV up to its length equals a fresh forward over the same tokens."""
+    lm, tokenizer = engine
+    scheduler = Scheduler(lm, tokenizer, set(), 1, speculative=PROMPT_LOOKUP)
+    row = scheduler.admit(GenerationRequest(tuple(tokenizer.encode(GROUNDED[1]).ids), 60), lambda d, f: None)
+    while len(row.seq.ids) < 30:
+        scheduler.step()
+    assert scheduler.draft_stats.drafted > scheduler.draft_stats.accepted  # something was rolled back
+    length = int(scheduler.state.cache["row_lengths"][row.slot])
+    tokens = [*row.prompt, *row.seq.ids][:-1]  # the last sampled token is the next step's input
+    assert length == len(tokens)
+    _, fresh = lm.forward(np.asarray([tokens], dtype=np.int64), None)
+    np.testing.assert_allclose(lm.read_positions(scheduler.state, row.slot, 0, length), lm.read_positions(fresh, 0, 0, length),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_drafts_stop_at_the_context_limit(engine):
+    lm, tokenizer = engine
+    prompt = GROUNDED[2] * 7  # 223 byte-level tokens; with 33 new ones the 256-position buffers are full
+    ids = tokenizer.encode(prompt).ids
+    room = lm.max_sequence_length - len(ids)
+    fast, stats = generated(lm, tokenizer, prompt, room, PROMPT_LOOKUP)
+    assert fast == generated(lm, tokenizer, prompt, room)[0] and len(fast) == room and stats.accepted > 0
+
+
+def test_several_decoding_rows_decode_one_token_each(engine):
+    lm, tokenizer = engine
+    scheduler = Scheduler(lm, tokenizer, set(), 2, speculative=PROMPT_LOOKUP)
+    rows = [scheduler.admit(GenerationRequest(tuple(tokenizer.encode(p).ids), n), lambda d, f: None)
+            for p, n in ((GROUNDED[0], 40), (GROUNDED[2], 10))]
+    while rows[1].seq.finish_reason is None:
+        scheduler.step()
+        assert scheduler.draft_stats.verifications == 0  # two rows live: no drafts
+    while scheduler.active:
+        scheduler.step()
+    assert scheduler.draft_stats.verifications > 0
+    assert rows[0].seq.ids == generated(lm, tokenizer, GROUNDED[0], 40)[0]
+
+
+def test_prompt_lookup_drafts_the_continuation_of_the_latest_match():
+    drafter = PromptLookup(max_draft=4)
+    tokens = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3])
+    assert drafter.propose(tokens, room=10) == [7, 8, 5, 1]
+    assert drafter.propose(tokens, room=2) == [7, 8]
+    assert drafter.propose(np.array([4, 5, 6]), room=10) == []
+    for _ in range(PromptLookup.PAUSE_AFTER):
+        drafter.update(drafted=4, accepted=0)
+    assert drafter.propose(tokens, room=10) == [] and drafter.paused == PromptLookup.PAUSE_STEPS - 1

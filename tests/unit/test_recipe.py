@@ -6,6 +6,7 @@ import yaml
 
 from pipeline.errors import RecipeError
 from pipeline.recipe import Recipe, load_recipe
+from pipeline.stages.package import scheduler_settings
 from tests.conftest import ROOT, TINY_RECIPE, run_kiln
 
 
@@ -158,6 +159,17 @@ def test_openvino_prompts_need_the_fused_graph_and_no_second_onnx_runtime_kernel
         load_recipe(TINY_RECIPE, ["build.int4_compute=int8", "build.prefill_int4_compute=fp32", "build.prefill_runtime=openvino"])
     with pytest.raises(RecipeError, match="build.prefill_runtime"):
         load_recipe(TINY_RECIPE, ["build.prefill_runtime=tensorrt"])
+
+
+def test_speculative_decoding_is_a_package_setting_with_named_methods():
+    package = load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup, max_draft_tokens: 6}"]).package
+    assert (package.speculative.method, package.speculative.max_draft_tokens, package.speculative.max_ngram) == ("prompt_lookup", 6, 3)
+    assert scheduler_settings(package)["speculative"] == {"method": "prompt_lookup", "max_draft_tokens": 6, "max_ngram": 3}
+    assert load_recipe(TINY_RECIPE).package.speculative is None
+    with pytest.raises(RecipeError, match="package.speculative.method: 'ngram' is not one of prompt_lookup"):
+        load_recipe(TINY_RECIPE, ["package.speculative={method: ngram}"])
+    with pytest.raises(RecipeError, match="package.speculative.max_draft_tokens"):
+        load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup, max_draft_tokens: 0}"])
 
 
 def test_an_eval_text_that_is_the_calibration_text_is_refused_unless_opted_in(tmp_path):
