@@ -351,6 +351,11 @@ def gguf_to_checkpoint(gguf_file: Path, out_dir: Path, dtype: str = "float32") -
     meta = GgufMetadata(gguf_file)
     config = gguf_config(meta)
     tokenizer = gguf_tokenizer(meta)
+    # the file's chat template (llama.cpp's convert_hf_to_gguf.py copies the model's): what `kiln
+    # serve`'s chat completions render; written as chat_template.jinja by save_pretrained
+    template = meta.value("tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        tokenizer.chat_template = template
     state = {name: torch.from_numpy(values).to(getattr(torch, dtype)) for name, values in gguf_state_dict(meta, config).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     config.dtype = getattr(torch, dtype)

@@ -70,6 +70,17 @@ def test_logits_match_llama_cpp(key, checkpoints):
     assert np.all(at_llama_top >= logits.max(-1) - 0.05 * scale), key
 
 
+def test_the_files_chat_template_is_the_checkpoints(converted, checkpoints):
+    """What `kiln serve`'s chat completions render: the template llama.cpp's converter copied into the file."""
+    with_template = 0
+    for key, path in converted.items():
+        template = GgufMetadata(path).value("tokenizer.chat_template")
+        written = checkpoints[key] / "chat_template.jinja"
+        assert (written.read_text() if written.is_file() else None) == (template or None), key
+        with_template += bool(template)
+    assert GgufMetadata(converted["smollm2-Q4_1"]).value("tokenizer.chat_template") and with_template >= 1
+
+
 def test_parity_check_can_fail(converted, tmp_path, monkeypatch):
     """Without undoing Gemma's norm shift the logits leave the tolerance (the check is not vacuous)."""
     from dataclasses import replace
