@@ -11,7 +11,8 @@ Prompts: 24 input-grounded ones built from Python's own documentation (`pydoc_da
 tasks over six topics each) and 8 open-ended ones, in the model's chat template. Per prompt, plain
 and speculative runs alternate; decode tokens/s = tokens after the first / time after the first
 token, summed over prompts. Greedy identity is checked prompt by prompt (the multi-token forward
-may round differently from the one-token one; differing prompts are counted, not hidden).
+may round differently from the one-token one; differing prompts are counted, not hidden, with plain
+decoding's gap between its two best logits where the two first differ).
 
 `--openvino-model`: OpenVINO GenAI's LLMPipeline on the same prompts and threads, plain and with its
 own prompt lookup (`prompt_lookup=True`, `num_assistant_tokens` and `max_ngram_size` as Kiln's),
@@ -89,12 +90,23 @@ def generate(lm, tokenizer, eos: set[int], prompt: list[int], max_tokens: int, s
     return row.seq.ids, times[-1] - times[0], len(row.seq.ids) - 1, scheduler.draft_stats
 
 
+def divergence_margin(lm, prompt: list[int], plain: list[int], other: list[int]) -> float:
+    """Where the speculative tokens first differ from plain decoding's: the gap between plain
+    decoding's two best logits at that position (a small gap: two kernels rounding a near-tie apart)."""
+    first = next(i for i, (a, b) in enumerate(zip(plain, other)) if a != b)
+    logits, state = lm.forward(np.asarray([prompt], dtype=np.int64), None, last_only=True)
+    for token in plain[:first]:
+        logits, state = lm.forward(np.asarray([[token]], dtype=np.int64), state, kernel="decode")
+    top = np.sort(logits[0, -1])[-2:]
+    return float(top[1] - top[0])
+
+
 def kiln_rows(lm, tokenizer, eos, prompts, max_tokens: int, rounds: int) -> dict:
     from pipeline.engine import DraftStats
 
     plain = {"seconds": 0.0, "tokens": 0}
     spec = {"seconds": 0.0, "tokens": 0}
-    stats, same = DraftStats(), 0
+    stats, same, margins = DraftStats(), 0, []
     for prompt in prompts:
         best = {}
         for _ in range(rounds):
@@ -102,13 +114,16 @@ def kiln_rows(lm, tokenizer, eos, prompts, max_tokens: int, rounds: int) -> dict
                 ids, seconds, tokens, drafts = generate(lm, tokenizer, eos, prompt, max_tokens, options)
                 if name not in best or seconds < best[name][1]:
                     best[name] = (ids, seconds, tokens, drafts)
-        same += best["plain"][0] == best["spec"][0]
+        if best["plain"][0] == best["spec"][0]:
+            same += 1
+        else:
+            margins.append(divergence_margin(lm, prompt, best["plain"][0], best["spec"][0]))
         stats.merge(best["spec"][3])
         for total, name in ((plain, "plain"), (spec, "spec")):
             total["seconds"] += best[name][1]
             total["tokens"] += best[name][2]
     return {"plain": plain["tokens"] / plain["seconds"], "spec": spec["tokens"] / spec["seconds"], "same": same,
-            "prompts": len(prompts), "drafts": stats.as_dict()}
+            "prompts": len(prompts), "drafts": stats.as_dict(), "margins": margins}
 
 
 def openvino_rows(model: Path, prompts: list[list[int]], max_tokens: int, rounds: int, threads: int) -> dict:
@@ -143,18 +158,20 @@ def main() -> None:
     console = Console(width=200)
     table = Table(title=f"{args.engine.name[:12]}: greedy, max_tokens {args.max_tokens}, one request at a time, best of {args.rounds} "
                         f"per prompt, decode tokens/s (after the first token)")
-    for column in ("prompts", "runtime", "plain tok/s", "prompt lookup tok/s", "speed-up", "identical", "mean accepted", "acceptance by position"):
+    for column in ("prompts", "runtime", "plain tok/s", "prompt lookup tok/s", "speed-up", "identical", "top-2 logit gap where not",
+                   "mean accepted", "acceptance by position"):
         table.add_column(column)
     threads = meta["session_options"]["threads"]
     for name, prompts in sets.items():
         kiln = kiln_rows(lm, tokenizer, eos, prompts, args.max_tokens, args.rounds)
         table.add_row(f"{name} ({len(prompts)})", "Kiln", f"{kiln['plain']:.1f}", f"{kiln['spec']:.1f}", f"{kiln['spec'] / kiln['plain']:.2f}x",
-                      f"{kiln['same']}/{kiln['prompts']}", f"{kiln['drafts']['mean_accepted_length']:.2f}",
+                      f"{kiln['same']}/{kiln['prompts']}", " ".join(f"{m:.3f}" for m in sorted(kiln["margins"])),
+                      f"{kiln['drafts']['mean_accepted_length']:.2f}",
                       " ".join(f"{a:.2f}" for a in kiln["drafts"]["acceptance_by_position"]))
         if args.openvino_model:
             peer = openvino_rows(args.openvino_model, prompts, args.max_tokens, args.rounds, threads)
             table.add_row("", "OpenVINO GenAI", f"{peer['plain']:.1f}", f"{peer['lookup']:.1f}", f"{peer['lookup'] / peer['plain']:.2f}x",
-                          f"{peer['same']}/{len(prompts)}", "", "")
+                          f"{peer['same']}/{len(prompts)}", "", "", "")
     console.print(table)
 
 

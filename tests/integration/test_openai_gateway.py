@@ -123,7 +123,7 @@ def test_prompt_lookup_streams_plain_decodings_text_and_counts_drafts_in_usage(t
     run_kiln("run", str(TINY_RECIPE), "--set", "package.speculative={method: prompt_lookup}", artifacts=artifacts, check=True)
     paths = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
     greedy = engine_greedy_text(paths["build"], paths["package"], MODEL)
-    prompt = "abc abc abc abc abc abc abc abc"
+    prompt = "def area(r):\n    return 3.14 * r * r\n\ndef area(r):\n"  # the tiny model repeats itself after it
     with kiln_serving(str(paths["package"]), artifacts) as (info, _):
         client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0, timeout=60)
         chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True,
