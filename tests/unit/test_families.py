@@ -107,6 +107,36 @@ def test_fused_graph_computes_what_the_export_computes(family):
     assert ops["GroupQueryAttention"] == family.spec.num_layers and "DequantizeLinear" not in ops
 
 
+class NoText:
+    """The scheduler's detokenizer for a model with no tokenizer: ids are all these tests compare."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def test_prompt_lookup_gives_plain_decodings_greedy_tokens_past_the_window(family):
+    """Speculative decoding (prompt lookup) on the fused engine: drafts verified in one forward and
+    rolled back by length give the tokens plain decoding gives, also once the sequence is longer
+    than a sliding window and with q/k norms."""
+    from pipeline.engine import GenerationRequest, Scheduler
+
+    base = np.random.default_rng(5).integers(0, family.spec.vocab_size, size=6)
+    prompt = tuple(int(t) for t in np.tile(base, 4))  # 24 tokens that repeat: drafts from the start
+
+    def generate(speculative):
+        scheduler = Scheduler(family.fused, NoText(), set(), 1, speculative=speculative)
+        row = scheduler.admit(GenerationRequest(prompt, 32), lambda delta, finish: None)
+        while scheduler.active:
+            scheduler.step()
+        return row.seq.ids, scheduler.draft_stats
+
+    plain, _ = generate(None)
+    fast, stats = generate({"method": "prompt_lookup", "max_draft_tokens": 8})
+    assert fast == plain and stats.verifications > 0
+    if family.spec.sliding_window is not None:
+        assert len(prompt) + len(plain) > 2 * family.spec.sliding_window
+
+
 def test_group_size_check_names_the_familys_own_layers(family):
     spec = family.spec
     problems = group_size_problems(spec, 128, lambda layer: is_ignored(layer, ("lm_head",)))
