@@ -603,6 +603,10 @@ class Recipe(Section):
         if self.package is not None and self.package.model_name is None:
             # frozen sections: replace rather than mutate
             object.__setattr__(self, "package", self.package.model_copy(update={"model_name": self.registration.model_name}))
+        if self.package is not None and self.package.speculative is not None and self.build.graph != "fused":
+            # verification rolls a row back in place: the fused graph's per-row KV buffers
+            raise ValueError(f"package.speculative: speculative decoding runs on the fused graph (build.graph: fused); this "
+                             f"recipe builds graph {self.build.graph} for {self.build.target}: remove package.speculative")
         return self
 
     @field_validator("name")

@@ -208,7 +208,6 @@ class Scheduler:
         for row in decoding:
             self._sample_and_send(row, logits[row.slot, -1])
 
-
     def _speculate(self, row: Row) -> bool:
         """Verify a prompt-lookup draft for `row` (the only decoding row); False: no draft, decode as usual."""
         past = int(self.state.cache["row_lengths"][row.slot])

@@ -241,7 +241,7 @@ class OpenVinoPrefill:
     """The engine's own graph file compiled by OpenVINO's CPU plugin, for prompt chunks of one row:
     OpenVINO reads ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) and runs int4
     matmuls with dynamically quantized activations and, where the CPU has AMX/AVX-512-BF16, bf16
-    attention (at 512 tokens 3.4x ONNX Runtime's fp32 kernel here; docs/results.md). Its
+    attention (a 512-token prompt ~2.8x faster than ONNX Runtime's fp32 kernel here; docs/results.md). Its
     GroupQueryAttention takes the row's past as a tensor and returns past plus chunk, so the past is
     copied in and only the chunk's keys and values are copied back into the row's buffers."""
 

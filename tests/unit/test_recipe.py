@@ -170,6 +170,8 @@ def test_speculative_decoding_is_a_package_setting_with_named_methods():
         load_recipe(TINY_RECIPE, ["package.speculative={method: ngram}"])
     with pytest.raises(RecipeError, match="package.speculative.max_draft_tokens"):
         load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup, max_draft_tokens: 0}"])
+    with pytest.raises(RecipeError, match="package.speculative: speculative decoding runs on the fused graph"):
+        load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup}", "build.graph=portable"])
 
 
 def test_an_eval_text_that_is_the_calibration_text_is_refused_unless_opted_in(tmp_path):
