@@ -176,7 +176,7 @@ def test_tokens_per_minute_are_counted_from_real_usage(guarded):
 def test_the_model_gives_a_waiting_batch_place_to_each_critical_request(guarded):
     """At the model, over one gRPC stream: 6 batch requests fill 2 rows and 4 places; once the
     waiting gauge shows 4, 4 critical requests arrive (microseconds apart, while the rows still run
-    for ~0.3 s): each pushes out a waiting batch request, and every critical one is served."""
+    for about a second, ROW_TOKENS): each pushes out a waiting batch request, and every critical one is served."""
     import queue
 
     import numpy as np
@@ -188,7 +188,7 @@ def test_the_model_gives_a_waiting_batch_place_to_each_critical_request(guarded)
         extra = [grpcclient.InferInput("priority", [1], "INT32"), grpcclient.InferInput("tenant", [1], "BYTES")]
         extra[0].set_data_from_numpy(np.array([rank], dtype=np.int32))
         extra[1].set_data_from_numpy(np.array([tenant.encode()], dtype=object))
-        return streaming_request(LONG_PROMPT, 220) + extra
+        return streaming_request(LONG_PROMPT, ROW_TOKENS) + extra
 
     done: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(guarded["info"]["grpc"])
@@ -282,9 +282,8 @@ def test_a_client_that_leaves_a_stream_frees_its_slot_at_once(guarded):
     """Its concurrency slot, its log record and the model's row end when it goes, not when the
     garbage collector finds the stream."""
     single = client(guarded, "single")
-    # as long as the package allows: the tiny engine streams 220 tokens in well under a second, and
-    # a stream that ended before the client left is logged as finished, not disconnected (seen once)
-    stream = single.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=900, stream=True, temperature=0)
+    # ROW_TOKENS: with 220 the stream could end before the client left, and was then logged as finished (seen once)
+    stream = single.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=ROW_TOKENS, stream=True, temperature=0)
     next(iter(stream))
     with pytest.raises(openai.RateLimitError):  # max_concurrent 1, and the stream still runs
         single.completions.create(model=MODEL, prompt="hi", max_tokens=2)
