@@ -81,12 +81,12 @@ class Scheduler:
     def __init__(self, lm, tokenizer, eos_ids: set[int], slots: int, *, prefill_chunk: int = 256, prefix_cache_bytes: int = 0,
                  speculative: dict | None = None):
         self.lm, self.tokenizer, self.eos_ids = lm, tokenizer, eos_ids
-        # {"method": "prompt_lookup", "max_draft_tokens": k, "max_ngram": n}; engines without row
-        # views keep plain decoding (their rows cannot be rolled back in place)
-        self.speculative = speculative if speculative and hasattr(lm, "row_view") else None
-        self.draft_stats = DraftStats()
         self.prefill_chunk = prefill_chunk
         self.batched = hasattr(lm, "row_view")
+        # {"method": "prompt_lookup", "max_draft_tokens": k, "max_ngram": n}; engines without row
+        # views keep plain decoding (their rows cannot be rolled back in place)
+        self.speculative = speculative if speculative and self.batched else None
+        self.draft_stats = DraftStats()
         self.rows: list[Row | None] = [None] * slots
         self.prefilling: deque[Row] = deque()
         self.state = lm.empty_state(slots) if self.batched else None
