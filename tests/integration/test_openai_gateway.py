@@ -122,6 +122,9 @@ def test_prompt_lookup_streams_plain_decodings_text_and_counts_drafts_in_usage(t
     artifacts = tmp_path_factory.mktemp("speculative")
     run_kiln("run", str(TINY_RECIPE), "--set", "package.speculative={method: prompt_lookup}", artifacts=artifacts, check=True)
     paths = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
+    report = json.loads((paths["validate"] / "validation.json").read_text())  # validate timed both ways
+    assert report["metrics"]["speculative_speedup"] > 0 and report["speculative"]["drafts"]["verifications"] > 0
+    assert report["speculative"]["settings"]["method"] == "prompt_lookup" and "greedy_identical" in report["speculative"]
     greedy = engine_greedy_text(paths["build"], paths["package"], MODEL)
     prompt = "def area(r):\n    return 3.14 * r * r\n\ndef area(r):\n"  # the tiny model repeats itself after it
     with kiln_serving(str(paths["package"]), artifacts) as (info, _):
