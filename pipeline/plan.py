@@ -19,6 +19,7 @@ from pipeline.artifacts import (
     ValidationReport,
 )
 from pipeline.corpus import text_fingerprint
+from pipeline.draft_engine import check_against_source, draft_engine_folder, speculative_settings
 from pipeline.errors import KilnError, MissingDependency, RecipeError
 from pipeline.hashing import code_digest, sha256_bytes
 from pipeline.modeling.decoder import (
@@ -97,6 +98,13 @@ def static_problems(recipe: Recipe) -> list[KilnError]:
         else:
             if unknown:
                 problems.append(RecipeError(unknown))
+    draft = draft_engine_folder(recipe.package.speculative) if recipe.package is not None else None
+    if draft is not None:
+        source_path = source.resolve_path(recipe.source.path) if spec is not None and recipe.source.path is not None else None
+        draft_problems = check_against_source(draft, spec.vocab_size if spec is not None else None,
+                                              source_path if source_path is not None and source_path.is_dir() else None)
+        if draft_problems:
+            problems.append(RecipeError(draft_problems))
     target_problems = recipe_problems(recipe)
     if target_problems:
         problems.append(RecipeError(target_problems))
@@ -136,7 +144,7 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
     artifact_location = settings.artifact_location(tracking_uri)
     recipe_text = effective_recipe_text(recipe)
     q = recipe.quantize
-    speculative = recipe.package.speculative.model_dump() if recipe.package is not None and recipe.package.speculative else None
+    speculative = speculative_settings(recipe.package.speculative) if recipe.package is not None else None
     specs = [
         StageSpec("source", STAGES["source"], SourceCheckpoint, recipe.source,
                   key_extra={"origin": source.origin_fingerprint(recipe.source)},
@@ -157,7 +165,7 @@ def stages_for(recipe: Recipe, ctx: RunContext, warn: Callable[[str], None], rep
     upstream = ("source", "quantize", "export", "build", "validate")
     if recipe.package is not None:
         specs.append(StageSpec("package", STAGES["package"], TritonRepository, recipe.package, ("build",),
-                               backend=f"triton model {recipe.package.model_name}"))
+                               key_extra={"speculative": speculative}, backend=f"triton model {recipe.package.model_name}"))
         upstream += ("package",)
     specs.append(
         StageSpec("register", register.make_run(recipe.to_yaml_dict(), recipe_text, tracking_uri, artifact_location, repo_dir),

@@ -514,15 +514,28 @@ class SpeculativeConfig(Section):
 
     ```yaml
     speculative:
-      method: prompt_lookup     # drafts from the request's own prompt and output (no second model)
+      method: prompt_lookup     # prompt_lookup: drafts from the request's own prompt and output (no
+                                #   second model); draft: a second, smaller engine drafts
       max_draft_tokens: 8       # the longest draft; lengths adapt per request from 4
-      max_ngram: 3              # the longest suffix looked up in the request's text
+      max_ngram: 3              # prompt_lookup: the longest suffix looked up in the request's text
+      draft_engine: null        # draft: a Kiln engine folder of the same vocabulary (a build folder, or
+                                #   DIR/engine of `kiln models pull NAME@ALIAS --dest DIR`), fused
+                                #   ONNX Runtime CPU graph; copied into the package
     ```
     """
 
-    method: Literal["prompt_lookup"]
+    method: Literal["prompt_lookup", "draft"]
     max_draft_tokens: int = Field(8, ge=1, le=32)
     max_ngram: int = Field(3, ge=1, le=8)
+    draft_engine: Path | None = None
+
+    @model_validator(mode="after")
+    def _draft_engine_with_draft(self) -> "SpeculativeConfig":
+        if self.method == "draft" and self.draft_engine is None:
+            raise ValueError("method draft needs draft_engine: the folder of a Kiln engine with this model's vocabulary")
+        if self.method != "draft" and self.draft_engine is not None:
+            raise ValueError(f"draft_engine is used by method draft only (method is {self.method}): remove it or set method: draft")
+        return self
 
 
 class PackageConfig(Section):
@@ -541,7 +554,7 @@ class PackageConfig(Section):
       prefill_chunk: 256        # prompt tokens per decode step: a long prompt is prefilled over several
                                 #   steps, so running rows wait at most one chunk (fused graph)
       prefix_cache_mb: 256      # keys/values of prompt prefixes kept for reuse (0: off; fused graph)
-      speculative: null         # {method: prompt_lookup, ...}: see SpeculativeConfig (fused graph)
+      speculative: null         # {method: prompt_lookup | draft, ...}: see SpeculativeConfig (fused graph)
     ```
     """
 

@@ -9,7 +9,7 @@ Triton package and the MLflow model carry this folder unchanged as the package `
 model, the MLflow pyfunc model, validate's latency and the benchmarks all drive it.
 """
 
-from .drafter import DraftStats, PromptLookup
+from .drafter import AdaptiveDrafter, DraftModel, DraftStats, PromptLookup
 from .prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixStats
 from .request import GenerationRequest, Limits, RequestError, Sequence, advance, completion_tokens, parse_request, prompt_char_limit
 from .sampler import sample
@@ -17,6 +17,6 @@ from .scheduler import Row, Scheduler, chunk_size, generate, timed_greedy
 from .waiting import CLASSES as PRIORITY_CLASSES
 from .waiting import DEFAULT_RANK, WaitingRoom, class_rank
 
-__all__ = ["BLOCK_TOKENS", "DEFAULT_RANK", "PRIORITY_CLASSES", "DraftStats", "GenerationRequest", "Limits", "PrefixCache", "PrefixStats",
+__all__ = ["BLOCK_TOKENS", "DEFAULT_RANK", "PRIORITY_CLASSES", "AdaptiveDrafter", "DraftModel", "DraftStats", "GenerationRequest", "Limits", "PrefixCache", "PrefixStats",
            "PromptLookup", "RequestError", "Row", "Scheduler", "Sequence", "WaitingRoom", "advance", "class_rank", "chunk_size", "completion_tokens", "generate", "parse_request",
            "prompt_char_limit", "sample", "timed_greedy"]

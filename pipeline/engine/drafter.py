@@ -7,6 +7,13 @@ text (prompt and generated so far) are looked up earlier in that text, and the t
 their most recent earlier occurrence are the draft. Input-grounded generation (summarising,
 extracting, rewriting, editing code) copies long spans, which is where it pays.
 
+`DraftModel` drafts with a second, smaller engine of the same vocabulary (transformers'
+`assistant_model`, llama.cpp's `--model-draft`, OpenVINO GenAI's draft model): it decodes k tokens
+greedily after the row's text, in its own KV row, which keeps what was accepted and is rolled back
+like the target's. Drafts are greedy, so the target keeps a drafted token exactly when it samples
+that token itself: greedy output is the target's, and sampled output keeps the target's
+distribution (the acceptance test that also works for drafts without probabilities, as for n-grams).
+
 A draft's length adapts per row: it grows while whole drafts are accepted and shrinks when they are
 not, and a row whose drafts keep failing stops drafting for a while, so open-ended text pays for
 few rejected verifications (each costs more than a one-token step: benchmarks/verify_cost.py).
@@ -15,6 +22,7 @@ few rejected verifications (each costs more than a one-token step: benchmarks/ve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -60,13 +68,11 @@ class DraftStats:
 
 
 @dataclass
-class PromptLookup:
-    """Prompt lookup drafting for one row. `max_draft`: the longest draft; `max_ngram`/`min_ngram`:
-    the suffix lengths looked up, longest first."""
+class AdaptiveDrafter:
+    """What every drafter shares: the draft length, adapted after each verification, and the pause
+    after repeated full rejections. Subclasses implement `draft(tokens, limit)`."""
 
     max_draft: int = 8
-    max_ngram: int = 3
-    min_ngram: int = 1
     draft_length: int = 4  # the current length, adapted after each verification
     failures: int = 0  # consecutive verifications with nothing accepted
     paused: int = 0  # steps left without drafting
@@ -83,19 +89,10 @@ class PromptLookup:
             self.paused -= 1
             return []
         limit = min(self.draft_length, room)
-        length = len(tokens)
-        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            if limit <= 0:
-                break
-            # starts of earlier occurrences of the last n tokens (not the suffix itself)
-            match = np.ones(length - n, dtype=bool)
-            for i in range(n):
-                match &= tokens[i:length - n + i] == tokens[length - n + i]
-            starts = np.flatnonzero(match)
-            if len(starts):
-                start = int(starts[-1]) + n  # the most recent occurrence: its continuation is the draft
-                return [int(t) for t in tokens[start:start + limit]]
-        return []
+        return self.draft(tokens, limit) if limit > 0 else []
+
+    def draft(self, tokens: np.ndarray, limit: int) -> list[int]:
+        raise NotImplementedError
 
     def update(self, drafted: int, accepted: int) -> None:
         """After a verification: grow the draft when all of it was accepted, shrink it when not,
@@ -109,3 +106,56 @@ class PromptLookup:
             self.failures = self.failures + 1 if accepted == 0 else 0
             if self.failures >= self.PAUSE_AFTER:
                 self.paused, self.failures = self.PAUSE_STEPS, 0
+
+
+@dataclass
+class PromptLookup(AdaptiveDrafter):
+    """Prompt lookup drafting for one row. `max_ngram`/`min_ngram`: the suffix lengths looked up,
+    longest first."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def draft(self, tokens: np.ndarray, limit: int) -> list[int]:
+        length = len(tokens)
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            # starts of earlier occurrences of the last n tokens (not the suffix itself)
+            match = np.ones(length - n, dtype=bool)
+            for i in range(n):
+                match &= tokens[i:length - n + i] == tokens[length - n + i]
+            starts = np.flatnonzero(match)
+            if len(starts):
+                start = int(starts[-1]) + n  # the most recent occurrence: its continuation is the draft
+                return [int(t) for t in tokens[start:start + limit]]
+        return []
+
+
+@dataclass
+class DraftModel(AdaptiveDrafter):
+    """Drafts from a second engine (`lm`, a fused-graph `CausalLM` with row views) in `state`, one
+    KV row of its own. Its row holds a prefix of the target row's text: each draft first feeds what
+    it has not seen (the prompt on the first draft, tokens decoded while drafting paused or while
+    other rows were decoding), then decodes greedily; after the verification its length is cut
+    back to the accepted tokens, so a rejected draft's keys and values are overwritten next time."""
+
+    lm: Any = None
+    state: Any = None
+    _base: int = 0  # the row's text length when the last draft was made
+
+    def draft(self, tokens: np.ndarray, limit: int) -> list[int]:
+        limit = min(limit, self.lm.max_sequence_length + 1 - len(tokens))  # its own context may be shorter
+        if limit <= 0:
+            return []
+        seen = int(self.state.cache["row_lengths"][0])
+        logits, self.state = self.lm.forward(np.asarray([tokens[seen:]], dtype=np.int64), self.state, last_only=True)
+        draft = [int(np.argmax(logits[0, -1]))]
+        while len(draft) < limit:
+            logits, self.state = self.lm.forward(np.asarray([[draft[-1]]], dtype=np.int64), self.state, kernel="decode")
+            draft.append(int(np.argmax(logits[0, -1])))
+        self._base = len(tokens)
+        return draft
+
+    def update(self, drafted: int, accepted: int) -> None:
+        super().update(drafted, accepted)
+        # its row holds the text and draft[:-1]; of those, the accepted drafts stay valid
+        self.state.cache["row_lengths"][0] = self._base + min(accepted, drafted - 1)

@@ -12,8 +12,9 @@ Each `step` does two things:
    last such one (rows still prefilling or free inside that range take a placeholder token whose
    key and value land where the next chunk writes anyway, and their lengths are kept).
 
-**Speculative decoding** (`speculative`: prompt lookup, `drafter.PromptLookup`): while a single
-row is decoding, a draft of k tokens from the row's own text is verified in one forward of k + 1
+**Speculative decoding** (`speculative`: prompt lookup, `drafter.PromptLookup`, or a draft model,
+`drafter.DraftModel` over `draft_lm`, whose KV rows mirror the batch's): while a single row is
+decoding, a draft of k tokens is verified in one forward of k + 1
 tokens on the decode kernel (logits at every position). Tokens are sampled from the target's
 logits position by position, exactly as k + 1 plain steps would sample them (same sampler, same
 random stream), and kept while they equal the draft; the first that differs is kept too and ends
@@ -38,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .drafter import DraftStats, PromptLookup
+from .drafter import AdaptiveDrafter, DraftModel, DraftStats, PromptLookup
 from .prefix_cache import PrefixCache
 from .request import GenerationRequest, Sequence, advance
 from .sampler import sample
@@ -59,7 +60,7 @@ class Row:
     cached: int = 0
     next_token: int | None = None
     state: Any = None
-    drafter: PromptLookup | None = None
+    drafter: AdaptiveDrafter | None = None
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -79,14 +80,20 @@ def chunk_size(remaining: int, budget: int) -> int:
 
 class Scheduler:
     def __init__(self, lm, tokenizer, eos_ids: set[int], slots: int, *, prefill_chunk: int = 256, prefix_cache_bytes: int = 0,
-                 speculative: dict | None = None):
+                 speculative: dict | None = None, draft_lm=None):
         self.lm, self.tokenizer, self.eos_ids = lm, tokenizer, eos_ids
         self.prefill_chunk = prefill_chunk
         self.batched = hasattr(lm, "row_view")
-        # {"method": "prompt_lookup", "max_draft_tokens": k, "max_ngram": n}; engines without row
-        # views keep plain decoding (their rows cannot be rolled back in place)
+        # {"method": "prompt_lookup" | "draft", "max_draft_tokens": k, "max_ngram": n}; engines
+        # without row views keep plain decoding (their rows cannot be rolled back in place)
         self.speculative = speculative if speculative and self.batched else None
         self.draft_stats = DraftStats()
+        self.draft_lm, self.draft_state = None, None
+        if self.speculative and self.speculative["method"] == "draft":
+            if draft_lm is None or not hasattr(draft_lm, "row_view"):
+                raise ValueError("speculative decoding with a draft model needs the draft engine (draft_lm), a fused-graph engine")
+            self.draft_lm, self.draft_state = draft_lm, draft_lm.empty_state(slots)
+            self.draft_views = [draft_lm.row_view(self.draft_state, slot, 1) for slot in range(slots)]
         self.rows: list[Row | None] = [None] * slots
         self.prefilling: deque[Row] = deque()
         self.state = lm.empty_state(slots) if self.batched else None
@@ -110,8 +117,7 @@ class Scheduler:
         for request, emit in arrivals:
             row = Row(Sequence(request, np.random.default_rng(request.seed)), emit, self.rows.index(None))
             if self.speculative:
-                row.drafter = PromptLookup(max_draft=self.speculative.get("max_draft_tokens", 8),
-                                           max_ngram=self.speculative.get("max_ngram", 3))
+                row.drafter = self._drafter(row.slot)
             self.rows[row.slot] = row
             if self.prefix_cache is not None:
                 row.prompt_done = row.cached = self.prefix_cache.load(self.state, row.slot, row.prompt)
@@ -119,6 +125,14 @@ class Scheduler:
             self.prefilling.append(row)
             rows.append(row)
         return rows
+
+    def _drafter(self, slot: int) -> AdaptiveDrafter:
+        max_draft = self.speculative.get("max_draft_tokens", 8)
+        if self.draft_lm is None:
+            return PromptLookup(max_draft=max_draft, max_ngram=self.speculative.get("max_ngram", 3))
+        view = self.draft_views[slot]  # the slot's draft row, empty (released when its last request ended)
+        return DraftModel(max_draft=max_draft, lm=self.draft_lm,
+                          state=type(view)({**view.cache, "row_lengths": np.zeros(1, dtype=np.int32)}, 0))
 
     def cancel(self, row: Row) -> None:
         """Stop a row now (its client went away): it gets finish_reason "cancelled" and frees its slot."""
@@ -137,6 +151,8 @@ class Scheduler:
             self.prefilling.remove(row)
         if self.batched:
             self.lm.release_rows(self.state, [row.slot])
+        if self.draft_lm is not None:
+            self.draft_lm.release_rows(self.draft_state, [row.slot])
 
     def _sample_and_send(self, row: Row, logits: np.ndarray) -> None:
         token = sample(logits, row.seq.request, row.seq.rng)
@@ -209,7 +225,7 @@ class Scheduler:
             self._sample_and_send(row, logits[row.slot, -1])
 
     def _speculate(self, row: Row) -> bool:
-        """Verify a prompt-lookup draft for `row` (the only decoding row); False: no draft, decode as usual."""
+        """Verify a draft for `row` (the only decoding row); False: no draft, decode as usual."""
         past = int(self.state.cache["row_lengths"][row.slot])
         room = min(row.seq.request.max_tokens - len(row.seq.ids), self.lm.max_sequence_length - past) - 1
         draft = row.drafter.propose(np.asarray([*row.prompt, *row.seq.ids], dtype=np.int64), room)
@@ -217,15 +233,21 @@ class Scheduler:
             return False
         view = self._view(row.slot, 1)
         logits, _ = self.lm.forward(np.asarray([[row.next_token, *draft]], dtype=np.int64), view, kernel="decode")
-        accepted = 0
+        accepted, deltas = 0, []
         for position in range(len(draft) + 1):
-            self._sample_and_send(row, logits[0, position])
+            row.next_token = sample(logits[0, position], row.seq.request, row.seq.rng)
+            deltas.append(advance(row.seq, row.next_token, self.tokenizer, self.eos_ids))
             if row.seq.finish_reason is not None or position == len(draft) or row.next_token != draft[position]:
                 break
             accepted += 1
+        # counted before the text goes out: the request's last message reports its drafts' counts
         row.drafter.update(len(draft), accepted)
         self.draft_stats.add(len(draft), accepted)
-        if row.seq.finish_reason is None:  # keys and values up to the last kept input; the rest is overwritten later
+        for i, delta in enumerate(deltas):
+            row.emit(delta, row.seq.finish_reason if i == len(deltas) - 1 else None)
+        if row.seq.finish_reason is not None:
+            self._finish(row)
+        else:  # keys and values up to the last kept input; the rest is overwritten later
             self.state.cache["row_lengths"][row.slot] = past + 1 + accepted
         return True
 

@@ -382,6 +382,21 @@ def load_engine(engine_dir, options: dict, device_id: int = 0, threads: int | No
     return load_ort_engine(engine_dir, options, threads)
 
 
+def load_draft_engine(speculative: dict | None, base_dir, threads: int | None = None):
+    """The draft model's engine of speculative settings with `method: draft` (None for any other):
+    the Kiln engine folder `speculative["draft_engine"]`, relative to `base_dir` (the package's model
+    version folder) or absolute, loaded with the session options it was built with. The caller has
+    checked the folder against its manifest."""
+    import json
+    from pathlib import Path
+
+    if not speculative or speculative.get("method") != "draft":
+        return None
+    folder = Path(base_dir) / speculative["draft_engine"]
+    options = json.loads((folder / "session_options.json").read_text())["load"]
+    return load_ort_engine(folder, options, threads)
+
+
 def load_tensorrt_engine(plan_file, device_id: int = 0):
     """A serialized TensorRT engine on GPU `device_id`, driven by `TensorRtCausalLM`."""
     from pathlib import Path

@@ -14,6 +14,7 @@ versions registered before that keep the same folder at their run's `model/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from importlib import metadata
@@ -66,8 +67,12 @@ def serving_settings(engine: Artifact, package: Artifact | None) -> dict:
         cfg = PackageConfig()
         limits, eos, max_batch = request_limits(engine, cfg), eos_token_ids(engine.path), cfg.max_batch
         scheduler = scheduler_settings(cfg)
-    return {"engine_digest": engine.digest, "limits": limits, "eos_token_ids": eos, "max_batch": max_batch,
-            "scheduler": scheduler, "session_options": engine_options(engine)}
+    settings = {"engine_digest": engine.digest, "limits": limits, "eos_token_ids": eos, "max_batch": max_batch,
+                "scheduler": scheduler, "session_options": engine_options(engine)}
+    speculative = scheduler.get("speculative") or {}
+    if speculative.get("method") == "draft":  # the draft engine: in the Triton package, beside the engine
+        settings["draft_dir"] = str(Path(package.engine_dir).parent / speculative["draft_engine"])
+    return settings
 
 
 def package_without_engine(package, view: Path) -> Path:
@@ -88,6 +93,10 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
     from pipeline.stages.package import copy_engine_package
 
     settings = serving_settings(engine, package)
+    libraries = runtime_libraries(settings["session_options"])
+    if "draft_dir" in settings:  # the draft engine's own runtime too (its prompts may run on OpenVINO)
+        draft_options = json.loads((package.path / settings["draft_dir"] / "session_options.json").read_text())["load"]
+        libraries += runtime_libraries(draft_options)
     code = scratch / "code"
     code.mkdir(parents=True)
     for name, src in SHIPPED_MODULES.items():  # under the names the model's code imports
@@ -109,7 +118,7 @@ def save_engine_model(dest: Path, engine: Artifact, package: Artifact | None, sc
             code_paths=[str(code / name) for name in [*SHIPPED_MODULES, "kiln_engine"]], model_config=settings,
             signature=signature(settings["limits"]),
             input_example=({"prompt": [EXAMPLE_PROMPT]}, {"max_tokens": 8}),
-            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in runtime_libraries(settings["session_options"])],
+            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in dict.fromkeys(libraries)],
             metadata=metadata_tags, mlflow_model=Model(run_id=run_id, model_id=model_id),
         )
     finally:

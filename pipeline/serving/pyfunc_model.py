@@ -37,6 +37,10 @@ class KilnEngineModel(PythonModel):
         self.limits = kiln_engine.Limits(**config["limits"])
         self.max_batch = int(config["max_batch"])
         self.scheduler = dict(config.get("scheduler", {}))
+        if config.get("draft_dir"):  # a draft model (package.speculative method draft), in the Triton package's files
+            draft_dir = Path(context.artifacts["triton"]) / config["draft_dir"]
+            kiln_manifest.check_folder(draft_dir, self.scheduler["speculative"]["draft_digest"])
+            self.scheduler["draft_lm"] = kiln_runtime.load_draft_engine(self.scheduler["speculative"], draft_dir.parent)
 
     # `pd.DataFrame`: MLflow validates the input against the model's explicit signature (a type hint
     # it could infer a schema from would replace it; no hint at all draws a warning on every load)

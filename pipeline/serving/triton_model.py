@@ -214,6 +214,9 @@ class TritonPythonModel:
         self.max_batch = int(serving["max_batch"])
         self.max_queue = int(serving["max_queue"])
         self.scheduler_options = dict(serving.get("scheduler", {}))
+        # a draft model (package.speculative method draft): its engine sits in the version folder,
+        # checked with it against the manifest above
+        self.scheduler_options["draft_lm"] = kiln_runtime.load_draft_engine(self.scheduler_options.get("speculative"), version_dir)
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         endpoint = os.environ.get("KILN_OTLP_ENDPOINT")  # set by `kiln serve --otlp-endpoint`
         self.tracing = kiln_tracing.ModelTracing(endpoint) if endpoint else None

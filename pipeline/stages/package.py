@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline import engine as decode_engine
 from pipeline.artifacts import Engine, TritonRepository, link_tree, package_engine_dir, write_json_atomic, write_manifest
+from pipeline.draft_engine import checked_draft, draft_engine_folder, speculative_settings
 from pipeline.modeling import runtime
 from pipeline.recipe import PackageConfig
 from pipeline.runner import StageContext
@@ -115,10 +116,17 @@ def copy_engine_package(dest: Path) -> None:
     shutil.copytree(Path(decode_engine.__file__).parent, dest, ignore=lambda _d, names: [n for n in names if not n.endswith(".py")])
 
 
+# A draft model's engine sits beside the engine: repository/model/version/draft
+DRAFT_DIR = "draft"
+
+
 def scheduler_settings(cfg: PackageConfig) -> dict:
-    """The scheduler's options (`kiln_engine.Scheduler`) as serving.json and the MLflow model carry them."""
-    return {"prefill_chunk": cfg.prefill_chunk, "prefix_cache_bytes": cfg.prefix_cache_mb << 20,
-            "speculative": cfg.speculative.model_dump() if cfg.speculative else None}
+    """The scheduler's options (`kiln_engine.Scheduler`) as serving.json and the MLflow model carry
+    them; a draft engine as the package's copy (`DRAFT_DIR`, relative to the model version folder)."""
+    speculative = speculative_settings(cfg.speculative)
+    if speculative is not None and "draft_engine" in speculative:
+        speculative["draft_engine"] = DRAFT_DIR
+    return {"prefill_chunk": cfg.prefill_chunk, "prefix_cache_bytes": cfg.prefix_cache_mb << 20, "speculative": speculative}
 
 
 def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepository:
@@ -136,6 +144,11 @@ def run(cfg: PackageConfig, engine: Engine, *, ctx: StageContext) -> TritonRepos
     # The engine's bytes are written once: hard links to the build entry (both are sha256-manifested
     # and immutable once written), a copy only across filesystems.
     link_tree(engine.path, engine_dir, ignore=shutil.ignore_patterns("manifest.json"))
+    draft = draft_engine_folder(cfg.speculative)
+    if draft is not None:  # with its own manifest: the MLflow model checks it against the digest in its settings
+        draft_manifest = checked_draft(draft, engine.path / "tokenizer.json")
+        link_tree(draft, version_dir / DRAFT_DIR)
+        ctx.log(f"draft model: {draft} (digest {draft_manifest['digest'][:12]}), same vocabulary as the engine")
     limits = request_limits(engine, cfg)
     eos = eos_token_ids(engine.path)
     write_json_atomic(version_dir / "serving.json", {

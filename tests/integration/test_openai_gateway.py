@@ -108,10 +108,13 @@ def test_malformed_json_is_a_400_and_the_server_stays_ready(served):
     assert client.completions.create(model=MODEL, prompt="still here", max_tokens=2).choices[0].finish_reason in ("length", "stop")
 
 
-def test_prompt_lookup_streams_plain_decodings_text_and_counts_drafts_in_usage(tmp_path_factory):
-    """`package.speculative: {method: prompt_lookup}`: the served text is the engine's plain greedy
-    text, `usage.completion_tokens_details` counts accepted and rejected drafted tokens as OpenAI
-    counts predicted-output tokens, and the model's counters show the verifications."""
+@pytest.mark.parametrize("method", ["prompt_lookup", "draft"])
+def test_speculative_decoding_streams_plain_decodings_text_and_counts_drafts_in_usage(tmp_path_factory, tiny_run, monkeypatch, method):
+    """`package.speculative: {method: prompt_lookup}`, or `{method: draft}` with the tiny engine as
+    its own draft model: the served text is the engine's plain greedy text,
+    `usage.completion_tokens_details` counts accepted and rejected drafted tokens as OpenAI counts
+    predicted-output tokens, and the model's counters show the verifications. A draft model travels
+    in the package and the MLflow model, which generates the same text."""
     import json
     import urllib.request
     from pathlib import Path
@@ -120,11 +123,14 @@ def test_prompt_lookup_streams_plain_decodings_text_and_counts_drafts_in_usage(t
 
     serving_environment()
     artifacts = tmp_path_factory.mktemp("speculative")
-    run_kiln("run", str(TINY_RECIPE), "--set", "package.speculative={method: prompt_lookup}", artifacts=artifacts, check=True)
-    paths = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
+    setting = ("{method: prompt_lookup}" if method == "prompt_lookup"
+               else f"{{method: draft, draft_engine: {tiny_run['paths']['build']}}}")
+    run_kiln("run", str(TINY_RECIPE), "--set", f"package.speculative={setting}", artifacts=artifacts, check=True)
+    summary = json.loads((artifacts / "last_run.json").read_text())
+    paths = {s["stage"]: Path(s["path"]) for s in summary["stages"]}
     report = json.loads((paths["validate"] / "validation.json").read_text())  # validate timed both ways
     assert report["metrics"]["speculative_speedup"] > 0 and report["speculative"]["drafts"]["verifications"] > 0
-    assert report["speculative"]["settings"]["method"] == "prompt_lookup" and "greedy_identical" in report["speculative"]
+    assert report["speculative"]["settings"]["method"] == method and "greedy_identical" in report["speculative"]
     greedy = engine_greedy_text(paths["build"], paths["package"], MODEL)
     prompt = "def area(r):\n    return 3.14 * r * r\n\ndef area(r):\n"  # the tiny model repeats itself after it
     with kiln_serving(str(paths["package"]), artifacts) as (info, _):
@@ -138,3 +144,14 @@ def test_prompt_lookup_streams_plain_decodings_text_and_counts_drafts_in_usage(t
     assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
     accepted = [line for line in metrics.splitlines() if line.startswith("kiln_speculative_accepted_tokens_total{")]
     assert accepted and float(accepted[0].split()[-1]) == details.accepted_prediction_tokens
+    if method == "draft":  # the registered MLflow model drafts with the packaged copy, checked against its digest
+        import mlflow.pyfunc
+
+        registered = summary["registered"]
+        for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            monkeypatch.setenv(variable, registered["tracking_uri"])
+        model = mlflow.pyfunc.load_model(f"models:/{registered['model_name']}/{registered['version']}")
+        import pandas as pd
+
+        assert model._model_impl.python_model.scheduler["draft_lm"] is not None
+        assert model.predict(pd.DataFrame({"prompt": [prompt]}), params={"max_tokens": 40})["text"][0] == greedy(prompt, 40)

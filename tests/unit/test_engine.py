@@ -504,3 +504,88 @@ def test_prompt_lookup_keeps_the_sampled_distribution(engine):
     # chi-square's 0.999 quantile (Wilson-Hilferty): a false alarm once in a thousand seeds' worth
     critical = df * (1 - 2 / (9 * df) + 3.09 * np.sqrt(2 / (9 * df))) ** 3
     assert df >= 2 and statistic < critical, (statistic, critical, table)
+
+
+# ------------------------------------------------------------------ speculative decoding (draft model)
+
+DRAFT_MODEL = {"method": "draft", "max_draft_tokens": 6}
+
+
+class PerturbedDraft:
+    """The engine with noise on its logits: a draft model of the same vocabulary that is right
+    often, not always (drafts accepted, and rejected mid-way)."""
+
+    def __init__(self, lm, scale: float):
+        self.lm, self.scale, self.rng = lm, scale, np.random.default_rng(0)
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def forward(self, *args, **kwargs):
+        logits, state = self.lm.forward(*args, **kwargs)
+        return logits + self.rng.normal(0, self.scale, logits.shape).astype(np.float32), state
+
+
+def drafted(lm, draft_lm, tokenizer, prompt: str, max_tokens: int, temperature=0.0, seed=None):
+    scheduler = Scheduler(lm, tokenizer, set(), 1, speculative=DRAFT_MODEL, draft_lm=draft_lm)
+    row = scheduler.admit(GenerationRequest(tuple(tokenizer.encode(prompt).ids), max_tokens, temperature, seed=seed), lambda d, f: None)
+    while scheduler.active:
+        scheduler.step()
+    return row.seq.ids, scheduler.draft_stats
+
+
+@pytest.mark.parametrize("prompt", GROUNDED[:2])
+def test_a_draft_model_gives_plain_decodings_greedy_tokens(engine, prompt):
+    lm, tokenizer = engine
+    plain, _ = generated(lm, tokenizer, prompt, 48)
+    same, stats = drafted(lm, lm, tokenizer, prompt, 48)  # the engine drafting for itself: nearly every draft kept
+    assert same == plain and stats.accepted > 0.9 * stats.drafted and stats.verifications < len(plain) / 3
+    noisy, stats = drafted(lm, PerturbedDraft(lm, 0.05), tokenizer, prompt, 48)
+    assert noisy == plain and 0 < stats.accepted < stats.drafted  # kept and rejected mid-way
+
+
+def test_a_draft_model_samples_the_tokens_plain_sampling_samples(engine):
+    lm, tokenizer = engine
+    for seed in range(3):
+        plain, _ = generated(lm, tokenizer, GROUNDED[0], 40, temperature=0.7, seed=seed)
+        assert drafted(lm, PerturbedDraft(lm, 0.05), tokenizer, GROUNDED[0], 40, temperature=0.7, seed=seed)[0] == plain
+
+
+def test_the_draft_models_row_keeps_only_accepted_keys_and_values(engine):
+    """Mid-generation, the draft engine's row holds a prefix of the row's text, computed as a fresh
+    forward over that prefix computes it (rejected drafts rolled back, unseen tokens fed later)."""
+    lm, tokenizer = engine
+    scheduler = Scheduler(lm, tokenizer, set(), 1, speculative=DRAFT_MODEL, draft_lm=PerturbedDraft(lm, 0.05))
+    row = scheduler.admit(GenerationRequest(tuple(tokenizer.encode(GROUNDED[1]).ids), 60), lambda d, f: None)
+    while len(row.seq.ids) < 30:
+        scheduler.step()
+    assert 0 < scheduler.draft_stats.accepted < scheduler.draft_stats.drafted
+    state = row.drafter.state
+    length = int(state.cache["row_lengths"][0])
+    text = [*row.prompt, *row.seq.ids]
+    assert len(row.prompt) < length < len(text)
+    _, fresh = lm.forward(np.asarray([text[:length]], dtype=np.int64), None)
+    np.testing.assert_allclose(lm.read_positions(state, 0, 0, length), lm.read_positions(fresh, 0, 0, length), rtol=1e-4, atol=1e-5)
+
+
+def test_draft_model_drafts_stop_at_the_context_limit(engine):
+    lm, tokenizer = engine
+    prompt = GROUNDED[2] * 7
+    room = lm.max_sequence_length - len(tokenizer.encode(prompt).ids)
+    fast, stats = drafted(lm, lm, tokenizer, prompt, room)
+    assert fast == generated(lm, tokenizer, prompt, room)[0] and len(fast) == room and stats.accepted > 0
+
+
+def test_a_draft_model_needs_its_engine():
+    with pytest.raises(ValueError, match="draft engine"):
+        Scheduler(FusedLike(), None, set(), 1, speculative=DRAFT_MODEL)
+
+
+class FusedLike:
+    """Enough of a fused engine for a scheduler to be made."""
+
+    def row_view(self, state, start, rows):
+        return state
+
+    def empty_state(self, batch):
+        return None
