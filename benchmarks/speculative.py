@@ -14,6 +14,9 @@ token, summed over prompts. Greedy identity is checked prompt by prompt (the mul
 may round differently from the one-token one; differing prompts are counted, not hidden, with plain
 decoding's gap between its two best logits where the two first differ).
 
+`--draft-engine DIR`: rows for a draft model too (`package.speculative: {method: draft}`), another
+build folder of the same vocabulary, e.g. the fast int8 engine drafting for an fp32-compute one.
+
 `--openvino-model`: OpenVINO GenAI's LLMPipeline on the same prompts and threads, plain and with its
 own prompt lookup (`prompt_lookup=True`, `num_assistant_tokens` and `max_ngram_size` as Kiln's),
 from its own environment (benchmarks/setup_openvino_env.sh). llama.cpp is not a row: llama-cpp-python
@@ -80,9 +83,9 @@ def chat_prompts(engine: Path, texts: list[str], tokenizer) -> list[list[int]]:
                                              **special_tokens(engine)), add_special_tokens=False).ids for t in texts]
 
 
-def generate(lm, tokenizer, eos: set[int], prompt: list[int], max_tokens: int, speculative) -> tuple[list[int], float, int, dict]:
+def generate(lm, tokenizer, eos: set[int], prompt: list[int], max_tokens: int, speculative, draft_lm=None) -> tuple[list[int], float, int, dict]:
     """Greedy through a one-row scheduler: ids, seconds after the first token, tokens after it, draft stats."""
-    scheduler = Scheduler(lm, tokenizer, eos, 1, speculative=speculative)
+    scheduler = Scheduler(lm, tokenizer, eos, 1, speculative=speculative, draft_lm=draft_lm)
     times = []
     row = scheduler.admit(GenerationRequest(tuple(prompt), max_tokens), lambda delta, finish: times.append(time.perf_counter()))
     while scheduler.active:
@@ -101,7 +104,7 @@ def divergence_margin(lm, prompt: list[int], plain: list[int], other: list[int])
     return float(top[1] - top[0])
 
 
-def kiln_rows(lm, tokenizer, eos, prompts, max_tokens: int, rounds: int) -> dict:
+def kiln_rows(lm, tokenizer, eos, prompts, max_tokens: int, rounds: int, speculative: dict, draft_lm=None) -> dict:
     from pipeline.engine import DraftStats
 
     plain = {"seconds": 0.0, "tokens": 0}
@@ -110,8 +113,8 @@ def kiln_rows(lm, tokenizer, eos, prompts, max_tokens: int, rounds: int) -> dict
     for prompt in prompts:
         best = {}
         for _ in range(rounds):
-            for name, options in (("plain", None), ("spec", SPECULATIVE)):
-                ids, seconds, tokens, drafts = generate(lm, tokenizer, eos, prompt, max_tokens, options)
+            for name, options in (("plain", None), ("spec", speculative)):
+                ids, seconds, tokens, drafts = generate(lm, tokenizer, eos, prompt, max_tokens, options, draft_lm)
                 if name not in best or seconds < best[name][1]:
                     best[name] = (ids, seconds, tokens, drafts)
         if best["plain"][0] == best["spec"][0]:
@@ -144,6 +147,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--openvino-model", type=Path)
+    parser.add_argument("--draft-engine", type=Path, help="also a draft model: another build folder of the same vocabulary")
+    parser.add_argument("--no-lookup", action="store_true", help="skip the prompt lookup rows")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
@@ -154,23 +159,31 @@ def main() -> None:
     eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
     sets = {"input-grounded": chat_prompts(args.engine, grounded_texts(), tokenizer),
             "open-ended": chat_prompts(args.engine, OPEN_ENDED, tokenizer)}
-    generate(lm, tokenizer, eos, sets["open-ended"][0], 8, SPECULATIVE)  # warm-up
+    methods = [] if args.no_lookup else [("prompt lookup", SPECULATIVE, None)]
+    if args.draft_engine:
+        from pipeline.modeling.runtime import load_draft_engine
+
+        draft = {"method": "draft", "max_draft_tokens": SPECULATIVE["max_draft_tokens"], "draft_engine": str(args.draft_engine.resolve())}
+        methods.append((f"draft model {args.draft_engine.name[:12]}", draft, load_draft_engine(draft, "/")))
+    for _, speculative, draft_lm in methods:
+        generate(lm, tokenizer, eos, sets["open-ended"][0], 8, speculative, draft_lm)  # warm-up
     console = Console(width=200)
     table = Table(title=f"{args.engine.name[:12]}: greedy, max_tokens {args.max_tokens}, one request at a time, best of {args.rounds} "
                         f"per prompt, decode tokens/s (after the first token)")
-    for column in ("prompts", "runtime", "plain tok/s", "prompt lookup tok/s", "speed-up", "identical", "top-2 logit gap where not",
+    for column in ("prompts", "runtime", "method", "plain tok/s", "speculative tok/s", "speed-up", "identical", "top-2 logit gap where not",
                    "mean accepted", "acceptance by position"):
         table.add_column(column)
     threads = meta["session_options"]["threads"]
     for name, prompts in sets.items():
-        kiln = kiln_rows(lm, tokenizer, eos, prompts, args.max_tokens, args.rounds)
-        table.add_row(f"{name} ({len(prompts)})", "Kiln", f"{kiln['plain']:.1f}", f"{kiln['spec']:.1f}", f"{kiln['spec'] / kiln['plain']:.2f}x",
-                      f"{kiln['same']}/{kiln['prompts']}", " ".join(f"{m:.3f}" for m in sorted(kiln["margins"])),
-                      f"{kiln['drafts']['mean_accepted_length']:.2f}",
-                      " ".join(f"{a:.2f}" for a in kiln["drafts"]["acceptance_by_position"]))
+        for i, (method, speculative, draft_lm) in enumerate(methods):
+            kiln = kiln_rows(lm, tokenizer, eos, prompts, args.max_tokens, args.rounds, speculative, draft_lm)
+            table.add_row(f"{name} ({len(prompts)})" if i == 0 else "", "Kiln", method, f"{kiln['plain']:.1f}", f"{kiln['spec']:.1f}",
+                          f"{kiln['spec'] / kiln['plain']:.2f}x", f"{kiln['same']}/{kiln['prompts']}",
+                          " ".join(f"{m:.3f}" for m in sorted(kiln["margins"])), f"{kiln['drafts']['mean_accepted_length']:.2f}",
+                          " ".join(f"{a:.2f}" for a in kiln["drafts"]["acceptance_by_position"]))
         if args.openvino_model:
             peer = openvino_rows(args.openvino_model, prompts, args.max_tokens, args.rounds, threads)
-            table.add_row("", "OpenVINO GenAI", f"{peer['plain']:.1f}", f"{peer['lookup']:.1f}", f"{peer['lookup'] / peer['plain']:.2f}x",
+            table.add_row("", "OpenVINO GenAI", "prompt lookup", f"{peer['plain']:.1f}", f"{peer['lookup']:.1f}", f"{peer['lookup'] / peer['plain']:.2f}x",
                           f"{peer['same']}/{len(prompts)}", "", "", "")
     console.print(table)
 

@@ -40,6 +40,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    speculative: bool = True  # False: no drafts for this request where the package speculates
 
 
 def parse_request(text: str, params: dict[str, Any], tokenizer, limits: Limits) -> GenerationRequest:
@@ -70,7 +71,8 @@ def parse_request(text: str, params: dict[str, Any], tokenizer, limits: Limits) 
         raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context limit "
                            f"of {limits.context_limit} tokens")
     seed = params.get("seed")
-    return GenerationRequest(prompt_ids, max_tokens, temperature, top_k, top_p, None if seed is None else int(seed), stop)
+    return GenerationRequest(prompt_ids, max_tokens, temperature, top_k, top_p, None if seed is None else int(seed), stop,
+                             bool(params.get("speculative", True)))
 
 
 @dataclass

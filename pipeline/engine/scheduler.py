@@ -116,7 +116,7 @@ class Scheduler:
         rows = []
         for request, emit in arrivals:
             row = Row(Sequence(request, np.random.default_rng(request.seed)), emit, self.rows.index(None))
-            if self.speculative:
+            if self.speculative and request.speculative:
                 row.drafter = self._drafter(row.slot)
             self.rows[row.slot] = row
             if self.prefix_cache is not None:

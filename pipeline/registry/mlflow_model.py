@@ -51,6 +51,7 @@ def signature(limits: dict):
             ParamSpec("top_p", "double", 1.0),
             ParamSpec("seed", "long", -1),  # -1: unseeded
             ParamSpec("stop", "string", [""], shape=(-1,)),
+            ParamSpec("speculative", "boolean", True),  # false: no drafts for these prompts (package.speculative)
         ]),
     )
 

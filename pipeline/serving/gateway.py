@@ -71,6 +71,9 @@ class Sampling(BaseModel):
     user: str | None = None  # the caller's identity: a canary split keeps one user on one version
     presence_penalty: float = Field(0.0, ge=0, le=0)  # only the neutral value
     frequency_penalty: float = Field(0.0, ge=0, le=0)
+    # Kiln's own (OpenAI clients send it in extra_body): false turns the package's speculative
+    # decoding off for this request; the text is the same either way
+    speculative: bool = True
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -216,6 +219,8 @@ def triton_inputs(prompt: str, req: Sampling, priority: tuple[int, str] | None =
         inputs.append(tensor("max_tokens", "INT32", [min(req.limit(), 2**31 - 1)], np.int32))
     if req.seed is not None:
         inputs.append(tensor("seed", "UINT64", [req.seed], np.uint64))
+    if not req.speculative:
+        inputs.append(tensor("speculative", "BOOL", [False], bool))
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if stops:
         inputs.append(tensor("stop", "BYTES", [s.encode() for s in stops], object))

@@ -8,7 +8,7 @@ is checked against its sha256 manifest and that manifest against the digest reco
 registration (in the model config); a mismatch stops the load.
 
 Input: a `prompt` column (one row per prompt). Parameters (the signature's params):
-max_tokens, temperature, top_k, top_p, seed, stop. Output: one row per prompt with `text`,
+max_tokens, temperature, top_k, top_p, seed, stop, speculative. Output: one row per prompt with `text`,
 `finish_reason` ("eos" | "stop" | "length"), `prompt_tokens` and `completion_tokens`.
 """
 
@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "speculative")
 
 
 class KilnEngineModel(PythonModel):

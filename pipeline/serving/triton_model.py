@@ -48,7 +48,7 @@ import kiln_manifest  # noqa: E402
 import kiln_runtime  # noqa: E402
 import kiln_tracing  # noqa: E402
 
-PARAMS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+PARAMS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int, "speculative": bool}
 SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
@@ -126,6 +126,14 @@ class Metrics:
         self.verifications = metric("kiln_speculative_verifications_total", "Forwards that verified a draft", family.COUNTER)
         self.drafted = metric("kiln_speculative_drafted_tokens_total", "Drafted tokens verified", family.COUNTER)
         self.accepted = metric("kiln_speculative_accepted_tokens_total", "Drafted tokens accepted", family.COUNTER)
+        # per draft position (label position="1" is a draft's first token): accepted / drafted at a
+        # position is its acceptance rate, which says how long drafts should be
+        self.by_position = {kind: family(name=f"kiln_speculative_{kind}_tokens_by_position_total",
+                                         description=f"Drafted tokens {kind}, by position in their draft", kind=family.COUNTER)
+                            for kind in ("drafted", "accepted")}
+        self.families.extend(self.by_position.values())
+        self.position_metrics = {}  # (kind, position) -> Metric, made as drafts reach the position
+        self.labels = labels
         # autoscaling signals: vLLM's num_requests_waiting and its batch occupancy under Kiln's names
         self.waiting = metric("kiln_requests_waiting", "Requests admitted and waiting for a row of the running batch", family.GAUGE)
         self.utilization = metric("kiln_batch_utilization", "Rows of the running batch in use, 0 to 1 (KV memory is per row)",
@@ -134,6 +142,16 @@ class Metrics:
                          "out by a higher class), by priority class", kind=family.COUNTER)
         self.families.append(refused)
         self.refused = [refused.Metric(labels={**labels, "priority": name}) for name in kiln_engine.PRIORITY_CLASSES]
+
+    def count_at(self, kind: str, position: int, total: int) -> None:
+        """Bring the by-position counter of `kind` ("drafted" or "accepted") at `position` up to `total`."""
+        key = (kind, position)
+        if key not in self.position_metrics:
+            self.position_metrics[key] = [self.by_position[kind].Metric(labels={**self.labels, "position": str(position)}), 0]
+        metric, shown = self.position_metrics[key]
+        if total > shown:
+            metric.increment(total - shown)
+            self.position_metrics[key][1] = total
 
 
 class Client:
@@ -269,7 +287,9 @@ class TritonPythonModel:
         return None
 
     def new_scheduler(self):
-        self.shown_drafts = (0, 0, 0)
+        self.shown_drafts = (0, 0, 0)  # a new scheduler counts from zero
+        for shown in self.metrics.position_metrics.values():
+            shown[1] = 0
         return kiln_engine.Scheduler(self.lm, self.tokenizer, self.eos_ids, self.max_batch, **self.scheduler_options)
 
     def show_drafts(self, running):
@@ -279,6 +299,9 @@ class TritonPythonModel:
             for metric, now, shown in zip((self.metrics.verifications, self.metrics.drafted, self.metrics.accepted), counts, self.shown_drafts):
                 if now > shown:
                     metric.increment(now - shown)
+            for kind, by_position in (("drafted", stats.drafted_at), ("accepted", stats.accepted_at)):
+                for position, now in enumerate(by_position, start=1):
+                    self.metrics.count_at(kind, position, now)
             self.shown_drafts = counts
 
     def run(self):

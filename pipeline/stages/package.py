@@ -43,6 +43,7 @@ INPUTS = [  # name, Triton type, dims, optional
     ("stream", "TYPE_BOOL", "[ 1 ]", True),
     ("priority", "TYPE_INT32", "[ 1 ]", True),  # 0 critical, 1 standard (default), 2 batch: who waits, who is refused
     ("tenant", "TYPE_STRING", "[ 1 ]", True),  # tenants of one class take turns for rows
+    ("speculative", "TYPE_BOOL", "[ 1 ]", True),  # false: this request decodes plainly (package.speculative on)
 ]
 
 

@@ -140,10 +140,17 @@ def test_speculative_decoding_streams_plain_decodings_text_and_counts_drafts_in_
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         details = chunks[-1].usage.completion_tokens_details
         metrics = urllib.request.urlopen(info["openai"].removesuffix("/v1") + "/metrics").read().decode()
+        plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, extra_body={"speculative": False})
+    # a request may turn the package's speculation off: the same text, no drafts
+    assert plain.choices[0].text == greedy(prompt, 40) and not plain.usage.completion_tokens_details
     assert text == greedy(prompt, 40)
     assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
     accepted = [line for line in metrics.splitlines() if line.startswith("kiln_speculative_accepted_tokens_total{")]
     assert accepted and float(accepted[0].split()[-1]) == details.accepted_prediction_tokens
+    by_position = {(line.split("_tokens_by_position")[0].rsplit("_", 1)[-1], line.split('position="')[1].split('"')[0]): float(line.split()[-1])
+                   for line in metrics.splitlines() if line.startswith("kiln_speculative_") and "_by_position_total{" in line}
+    assert by_position[("accepted", "1")] <= by_position[("drafted", "1")] and by_position[("drafted", "1")] > 0
+    assert sum(v for (kind, _), v in by_position.items() if kind == "accepted") == details.accepted_prediction_tokens
     if method == "draft":  # the registered MLflow model drafts with the packaged copy, checked against its digest
         import mlflow.pyfunc
 

@@ -589,3 +589,16 @@ class FusedLike:
 
     def empty_state(self, batch):
         return None
+
+
+def test_a_request_can_turn_speculation_off(engine):
+    lm, tokenizer = engine
+    scheduler = Scheduler(lm, tokenizer, set(), 1, speculative=PROMPT_LOOKUP)
+    request = GenerationRequest(tuple(tokenizer.encode(GROUNDED[2]).ids), 30, speculative=False)
+    row = scheduler.admit(request, lambda d, f: None)
+    while scheduler.active:
+        scheduler.step()
+    assert row.drafter is None and scheduler.draft_stats.verifications == 0
+    assert row.seq.ids == generated(lm, tokenizer, GROUNDED[2], 30)[0]
+    assert parse_request("hi", {"speculative": False}, tokenizer, LIMITS).speculative is False
+    assert parse_request("hi", {}, tokenizer, LIMITS).speculative is True
