@@ -554,7 +554,7 @@ class PackageConfig(Section):
       prefill_chunk: 256        # prompt tokens per decode step: a long prompt is prefilled over several
                                 #   steps, so running rows wait at most one chunk (fused graph)
       prefix_cache_mb: 256      # keys/values of prompt prefixes kept for reuse (0: off; fused graph)
-      speculative: null         # {method: prompt_lookup | draft, ...}: see SpeculativeConfig (fused graph)
+      speculative: null         # {method: prompt_lookup | draft, ...}: see SpeculativeConfig (ONNX Runtime)
     ```
     """
 
@@ -616,10 +616,11 @@ class Recipe(Section):
         if self.package is not None and self.package.model_name is None:
             # frozen sections: replace rather than mutate
             object.__setattr__(self, "package", self.package.model_copy(update={"model_name": self.registration.model_name}))
-        if self.package is not None and self.package.speculative is not None and self.build.graph != "fused":
-            # verification rolls a row back in place: the fused graph's per-row KV buffers
-            raise ValueError(f"package.speculative: speculative decoding runs on the fused graph (build.graph: fused); this "
-                             f"recipe builds graph {self.build.graph} for {self.build.target}: remove package.speculative")
+        if self.package is not None and self.package.speculative is not None and self.build.target == "tensorrt":
+            # verification rolls a row back: ONNX Runtime's graphs do (by length, or by cutting the
+            # state); TensorRT's engine is not built for it, and could not be checked without a GPU
+            raise ValueError("package.speculative: speculative decoding runs on ONNX Runtime engines (targets onnxruntime-cpu, "
+                             "onnxruntime-cuda); target tensorrt decodes plainly: remove package.speculative")
         return self
 
     @field_validator("name")

@@ -19,7 +19,8 @@ tokens on the decode kernel (logits at every position). Tokens are sampled from 
 logits position by position, exactly as k + 1 plain steps would sample them (same sampler, same
 random stream), and kept while they equal the draft; the first that differs is kept too and ends
 the step. The row's KV length is then set past the last kept input, so the rejected drafts' keys
-and values are overwritten by the next step without any copy. With several rows decoding, steps
+and values are overwritten by the next step without any copy (on the portable graph, whose row
+has its own state, the state is cut there: `lm.truncate`). With several rows decoding, steps
 stay one token per row: a batched step already reads the weights once for all rows, and
 verifying drafts for every row would multiply its attention and matmul work by k + 1.
 
@@ -84,9 +85,10 @@ class Scheduler:
         self.lm, self.tokenizer, self.eos_ids = lm, tokenizer, eos_ids
         self.prefill_chunk = prefill_chunk
         self.batched = hasattr(lm, "row_view")
-        # {"method": "prompt_lookup" | "draft", "max_draft_tokens": k, "max_ngram": n}; engines
-        # without row views keep plain decoding (their rows cannot be rolled back in place)
-        self.speculative = speculative if speculative and self.batched else None
+        # {"method": "prompt_lookup" | "draft", "max_draft_tokens": k, "max_ngram": n}: on engines
+        # whose rows roll back in place (row views) or whose states can be cut (`truncate`: the
+        # portable graph); the others (TensorRT, a transformers model) keep plain decoding
+        self.speculative = speculative if speculative and (self.batched or hasattr(lm, "truncate")) else None
         self.draft_stats = DraftStats()
         self.draft_lm, self.draft_state = None, None
         if self.speculative and self.speculative["method"] == "draft":
@@ -226,13 +228,18 @@ class Scheduler:
 
     def _speculate(self, row: Row) -> bool:
         """Verify a draft for `row` (the only decoding row); False: no draft, decode as usual."""
-        past = int(self.state.cache["row_lengths"][row.slot])
-        room = min(row.seq.request.max_tokens - len(row.seq.ids), self.lm.max_sequence_length - past) - 1
+        past = int(self.state.cache["row_lengths"][row.slot]) if self.batched else row.state.length
+        # the request's own limit; an engine with fixed buffers also stops at their end (a portable
+        # engine's context limit is already within the request's: parse_request)
+        room = min(row.seq.request.max_tokens - len(row.seq.ids), getattr(self.lm, "max_sequence_length", 1 << 62) - past) - 1
         draft = row.drafter.propose(np.asarray([*row.prompt, *row.seq.ids], dtype=np.int64), room)
         if not draft:
             return False
-        view = self._view(row.slot, 1)
-        logits, _ = self.lm.forward(np.asarray([[row.next_token, *draft]], dtype=np.int64), view, kernel="decode")
+        ids = np.asarray([[row.next_token, *draft]], dtype=np.int64)
+        if self.batched:
+            logits, _ = self.lm.forward(ids, self._view(row.slot, 1), kernel="decode")
+        else:
+            logits, verified = self.lm.forward(ids, row.state)
         accepted, deltas = 0, []
         for position in range(len(draft) + 1):
             row.next_token = sample(logits[0, position], row.seq.request, row.seq.rng)
@@ -247,8 +254,10 @@ class Scheduler:
             row.emit(delta, row.seq.finish_reason if i == len(deltas) - 1 else None)
         if row.seq.finish_reason is not None:
             self._finish(row)
-        else:  # keys and values up to the last kept input; the rest is overwritten later
+        elif self.batched:  # keys and values up to the last kept input; the rest is overwritten later
             self.state.cache["row_lengths"][row.slot] = past + 1 + accepted
+        else:
+            row.state = self.lm.truncate(verified, past + 1 + accepted)
         return True
 
 

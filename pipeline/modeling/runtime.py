@@ -71,6 +71,11 @@ class OrtCausalLM:
         out = self.run(feeds)
         return out["logits"], DecodeState([out[n] for n in self.present_names], past_len + seq)
 
+    def truncate(self, state: DecodeState, length: int) -> DecodeState:
+        """The state's first `length` positions (speculative decoding's rollback: a rejected draft's
+        keys and values dropped; the slices are views, nothing is copied)."""
+        return DecodeState([array[:, :, :length] for array in state.cache], length)
+
 
 def page_backed_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """A zero array in anonymous memory of its own, so `release_pages` can hand parts of it back to

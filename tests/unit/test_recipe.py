@@ -170,8 +170,13 @@ def test_speculative_decoding_is_a_package_setting_with_named_methods():
         load_recipe(TINY_RECIPE, ["package.speculative={method: ngram}"])
     with pytest.raises(RecipeError, match="package.speculative.max_draft_tokens"):
         load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup, max_draft_tokens: 0}"])
-    with pytest.raises(RecipeError, match="package.speculative: speculative decoding runs on the fused graph"):
-        load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup}", "build.graph=portable"])
+    assert load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup}", "build.graph=portable"]).package.speculative
+    with pytest.raises(RecipeError, match="package.speculative: speculative decoding runs on ONNX Runtime engines"):
+        load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup}", "build.target=tensorrt"])
+    with pytest.raises(RecipeError, match="method draft needs draft_engine"):
+        load_recipe(TINY_RECIPE, ["package.speculative={method: draft}"])
+    with pytest.raises(RecipeError, match="draft_engine is used by method draft only"):
+        load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup, draft_engine: somewhere}"])
 
 
 def test_an_eval_text_that_is_the_calibration_text_is_refused_unless_opted_in(tmp_path):
