@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -176,14 +177,16 @@ class Served:
     model_id: str  # NAME/VERSION: the `model` of every response
     template: str | None
     tokens: dict[str, str]
-    takes_priority: bool = False  # its config declares the `priority` and `tenant` inputs (packages since issue 26)
+    # the inputs its config.pbtxt declares: packages before issue 26 lack `priority` and `tenant`,
+    # before issue 27 `speculative`; what a package lacks is not sent
+    inputs: frozenset[str] = frozenset()
 
     @classmethod
     def from_repository(cls, grpc_url: str, repository: Path, model: str, name: str, version: str) -> "Served":
         version_dir = next(p for p in (repository / model).iterdir() if p.is_dir())
         engine = version_dir / "engine"
-        takes_priority = 'name: "priority"' in (repository / model / "config.pbtxt").read_text()
-        return cls(grpc_url, model, f"{name}/{version}", chat_template(engine), special_tokens(engine), takes_priority)
+        inputs = frozenset(re.findall(r'name: "([^"]+)"', (repository / model / "config.pbtxt").read_text()))
+        return cls(grpc_url, model, f"{name}/{version}", chat_template(engine), special_tokens(engine), inputs)
 
     @functools.cached_property
     def compiled_template(self):
@@ -203,8 +206,9 @@ class Served:
             raise ApiError(400, f"the model's chat template failed on these messages: {e}", param="messages") from None
 
 
-def triton_inputs(prompt: str, req: Sampling, priority: tuple[int, str] | None = None) -> list:
-    """`priority`: (class rank, tenant) of the caller's key, for a model that takes them."""
+def triton_inputs(prompt: str, req: Sampling, priority: tuple[int, str] | None = None, declared: frozenset[str] = frozenset()) -> list:
+    """`priority`: (class rank, tenant) of the caller's key; `declared`: the model's inputs (an
+    optional input it does not declare is not sent)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -219,12 +223,12 @@ def triton_inputs(prompt: str, req: Sampling, priority: tuple[int, str] | None =
         inputs.append(tensor("max_tokens", "INT32", [min(req.limit(), 2**31 - 1)], np.int32))
     if req.seed is not None:
         inputs.append(tensor("seed", "UINT64", [req.seed], np.uint64))
-    if not req.speculative:
+    if not req.speculative and "speculative" in declared:  # an older package does not speculate at all
         inputs.append(tensor("speculative", "BOOL", [False], bool))
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if stops:
         inputs.append(tensor("stop", "BYTES", [s.encode() for s in stops], object))
-    if priority is not None:
+    if priority is not None and "priority" in declared:
         inputs += [tensor("priority", "INT32", [priority[0]], np.int32), tensor("tenant", "BYTES", [priority[1].encode()], object)]
     return inputs
 
@@ -260,7 +264,7 @@ async def generate(client, served: Served, prompt: str, req: Sampling, priority:
 
     async def one_request():
         yield {"model_name": served.triton_model,
-               "inputs": triton_inputs(prompt, req, priority if served.takes_priority else None)}
+               "inputs": triton_inputs(prompt, req, priority, served.inputs)}
 
     responses = client.stream_infer(inputs_iterator=one_request(), headers=metadata)  # metadata: a trace's context
     ended, refused = False, None

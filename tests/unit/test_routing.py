@@ -92,3 +92,17 @@ def test_routes_file(tmp_path):
         f.write_text(text)
         with pytest.raises(RouteError, match=message):
             read_routes_file(f)
+
+
+def test_optional_inputs_go_only_to_packages_that_declare_them():
+    """A package built before `priority`/`tenant` (issue 26) or `speculative` (issue 27) would refuse
+    a request carrying them: the gateway sends what the model's config declares."""
+    pytest.importorskip("tritonclient.grpc")
+    from pipeline.serving.gateway import CompletionRequest, triton_inputs
+
+    req = CompletionRequest(model="m", prompt="hi", speculative=False)
+    names = lambda declared: {i.name() for i in triton_inputs("hi", req, (0, "team"), declared)}  # noqa: E731
+    assert names(frozenset()) == {"text_input", "stream", "temperature", "top_p"}
+    assert names(frozenset({"priority", "tenant", "speculative"})) >= {"priority", "tenant", "speculative"}
+    default = triton_inputs("hi", CompletionRequest(model="m", prompt="hi"), None, frozenset({"speculative"}))
+    assert "speculative" not in {i.name() for i in default}  # the package's own setting unless a request turns it off
