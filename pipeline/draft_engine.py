@@ -3,9 +3,10 @@ engine (a build folder, or the `engine` folder `kiln models pull` writes for a r
 that drafts tokens for this recipe's engine to verify.
 
 It is checked where it is first named (`kiln check`: it exists, matches its sha256 manifest, is a
-fused ONNX Runtime CPU engine and has the source's vocabulary) and again when it is packaged (its
-tokenizer against the built engine's, token for token), because drafts are token ids: a draft model
-of another vocabulary would propose ids that mean other text.
+fused ONNX Runtime CPU engine and has the source's vocabulary) and again wherever it meets the
+built engine (validate and the package stage: its tokenizer against the engine's, token for
+token), because drafts are token ids: a draft model of another vocabulary would propose ids that
+mean other text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.artifacts import read_manifest, verify
 from pipeline.errors import IntegrityError, RecipeError
 
 FIELD = "package.speculative.draft_engine"
+SAME_TOKENIZER = "drafts are token ids, so the draft model must share the target's tokenizer"
 
 
 def draft_engine_folder(speculative) -> Path | None:
@@ -57,8 +59,7 @@ def vocabulary_problem(draft_tokenizer: Path, target_tokenizer: Path, target_nam
         return None
     differing = sorted(t for t in set(draft) | set(target) if draft.get(t) != target.get(t))
     return (f"{FIELD}: the draft engine's vocabulary differs from {target_name} ({len(draft)} vs {len(target)} tokens, "
-            f"{len(differing)} differ, e.g. {differing[:3]}): drafts are token ids, so the draft model must share the "
-            f"target's tokenizer")
+            f"{len(differing)} differ, e.g. {differing[:3]}): {SAME_TOKENIZER}")
 
 
 def check_against_source(folder: Path, vocab_size: int | None, source_folder: Path | None) -> list[str]:
@@ -72,8 +73,8 @@ def check_against_source(folder: Path, vocab_size: int | None, source_folder: Pa
         return [problem] if problem else []
     draft_size = json.loads((folder / "config.json").read_text()).get("vocab_size") if (folder / "config.json").is_file() else None
     if vocab_size is not None and draft_size != vocab_size:
-        return [f"{FIELD}: the draft engine's vocabulary has {draft_size} tokens, the source checkpoint's {vocab_size}: drafts "
-                f"are token ids, so the draft model must share the target's tokenizer"]
+        return [f"{FIELD}: the draft engine's vocabulary has {draft_size} tokens, the source checkpoint's {vocab_size}: "
+                f"{SAME_TOKENIZER}"]
     return []
 
 

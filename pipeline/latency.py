@@ -45,11 +45,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # the loop serving runs (kiln_engine.Scheduler, one row), detokenizing included; with
     # `speculative` (the package's settings) its speculative decoding
     options = {"speculative": spec["speculative"]} if spec.get("speculative") else {}
-    if options and spec["speculative"]["method"] == "draft":
-        from pipeline.artifacts import verify
+    if options and spec["speculative"]["method"] == "draft":  # checked by validate (draft_engine.checked_draft)
         from pipeline.modeling.runtime import load_draft_engine
 
-        verify(Path(spec["speculative"]["draft_engine"]))  # the draft engine is checked on every path it is used on
         options["draft_lm"] = load_draft_engine(spec["speculative"], "/", threads=spec.get("threads"))
     drafts = DraftStats()
     tokenizer = Tokenizer.from_file(spec.get("tokenizer_file") or str(Path(spec.get("engine_dir") or spec["model_dir"]) / "tokenizer.json"))

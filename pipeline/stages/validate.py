@@ -9,12 +9,14 @@ run's `check` hook turns failed gates into a non-zero exit after the report is w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.artifacts import Engine, SourceCheckpoint, ValidationReport, write_json_atomic
 from pipeline.corpus import CORPUS_DOMAINS, eval_token_ids, in_domain_labels
+from pipeline.draft_engine import checked_draft
 from pipeline.errors import QualityGateFailed
 from pipeline.hashing import sha256_bytes
 from pipeline.latency import measure_in_subprocess
@@ -209,6 +211,9 @@ def make_run(calibration_text: TextConfig, speculative: dict | None = None):
 
 def run(cfg: ValidateConfig, source: SourceCheckpoint, engine: Engine, *, ctx: StageContext,
         calibration_text: TextConfig | None = None, speculative: dict | None = None) -> ValidationReport:
+    if speculative is not None and speculative["method"] == "draft":
+        # the draft meets this engine here first: its manifest and vocabulary, before any work
+        checked_draft(Path(speculative["draft_engine"]), engine.path / "tokenizer.json")
     tokenizer = load_tokenizer(engine.path)
     texts = [(label, ids, eval_windows(ids, cfg.window)) for label, ids in eval_token_ids(tokenizer, cfg)]
     for label, ids, windows in texts:
