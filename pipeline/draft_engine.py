@@ -36,6 +36,8 @@ def engine_problems(folder: Path) -> list[str]:
         manifest = verify(folder)
     except IntegrityError as e:
         return [f"{FIELD}: {e}"]
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or JSON without a file list and digest
+        return [f"{FIELD}: {folder / 'manifest.json'} is not a Kiln manifest (no file list and digest): rebuild or pull the engine"]
     config = manifest.get("config", {})
     if config.get("target") != "onnxruntime-cpu" or config.get("graph") != "fused":
         return [f"{FIELD}: {folder} is a {config.get('target')} engine of graph {config.get('graph')}; a draft engine must be "
@@ -101,5 +103,8 @@ def speculative_settings(speculative) -> dict | None:
     if folder is not None:
         folder = folder.resolve()
         settings["draft_engine"] = str(folder)
-        settings["draft_digest"] = read_manifest(folder)["digest"] if (folder / "manifest.json").is_file() else None
+        try:  # a missing or unreadable manifest is `kiln check`'s and the stages' refusal (engine_problems), not an error here
+            settings["draft_digest"] = read_manifest(folder)["digest"]
+        except (OSError, ValueError, KeyError, TypeError):
+            settings["draft_digest"] = None
     return settings

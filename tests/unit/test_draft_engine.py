@@ -56,3 +56,7 @@ def test_a_tampered_or_missing_draft_engine_is_refused(tiny_run, tmp_path):
     (tmp_path / "empty").mkdir()
     out = check(tmp_path / "empty", tmp_path)
     assert out.returncode == 2 and "is not a Kiln engine folder" in " ".join(out.stdout.split())
+    for text in ("not json", '{"files": 3}'):  # a manifest that cannot be read: refused, no traceback
+        (tampered / "manifest.json").write_text(text)
+        out = check(tampered, tmp_path)
+        assert out.returncode == 2 and "is not a Kiln manifest" in " ".join(out.stdout.split()) and "Traceback" not in out.stderr
