@@ -338,6 +338,12 @@ class BuildConfig(Section):
       prefill_runtime: onnxruntime  # onnxruntime | openvino: prompt chunks of 32+ tokens run on OpenVINO's CPU plugin
                                   #   (the same graph file; fused graph only), ~3x faster at 512 tokens here; the build
                                   #   checks it against exact math (at most 5 points further than the decode kernel)
+      batch_kernel: none          # none | int8_gemm: decode steps of batch_kernel_min_rows+ rows run on a second graph
+                                  #   whose int4 matmuls are ONNX Runtime's int8 GEMM (AMX/VNNI) on int8 weights
+                                  #   requantized from the int4 codes, activations in two int8 passes (fused graph;
+                                  #   ~1.5x faster 32-row steps here, +1 byte a weight of memory; the build checks it
+                                  #   against exact math like prefill_runtime: openvino)
+      batch_kernel_min_rows: 8    # fewer rows decode on the engine's own kernel (faster below ~8 rows, measured)
       threads: null               # ONNX Runtime intra-op threads; null = all cores
       tensorrt: {...}             # see TensorRtConfig
     ```
@@ -350,6 +356,8 @@ class BuildConfig(Section):
     int4_compute: Literal["fp32", "int8"] = "fp32"
     prefill_int4_compute: Literal["fp32", "int8"] | None = None
     prefill_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    batch_kernel: Literal["none", "int8_gemm"] = "none"
+    batch_kernel_min_rows: int = Field(8, ge=2)
     threads: int | None = Field(None, ge=1)
     tensorrt: TensorRtConfig | None = None
 
@@ -369,6 +377,8 @@ class BuildConfig(Section):
                                  "compute; leave it unset or set prefill_runtime: onnxruntime")
             # chunks too short for OpenVINO run on the decode kernel: no second ONNX Runtime graph
             object.__setattr__(self, "prefill_int4_compute", self.int4_compute)
+        if self.batch_kernel != "none" and self.graph != "fused":
+            raise ValueError(f"batch_kernel: {self.batch_kernel} rewrites the fused graph's matmuls; graph {self.graph} allows: none")
         if self.prefill_int4_compute is None:
             object.__setattr__(self, "prefill_int4_compute", "fp32" if self.graph == "fused" else self.int4_compute)
         if self.prefill_int4_compute != self.int4_compute and self.graph != "fused":

@@ -114,15 +114,20 @@ class FusedOrtCausalLM:
     `prefill_session`: the same graph with another matmul kernel for prompts (an int8-activation
     engine's prompts run with fp32 activations: at 512 tokens ONNX Runtime's int8 MatMulNBits is
     slower than its fp32 one, measured in docs/results.md). It shares the KV buffers.
-    `openvino_prefill`: prompt chunks of one row run on OpenVINO instead (`OpenVinoPrefill`)."""
+    `openvino_prefill`: prompt chunks of one row run on OpenVINO instead (`OpenVinoPrefill`).
+    `batch_session`: the batch graph (`batch_graph`, int8 GEMMs) for decode steps of at least
+    `batch_min_rows` rows, where it is faster than the engine's kernel. It shares the KV buffers too."""
 
-    def __init__(self, session, max_sequence_length: int, prefill_session=None, openvino_prefill: "OpenVinoPrefill | None" = None):
+    def __init__(self, session, max_sequence_length: int, prefill_session=None, openvino_prefill: "OpenVinoPrefill | None" = None,
+                 batch_session=None, batch_min_rows: int = 0):
         import onnxruntime as ort
 
         self._ort = ort
         self.session = session
         self.prefill_session = prefill_session
         self.openvino_prefill = openvino_prefill
+        self.batch_session = batch_session
+        self.batch_min_rows = batch_min_rows
         self.max_sequence_length = max_sequence_length
         past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]
@@ -137,11 +142,16 @@ class FusedOrtCausalLM:
         produces generated tokens)."""
         return FusedOrtCausalLM(self.session, self.max_sequence_length)
 
+    def _sessions(self) -> dict:
+        """The engine's ONNX Runtime sessions by kernel name (`forward`'s `kernel`)."""
+        sessions = {"decode": self.session, "prefill": self.prefill_session, "batch": self.batch_session}
+        return {kind: session for kind, session in sessions.items() if session is not None}
+
     def _bindings(self, arrays: list[np.ndarray]) -> dict:
         """One IO binding per session over the same KV arrays (on CPU an OrtValue wraps the array's
         memory, so both sessions read and write the live cache)."""
         bindings = {}
-        for kind, session in (("decode", self.session), ("prefill", self.prefill_session)):
+        for kind, session in self._sessions().items():
             if session is None:
                 continue
             binding = session.io_binding()
@@ -206,7 +216,8 @@ class FusedOrtCausalLM:
             raise SequenceTooLong(f"sequence of {total} tokens exceeds the engine's max_sequence_length {self.max_sequence_length} "
                             "(set build.max_sequence_length in the recipe and rebuild)")
         cache = dict(state.cache) if state else self.new_cache(batch)
-        kernel = kernel or ("prefill" if seq > 1 else "decode")
+        batched = self.batch_session is not None and batch >= self.batch_min_rows
+        kernel = kernel or ("prefill" if seq > 1 else "batch" if batched else "decode")
         if kernel == "prefill" and self.openvino_prefill is not None:
             if batch == 1 and lengths is None and seq >= OPENVINO_MIN_TOKENS:
                 logits = self.openvino_prefill.run(input_ids, cache["arrays"], int(totals[0]) - seq, last_only)
@@ -215,7 +226,7 @@ class FusedOrtCausalLM:
             kernel = "decode"
         if kernel not in cache["bindings"]:  # no prefill session: one kernel for everything
             kernel = "decode"
-        binding, session = cache["bindings"][kernel], self.prefill_session if kernel == "prefill" else self.session
+        binding, session = cache["bindings"][kernel], self._sessions()[kernel]
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", totals - 1)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
@@ -441,7 +452,8 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
         prefill = session(opts["prefill_model_file"], spinning=False) if opts.get("prefill_model_file") else None
         openvino = (OpenVinoPrefill(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"])
                     if opts.get("prefill_runtime") == "openvino" else None)
-        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino)
+        batch = session(opts["batch_model_file"]) if opts.get("batch_model_file") else None
+        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino, batch, opts.get("batch_min_rows", 0))
     return OrtCausalLM(decode)
 
 

@@ -35,12 +35,15 @@ PROVIDERS = {"onnxruntime-cpu": ["CPUExecutionProvider"], "onnxruntime-cuda": ["
 
 ENGINE_FILE = "engine.onnx"
 PREFILL_FILE = "prefill.onnx"
+BATCH_FILE = "batch.onnx"
 # Fused vs exported graph, same weights: fp32 reordering noise only. Relative to the largest logit.
 FUSION_RTOL = 1e-3
-# How much further than the engine's own decode kernel OpenVINO's prompts may land from exact math:
-# its dynamically quantized activations and bf16 (where the CPU has it) round differently; measured
-# 1-2 % on an fp32-compute SmolLM2 engine, within the int8 kernel's own 3-8 % on random prompts.
-OPENVINO_PREFILL_RTOL = 0.05
+# How much further than the engine's own decode kernel another kernel may land from exact math:
+# OpenVINO's prompts (dynamically quantized activations, bf16 where the CPU has it; measured 1-2 %
+# on an fp32-compute SmolLM2 engine) and the batch graph (int8 weights requantized from the int4
+# codes; measured 4.8 % on SmolLM2 text against the int8 decode kernel's 4.3 %) both round
+# differently, within the int8 kernel's own 3-8 % on random prompts.
+OPENVINO_PREFILL_RTOL = BATCH_KERNEL_RTOL = 0.05
 
 
 def op_counts(model_file: Path) -> dict[str, int]:
@@ -158,6 +161,18 @@ def served_logits_error(candidate, trace: dict[str, Any], prompt_chunks: int) ->
     return float(max(errors))
 
 
+def exact_math_trace(out_dir: Path, options: dict[str, Any], vocab: int, prompt_len: int, steps: int, batch: int) -> dict[str, Any]:
+    """`decode_trace` of the built engine's graph with fp32 int4 compute (exact dequantized math)."""
+    exact_file = out_dir / "exact-math-check.onnx"  # beside the engine: it reads the engine's weights file
+    write_prefill_graph(out_dir / ENGINE_FILE, "fp32", exact_file)
+    try:
+        exact = FusedOrtCausalLM(make_ort_session(exact_file, threads=options["threads"], optimization="disable"),
+                                 options["max_sequence_length"])
+        return decode_trace(exact, vocab, prompt_len=prompt_len, steps=steps, batch=batch)
+    finally:
+        exact_file.unlink()
+
+
 def check_openvino_prefill(out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Prompts on OpenVINO, and the decode steps that read their keys and values, against exact
     math (the engine's graph with fp32 int4 compute), in one chunk and in two: they may differ by
@@ -167,14 +182,7 @@ def check_openvino_prefill(out_dir: Path, options: dict[str, Any]) -> dict[str, 
     steps = 8
     prompt_len = min(3 * OPENVINO_MIN_TOKENS, options["max_sequence_length"] - steps)
     chunkings = (1, 2) if prompt_len >= 2 * OPENVINO_MIN_TOKENS else (1,)
-    exact_file = out_dir / "exact-math-check.onnx"  # beside the engine: it reads the engine's weights file
-    write_prefill_graph(out_dir / ENGINE_FILE, "fp32", exact_file)
-    try:
-        exact = FusedOrtCausalLM(make_ort_session(exact_file, threads=options["threads"], optimization="disable"),
-                                 options["max_sequence_length"])
-        trace = decode_trace(exact, lm.vocab, prompt_len=prompt_len, steps=steps, batch=1)
-    finally:
-        exact_file.unlink()
+    trace = exact_math_trace(out_dir, options, lm.vocab, prompt_len, steps, batch=1)
     kernel = max(served_logits_error(lm.without_prefill(), trace, chunks) for chunks in chunkings)
     openvino = max(served_logits_error(lm, trace, chunks) for chunks in chunkings)
     result = {"max_rel_logit_diff": openvino, "decode_kernel_max_rel_logit_diff": kernel, "prompt_len": prompt_len,
@@ -182,6 +190,38 @@ def check_openvino_prefill(out_dir: Path, options: dict[str, Any]) -> dict[str, 
     if openvino > kernel + OPENVINO_PREFILL_RTOL:
         raise StageFailed("build", f"prompts on OpenVINO do not give the engine's logits: {result} (limit: the decode kernel's "
                                    f"difference + {OPENVINO_PREFILL_RTOL}); build.prefill_runtime: onnxruntime runs them on ONNX Runtime")
+    return result
+
+
+def step_logits_error(lm, trace: dict[str, Any], kernel: str) -> float:
+    """The worst difference (relative to max |logit|) from the trace's logits over its decode steps
+    run on `kernel`, fed the trace's tokens after a prompt on the decode kernel."""
+    _, state = lm.forward(trace["ids"], None, kernel="decode")
+    errors = []
+    for token, reference in zip(trace["tokens"], trace["logits"][1:]):
+        logits, state = lm.forward(token[:, None].astype(np.int64), state, kernel=kernel)
+        errors.append(np.abs(logits - reference).max() / np.abs(reference).max())
+    return float(max(errors))
+
+
+# Rows of random prompts the batch check decodes: the worst step of 8 rows is noise (SmolLM2, five
+# seeds: the batch graph 9.6/5.0/6.4/5.5/5.8 %, the decode kernel 3.3/11.2/7.1/4.2/5.7 %); over 32
+# rows both worsts come from the same tail.
+BATCH_CHECK_ROWS = 32
+
+
+def check_batch_kernel(out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Decode steps of a batch of random prompts (at least `batch_min_rows` rows) on the batch graph
+    against exact math: at most BATCH_KERNEL_RTOL further than the engine's own decode kernel on
+    the same steps."""
+    lm = load_ort_engine(out_dir, {**options, "model_file": ENGINE_FILE})
+    steps, rows = 8, max(options["batch_min_rows"], BATCH_CHECK_ROWS)
+    trace = exact_math_trace(out_dir, options, lm.vocab, min(24, options["max_sequence_length"] - steps), steps, batch=rows)
+    result = {"max_rel_logit_diff": step_logits_error(lm, trace, "batch"),
+              "decode_kernel_max_rel_logit_diff": step_logits_error(lm, trace, "decode"), "rows": rows, "decode_steps": steps}
+    if result["max_rel_logit_diff"] > result["decode_kernel_max_rel_logit_diff"] + BATCH_KERNEL_RTOL:
+        raise StageFailed("build", f"the batch graph's decode steps do not give the engine's logits: {result} (limit: the decode "
+                                   f"kernel's difference + {BATCH_KERNEL_RTOL}); build.batch_kernel: none decodes every step on the engine")
     return result
 
 
@@ -244,6 +284,8 @@ class OnnxRuntime:
                 f"({prefill_check['openvino_precision']} inference precision): max |Δlogits| vs exact math "
                 f"{prefill_check['max_rel_logit_diff']:.1e} of max |logit| (decode kernel alone: "
                 f"{prefill_check['decode_kernel_max_rel_logit_diff']:.1e})")
+        if cfg.batch_kernel == "int8_gemm":
+            batch_check = self.build_batch_kernel(out_dir, options, cfg, log)
         counts = op_counts(engine)
         log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
             f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")
@@ -257,11 +299,33 @@ class OnnxRuntime:
             meta["fusion_check"] = check
         if cfg.prefill_runtime == "openvino":
             meta["openvino_prefill_check"] = prefill_check
+        if cfg.batch_kernel == "int8_gemm":
+            meta["batch_kernel_check"] = batch_check
         if self.name == "onnxruntime-cuda":
             from pipeline.targets.gpu import device_facts
 
             meta["hardware"] = device_facts()
         return meta
+
+    @staticmethod
+    def build_batch_kernel(out_dir: Path, options: dict[str, Any], cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+        """`build.batch_kernel: int8_gemm`: the batch graph beside the engine, checked against exact math."""
+        from pipeline.modeling.batch_graph import UnsupportedMatMul, write_batch_graph
+
+        if not op_counts(out_dir / ENGINE_FILE).get("MatMulNBits"):
+            raise StageFailed("build", "build.batch_kernel: int8_gemm rewrites the engine's int4 matmuls and this engine has none "
+                                       "(nothing quantized to int4); allowed for it: none")
+        try:
+            rewritten = write_batch_graph(out_dir / ENGINE_FILE, out_dir / BATCH_FILE)
+        except UnsupportedMatMul as e:
+            raise StageFailed("build", f"build.batch_kernel: int8_gemm cannot rewrite this engine: {e}; allowed for it: none") from None
+        options["batch_model_file"] = BATCH_FILE
+        options["batch_min_rows"] = cfg.batch_kernel_min_rows
+        check = check_batch_kernel(out_dir, {**options, "optimization_level": "disable"})
+        log(f"decode steps of {cfg.batch_kernel_min_rows}+ rows run on {BATCH_FILE} ({rewritten} int4 matmuls as int8 GEMMs): "
+            f"max |Δlogits| vs exact math {check['max_rel_logit_diff']:.1e} of max |logit| (decode kernel alone: "
+            f"{check['decode_kernel_max_rel_logit_diff']:.1e})")
+        return check
 
     def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):
         return load_ort_engine(engine_dir, {**meta["session_options"], "model_file": meta["model_file"]}, threads)

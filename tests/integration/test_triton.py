@@ -649,3 +649,33 @@ def test_an_engine_with_prompts_on_openvino_serves_its_own_greedy_output(env, tm
             status, body = generate(addresses, {"text_input": prompt, "max_tokens": 12})
             assert status == 200, body
             assert body["text_output"] == reference(prompt, 12)
+
+
+def test_an_engine_with_a_batch_graph_serves_single_and_concurrent_requests(env, tmp_path_factory):
+    """`build.batch_kernel: int8_gemm`: the package carries the batch graph under its manifest, the
+    Triton model (serving environment) loads it, a lone request decodes on the engine's own kernel
+    (the engine's greedy output outside Triton), and concurrent requests, whose steps of 2+ rows
+    run on the batch graph, each get a complete answer."""
+    from tests.conftest import TINY_RECIPE, run_kiln
+
+    artifacts = tmp_path_factory.mktemp("batch-kernel")
+    run_kiln("run", str(TINY_RECIPE), "--set", "build.int4_compute=int8", "--set", "build.batch_kernel=int8_gemm",
+             "--set", "build.batch_kernel_min_rows=2", artifacts=artifacts, check=True)
+    paths = {s["stage"]: Path(s["path"]) for s in json.loads((artifacts / "last_run.json").read_text())["stages"]}
+    version_dir = paths["package"] / "model_repository" / MODEL / "1"
+    assert "engine/batch.onnx" in read_manifest(version_dir)["files"]
+    reference = engine_greedy_text(paths["build"], paths["package"], MODEL)
+    prompts = [f"request {i}: " + "ab" * i for i in range(4)]
+    with triton_server(paths["package"] / "model_repository", env, artifacts / "server.log") as (_, addresses):
+        status, body = generate(addresses, {"text_input": prompts[0], "max_tokens": 12})
+        assert status == 200 and body["text_output"] == reference(prompts[0], 12), body
+        answers: dict[int, tuple[int, dict]] = {}
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, generate(addresses, {"text_input": prompts[i], "max_tokens": 24})))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i in range(len(prompts)):
+            status, body = answers[i]
+            assert status == 200 and body["text_output"], (i, body)

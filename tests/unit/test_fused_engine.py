@@ -18,7 +18,7 @@ from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
 from pipeline.registry.mlflow_model import runtime_libraries
 from pipeline.stages.validate import score
-from pipeline.targets.onnxruntime_ep import OPENVINO_PREFILL_RTOL, OnnxRuntime, compare_decoders
+from pipeline.targets.onnxruntime_ep import BATCH_CHECK_ROWS, BATCH_KERNEL_RTOL, OPENVINO_PREFILL_RTOL, OnnxRuntime, compare_decoders, op_counts
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,66 @@ def test_an_openvino_engine_without_openvino_is_refused_with_the_reason(openvino
         OnnxRuntime("onnxruntime-cpu").load(openvino_engine.path, openvino_engine.meta)
     assert runtime_libraries(openvino_engine.meta["session_options"])[-1] == "openvino"
     assert "openvino" not in runtime_libraries({"graph": "fused"})
+
+
+@pytest.fixture(scope="module")
+def batch_engine(tiny_run, tmp_path_factory):
+    """The int8-activation fused engine with its batch graph for decode steps of 3+ rows
+    (`build.batch_kernel: int8_gemm`)."""
+    exported = OnnxModel(path=tiny_run["paths"]["export"], meta=read_manifest(tiny_run["paths"]["export"])["meta"])
+    out = tmp_path_factory.mktemp("batch")
+    cfg = BuildConfig(int4_compute="int8", batch_kernel="int8_gemm", batch_kernel_min_rows=3, max_sequence_length=64)
+    meta = OnnxRuntime("onnxruntime-cpu").build(exported, out, cfg, lambda _m: None)
+    return SimpleNamespace(path=out, meta=meta, lm=OnnxRuntime("onnxruntime-cpu").load(out, meta), exported=exported, cfg=cfg)
+
+
+class CountingSession:
+    """An ONNX Runtime session that counts its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run_with_iobinding(self, binding):
+        self.runs += 1
+        return self.session.run_with_iobinding(binding)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_batch_graph_decodes_many_rows_near_the_engines_kernel(batch_engine):
+    check = batch_engine.meta["batch_kernel_check"]
+    assert check["rows"] == BATCH_CHECK_ROWS and check["max_rel_logit_diff"] <= check["decode_kernel_max_rel_logit_diff"] + BATCH_KERNEL_RTOL
+    assert check["max_rel_logit_diff"] > 0  # int8 weights: not the exact math
+    options = batch_engine.meta["session_options"]
+    assert (options["batch_model_file"], options["batch_min_rows"]) == ("batch.onnx", 3)
+    counts = op_counts(batch_engine.path / "batch.onnx")
+    assert "MatMulNBits" not in counts and counts["DynamicQuantizeMatMul"] == 2 * op_counts(batch_engine.path / "engine.onnx")["MatMulNBits"]
+    lm = batch_engine.lm
+    lm.batch_session = CountingSession(lm.batch_session)
+    rng = np.random.default_rng(5)
+    for rows, on_batch in ((2, False), (3, True), (5, True)):
+        prompt = rng.integers(0, 257, size=(rows, 12))
+        _, state = lm.forward(prompt, None)
+        _, kernel_state = lm.forward(prompt, None)
+        token = rng.integers(0, 257, size=(rows, 1))
+        runs = lm.batch_session.runs
+        logits, state = lm.forward(token, state)
+        kernel_logits, kernel_state = lm.forward(token, kernel_state, kernel="decode")
+        assert lm.batch_session.runs - runs == int(on_batch)
+        if on_batch:  # another kernel's rounding, and its keys and values written in place
+            assert not np.array_equal(logits, kernel_logits)
+            assert np.abs(logits - kernel_logits).max() / np.abs(kernel_logits).max() < BATCH_KERNEL_RTOL
+            np.testing.assert_allclose(lm.read_positions(state, rows - 1, 0, 13), lm.read_positions(kernel_state, rows - 1, 0, 13),
+                                       rtol=0.05, atol=0.05)
+        else:
+            np.testing.assert_array_equal(logits, kernel_logits)
+
+
+def test_the_batch_check_fails_when_the_int8_weights_are_wrong(batch_engine, tmp_path, monkeypatch):
+    from pipeline.modeling import batch_graph
+
+    original = batch_graph.per_channel_int8
+    monkeypatch.setattr(batch_graph, "per_channel_int8", lambda weight: (lambda codes, scales: (codes, scales * 1.5))(*original(weight)))
+    with pytest.raises(StageFailed, match="the batch graph's decode steps do not give the engine's logits"):
+        OnnxRuntime("onnxruntime-cpu").build(batch_engine.exported, tmp_path, batch_engine.cfg, lambda _m: None)

@@ -161,6 +161,18 @@ def test_openvino_prompts_need_the_fused_graph_and_no_second_onnx_runtime_kernel
         load_recipe(TINY_RECIPE, ["build.prefill_runtime=tensorrt"])
 
 
+def test_the_batch_kernel_is_a_fused_graph_setting_with_named_values():
+    build = load_recipe(TINY_RECIPE, ["build.batch_kernel=int8_gemm", "build.batch_kernel_min_rows=12"]).build
+    assert (build.batch_kernel, build.batch_kernel_min_rows) == ("int8_gemm", 12)
+    assert load_recipe(TINY_RECIPE).build.batch_kernel == "none"
+    with pytest.raises(RecipeError, match="batch_kernel: int8_gemm rewrites the fused graph's matmuls; graph portable allows: none"):
+        load_recipe(TINY_RECIPE, ["build.graph=portable", "build.batch_kernel=int8_gemm"])
+    with pytest.raises(RecipeError, match="build.batch_kernel.*int8_gemm"):
+        load_recipe(TINY_RECIPE, ["build.batch_kernel=amx"])
+    with pytest.raises(RecipeError, match="build.batch_kernel_min_rows"):
+        load_recipe(TINY_RECIPE, ["build.batch_kernel_min_rows=1"])
+
+
 def test_speculative_decoding_is_a_package_setting_with_named_methods():
     package = load_recipe(TINY_RECIPE, ["package.speculative={method: prompt_lookup, max_draft_tokens: 6}"]).package
     assert (package.speculative.method, package.speculative.max_draft_tokens, package.speculative.max_ngram) == ("prompt_lookup", 6, 3)
