@@ -18,7 +18,14 @@ from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
 from pipeline.registry.mlflow_model import runtime_libraries
 from pipeline.stages.validate import score
-from pipeline.targets.onnxruntime_ep import BATCH_CHECK_ROWS, BATCH_KERNEL_RTOL, OPENVINO_PREFILL_RTOL, OnnxRuntime, compare_decoders, op_counts
+from pipeline.targets.onnxruntime_ep import (
+    BATCH_CHECK_ROWS,
+    BATCH_KERNEL_RTOL,
+    OPENVINO_PREFILL_RTOL,
+    OnnxRuntime,
+    compare_decoders,
+    op_counts,
+)
 
 
 @pytest.fixture(scope="module")
