@@ -341,9 +341,10 @@ class BuildConfig(Section):
       batch_kernel: none          # none | int8_gemm: decode steps of batch_kernel_min_rows+ rows run on a second graph
                                   #   whose int4 matmuls are ONNX Runtime's int8 GEMM (AMX/VNNI) on int8 weights
                                   #   requantized from the int4 codes, activations in two int8 passes (fused graph;
-                                  #   ~1.5x faster 32-row steps here, +1 byte a weight of memory; the build checks it
+                                  #   ~1.5x faster 32-row steps engine alone here, +1 byte a weight of memory; the build checks it
                                   #   against exact math like prefill_runtime: openvino)
-      batch_kernel_min_rows: 8    # fewer rows decode on the engine's own kernel (faster below ~8 rows, measured)
+      batch_kernel_min_rows: 16   # fewer rows decode on the engine's own kernel: faster below ~8 rows, and steps that
+                                  #   switch kernels as rows come and go cost more than either (measured, docs/decisions.md)
       threads: null               # ONNX Runtime intra-op threads; null = all cores
       tensorrt: {...}             # see TensorRtConfig
     ```
@@ -357,7 +358,7 @@ class BuildConfig(Section):
     prefill_int4_compute: Literal["fp32", "int8"] | None = None
     prefill_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     batch_kernel: Literal["none", "int8_gemm"] = "none"
-    batch_kernel_min_rows: int = Field(8, ge=2)
+    batch_kernel_min_rows: int = Field(16, ge=2)
     threads: int | None = Field(None, ge=1)
     tensorrt: TensorRtConfig | None = None
 

@@ -221,7 +221,8 @@ class Scheduler:
             ids[row.slot, 0], decodes[row.slot] = row.next_token, True
         view = self._view(0, used)
         before = view.cache["row_lengths"]
-        logits, view = self.lm.forward(ids, view, kernel="decode")
+        # the engine picks the kernel for one token per row: its batch graph for many rows, if it has one
+        logits, view = self.lm.forward(ids, view)
         self.state.cache["row_lengths"][:used] = np.where(decodes, view.cache["row_lengths"], before)
         for row in decoding:
             self._sample_and_send(row, logits[row.slot, -1])

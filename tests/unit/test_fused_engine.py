@@ -248,3 +248,34 @@ def test_the_batch_check_fails_when_the_int8_weights_are_wrong(batch_engine, tmp
     monkeypatch.setattr(batch_graph, "per_channel_int8", lambda weight: (lambda codes, scales: (codes, scales * 1.5))(*original(weight)))
     with pytest.raises(StageFailed, match="the batch graph's decode steps do not give the engine's logits"):
         OnnxRuntime("onnxruntime-cpu").build(batch_engine.exported, tmp_path, batch_engine.cfg, lambda _m: None)
+
+
+def test_the_scheduler_decodes_many_rows_on_the_batch_graph(batch_engine, tiny_run):
+    """Served steps reach the batch graph: with 3+ rows decoding, the scheduler's steps run there;
+    a request alone decodes on the engine's kernel, its solo greedy output."""
+    from tokenizers import Tokenizer
+
+    from pipeline.engine import Limits, Scheduler, parse_request
+
+    lm = batch_engine.lm
+    lm.batch_session = CountingSession(getattr(lm.batch_session, "session", lm.batch_session))
+    tokenizer = Tokenizer.from_file(str(tiny_run["paths"]["build"] / "tokenizer.json"))
+    limits = Limits(context_limit=64, max_tokens_cap=16, default_max_tokens=8)
+    requests = [parse_request(f"request {i}: " + "ab" * i, {"max_tokens": 8}, tokenizer, limits) for i in range(4)]
+    texts = {}
+
+    def sink(i):
+        return lambda delta, finish: texts.__setitem__(i, texts.get(i, "") + delta)
+
+    alone = Scheduler(lm, tokenizer, set(), slots=4)
+    alone.admit(requests[0], sink("alone"))
+    while alone.active:
+        alone.step()
+    assert lm.batch_session.runs == 0
+    expected, _, _ = greedy_decode(lm, np.asarray(requests[0].prompt_ids, dtype=np.int64), 8, lambda: 0.0)
+    assert texts["alone"] == tokenizer.decode(expected, skip_special_tokens=True)
+    together = Scheduler(lm, tokenizer, set(), slots=4)
+    together.admit_many([(r, sink(i)) for i, r in enumerate(requests)])
+    while together.active:
+        together.step()
+    assert lm.batch_session.runs >= 5 and all(texts.get(i) for i in range(4))
