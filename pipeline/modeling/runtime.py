@@ -149,11 +149,9 @@ class FusedOrtCausalLM:
 
     def _bindings(self, arrays: list[np.ndarray]) -> dict:
         """One IO binding per session over the same KV arrays (on CPU an OrtValue wraps the array's
-        memory, so both sessions read and write the live cache)."""
+        memory, so every session reads and writes the live cache)."""
         bindings = {}
         for kind, session in self._sessions().items():
-            if session is None:
-                continue
             binding = session.io_binding()
             binding.bind_output("logits", "cpu")  # bound first: output 0 of every run
             for past, present, array in zip(self.past_names, self.present_names, arrays):
@@ -224,7 +222,7 @@ class FusedOrtCausalLM:
                 cache["row_lengths"] = totals
                 return logits, DecodeState(cache, total)
             kernel = "decode"
-        if kernel not in cache["bindings"]:  # no prefill session: one kernel for everything
+        if kernel not in cache["bindings"]:  # no prefill (or batch) session: the engine's kernel runs it
             kernel = "decode"
         binding, session = cache["bindings"][kernel], self._sessions()[kernel]
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
