@@ -219,14 +219,14 @@ def serve_pinned(repository: Path, served_name: str | None, served_version: str 
     """Serve one package (a local folder, or the version a registry reference named at start) until a signal."""
     from pipeline.serving.gateway import Served, pinned_router, run_gateway
     from pipeline.serving.http_guard import HttpGuard
-    from pipeline.serving.server import free_port, run_app, serve_until_stopped, triton_server
+    from pipeline.serving.server import free_ports, run_app, serve_until_stopped, triton_server
 
     http_port, grpc_port, metrics_port, openai_port = ports
     host, backend = hosts  # the OpenAI port's interface; Triton's (loopback when keys are required)
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     # Triton's own HTTP stays on loopback: the published HTTP port is Kiln's guard in front of it
     # (http_guard.py: a large form-encoded body crashes tritonserver 2.51's HTTP frontend)
-    with triton_server(repository, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port),
+    with triton_server(repository, env, log_file, host=backend, ports=(*free_ports(1, avoid=(grpc_port, metrics_port)), grpc_port, metrics_port),
                        http_host="127.0.0.1", metrics_host=host, version=served_version, otlp_endpoint=access.otlp_endpoint) as (proc, triton):
         guard = run_app(HttpGuard(triton.http, max_body_bytes), backend, http_port, "--http-port", "the KServe HTTP port")
         a = dataclasses.replace(triton, http_port=http_port, http_host=None)
@@ -271,7 +271,7 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
     from pipeline.serving.gateway import run_gateway
     from pipeline.serving.http_guard import HttpGuard
     from pipeline.serving.routing import Router
-    from pipeline.serving.server import free_port, run_app, serve_until_stopped, served_repository, triton_server
+    from pipeline.serving.server import free_ports, run_app, serve_until_stopped, served_repository, triton_server
 
     http_port, grpc_port, metrics_port, openai_port = ports
     host, backend = hosts
@@ -283,7 +283,7 @@ def serve_following(registry, name: str, splits, env, log_file: Path, console, *
         os.environ.setdefault(variable, value)
     metrics = CollectorRegistry()
     router = Router(seed=splits.seed)
-    with triton_server(None, env, log_file, host=backend, ports=(free_port(), grpc_port, metrics_port), http_host="127.0.0.1",
+    with triton_server(None, env, log_file, host=backend, ports=(*free_ports(1, avoid=(grpc_port, metrics_port)), grpc_port, metrics_port), http_host="127.0.0.1",
                        metrics_host=host, otlp_endpoint=access.otlp_endpoint) as (proc, triton):
         fleet = Fleet(registry, name, TritonAdmin(triton.http), triton.grpc, served_repository(proc), router, splits,
                       FleetMetrics(metrics), log=lambda line: console.print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"),

@@ -69,6 +69,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, avoid=()) -> list[int]:
+    """`count` distinct free ports, none of them in `avoid`: a port is free again once `free_port`
+    closes its socket, so separate calls can return the same one (seen: Triton refused gRPC and
+    metrics on one port)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports and port not in avoid:
+            ports.append(port)
+    return ports
+
+
 def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -117,7 +129,7 @@ def triton_server(repository: Path | None, env: ServingEnvironment, log_file: Pa
         for model_dir in snapshot.iterdir():
             if (model_dir / "1").is_dir():
                 (model_dir / "1").rename(model_dir / version)
-    http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
+    http_port, grpc_port, metrics_port = ports or free_ports(3)
     addresses = Addresses(host, http_port, grpc_port, metrics_port, http_host, metrics_host)
     cmd = [str(env.tritonserver), f"--model-repository={snapshot}", f"--backend-directory={env.backends}",
            f"--http-address={http_host or host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",

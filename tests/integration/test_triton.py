@@ -275,10 +275,10 @@ def start_kiln_serve(target: str, artifacts, store: str | None = None, *options:
     import subprocess
     import sys
 
-    from pipeline.serving.server import free_port
+    from pipeline.serving.server import free_ports
     from tests.conftest import ROOT
 
-    ports = [str(free_port()) for _ in range(4)]
+    ports = [str(port) for port in free_ports(4)]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"KILN_ARTIFACTS": str(artifacts), **({"MLFLOW_TRACKING_URI": store} if store else {})}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", target, "--http-port", ports[0], "--grpc-port", ports[1],
@@ -476,7 +476,7 @@ def test_the_container_entrypoint_puts_the_guard_in_front_and_ends_with_either_p
     import subprocess
     import sys
 
-    from pipeline.serving.server import free_port
+    from pipeline.serving.server import free_ports
     from tests.conftest import ROOT
 
     repository = tmp_path / "models"
@@ -484,11 +484,11 @@ def test_the_container_entrypoint_puts_the_guard_in_front_and_ends_with_either_p
     python = tmp_path / "python"  # the guard runs on Kiln's interpreter, without the serving PYTHONPATH
     python.write_text(f"#!/bin/sh\nunset PYTHONPATH\nexec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
-    http = free_port()
+    http, grpc, metrics, triton_http = free_ports(4)
     proc = subprocess.Popen(
-        [str(ROOT / "deploy" / "entrypoint.sh"), f"--backend-directory={env.backends}", f"--grpc-port={free_port()}",
-         f"--metrics-port={free_port()}", "--http-thread-count=2"],
-        env={**env.process_env(), "MODEL_REPOSITORY": str(repository), "HTTP_PORT": str(http), "TRITON_HTTP_PORT": str(free_port()),
+        [str(ROOT / "deploy" / "entrypoint.sh"), f"--backend-directory={env.backends}", f"--grpc-port={grpc}",
+         f"--metrics-port={metrics}", "--http-thread-count=2"],
+        env={**env.process_env(), "MODEL_REPOSITORY": str(repository), "HTTP_PORT": str(http), "TRITON_HTTP_PORT": str(triton_http),
              "TRITONSERVER": str(env.tritonserver), "PYTHON": str(python), "HTTP_GUARD": str(ROOT / "pipeline/serving/http_guard.py")},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
