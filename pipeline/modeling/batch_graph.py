@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.modeling.onnx_graph import ExternalData, read_initializer
+from pipeline.quantization.format import unpack_nibbles
 
 MS_DOMAIN = "com.microsoft"
 
@@ -42,14 +43,14 @@ def int4_matmul_weight(node: onnx.NodeProto, initializers: dict[str, onnx.Tensor
         raise UnsupportedMatMul(f"{node.name}: MatMulNBits with g_idx (act-order) is not rewritten")
     k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
     blocks = -(-k // block)
-    packed = read_initializer(initializers[node.input[1]], base_dir).reshape(n, blocks, block // 2)
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
+    packed = read_initializer(initializers[node.input[1]], base_dir).reshape(n * blocks, block // 2)
+    codes = unpack_nibbles(packed, signed=False).reshape(n, blocks, block).astype(np.float32)
     scales = read_initializer(initializers[node.input[2]], base_dir).reshape(n, blocks).astype(np.float32)
     if len(node.input) > 3 and node.input[3]:
         zeros = read_initializer(initializers[node.input[3]], base_dir)
         if zeros.dtype != np.uint8:
             raise UnsupportedMatMul(f"{node.name}: float zero points are not rewritten")
-        zeros = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+        zeros = unpack_nibbles(zeros.reshape(n, -1), signed=False)[:, :blocks].astype(np.float32)
     else:
         zeros = np.full((n, blocks), 8, dtype=np.float32)  # MatMulNBits' default for 4 bits
     return (scales[..., None] * (codes - zeros[..., None])).reshape(n, blocks * block)[:, :k].T
@@ -84,7 +85,8 @@ def write_batch_graph(engine_file: Path, out_file: Path) -> int:
     model = onnx.load(str(engine_file), load_external_data=False)
     initializers = {t.name: t for t in model.graph.initializer}
     nodes, new_initializers, rewritten = [], [], 0
-    with ExternalData(out_file) as external:
+    external = ExternalData(out_file)
+    try:
         for node in model.graph.node:
             if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
                 nodes.append(node)
@@ -97,6 +99,11 @@ def write_batch_graph(engine_file: Path, out_file: Path) -> int:
             bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
             nodes += two_pass_matmul(prefix, node.input[0], node.output[0], weight_name, scales_name, bias)
             rewritten += 1
+    except BaseException:  # a matmul it cannot rewrite: no half-written weights file beside the engine
+        external.close()
+        external.path.unlink(missing_ok=True)
+        raise
+    external.close()
     used = {name for node in nodes for name in node.input}
     kept = [t for t in model.graph.initializer if t.name in used]  # the engine's own, still in its weights file
     del model.graph.node[:]

@@ -279,3 +279,22 @@ def test_the_scheduler_decodes_many_rows_on_the_batch_graph(batch_engine, tiny_r
     while together.active:
         together.step()
     assert lm.batch_session.runs >= 5 and all(texts.get(i) for i in range(4))
+
+
+@pytest.mark.parametrize("bits, message", [(None, "this engine has none"), (8, "cannot rewrite this engine: .*8-bit MatMulNBits")])
+def test_an_engine_the_batch_graph_cannot_rewrite_is_refused_naming_the_setting(tmp_path, bits, message):
+    """No int4 matmul to rewrite (nothing quantized), or a MatMulNBits form it does not handle."""
+    from onnx import TensorProto, helper
+
+    if bits is None:
+        node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+    else:
+        node = helper.make_node("MatMulNBits", ["X", "W", "S"], ["Y"], domain="com.microsoft", K=32, N=4, bits=bits, block_size=32)
+    graph = helper.make_graph([node], "engine", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor("W", TensorProto.FLOAT, [32, 4], [0.0] * 128), helper.make_tensor("S", TensorProto.FLOAT, [4], [1.0] * 4)])
+    onnx.save(helper.make_model(graph), str(tmp_path / "engine.onnx"))
+    cfg = BuildConfig(batch_kernel="int8_gemm")
+    with pytest.raises(StageFailed, match=f"build.batch_kernel: int8_gemm .*{message}"):
+        OnnxRuntime.build_batch_kernel(tmp_path, {}, cfg, lambda _m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.onnx"]  # nothing half-written left beside it
