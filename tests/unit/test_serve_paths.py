@@ -60,3 +60,12 @@ def test_the_http_guard_checks_generate_bodies_against_the_model_inputs(body, pr
               "stream": "BOOL"}
     found = generate_body_problem(body, inputs)
     assert (found is None) if problem is None else (found is not None and problem in found), found
+
+
+def test_ports_picked_together_are_distinct_and_avoid_the_taken_ones(monkeypatch):
+    """A port is free again once the probe socket closes, so two probes can return the same one."""
+    from pipeline.serving import server
+
+    probes = iter([5001, 5001, 5002, 5003, 5002, 5004])
+    monkeypatch.setattr(server, "free_port", lambda: next(probes))
+    assert server.free_ports(3, avoid=(5003,)) == [5001, 5002, 5004]
