@@ -41,11 +41,12 @@ tenants:
     max_concurrent: 1
 """
 # a package with 2 rows and 4 places to wait, so a dozen requests overload it
-# 2 rows, 4 waiting places, and room for answers long enough (900 tokens, about a second) that a
-# row is still busy when a request sent after it arrives (220 tokens, ~0.3 s, was too tight once in CI)
-SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set", "build.max_sequence_length=1024",
-         "--set", "package.max_tokens_cap=900")
-ROW_TOKENS = 900
+# 2 rows, 4 waiting places, and room for answers long enough (1,900 tokens, a few seconds) that a
+# row is still busy when a request sent after it arrives (220 tokens, ~0.3 s, was too tight once in
+# CI; 900 tokens, ~1 s, once too: the rows ended before all 6 requests of the overload test arrived)
+SMALL = ("--set", "package.max_batch=2", "--set", "package.max_queue=4", "--set", "build.max_sequence_length=2048",
+         "--set", "source.random_model.max_position_embeddings=2048", "--set", "package.max_tokens_cap=1900")
+ROW_TOKENS = 1900
 LONG_PROMPT = "The quick brown fox"
 
 
@@ -235,11 +236,13 @@ def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_s
 
         bulk, ops = aclient("bulk"), aclient("ops")
         tasks = [asyncio.create_task(one(bulk, "batch")) for _ in range(6)]
-        for _ in range(200):  # until 4 wait (the autoscaling gauge shows it)
+        seen = []
+        for _ in range(200):  # until 4 wait (the autoscaling gauge shows it); asked once more, rows could have ended
             await asyncio.sleep(0.02)
-            if await asyncio.to_thread(waiting, guarded) == 4:
+            seen.append(await asyncio.to_thread(waiting, guarded))
+            if seen[-1] == 4:
                 break
-        assert await asyncio.to_thread(waiting, guarded) == 4
+        assert seen[-1] == 4, seen
         tasks += [asyncio.create_task(one(ops, "critical")) for _ in range(4)]
         return await asyncio.gather(*tasks)
 
