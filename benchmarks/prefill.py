@@ -97,22 +97,23 @@ def main() -> None:
     prompts = {n: [rng.integers(100, 20000, size=n).astype(np.int64) for _ in range(args.rounds + 1)] for n in args.lengths}
     for _, lm in engines:  # warm-up: first runs allocate and prepack
         ttft_ms(lm, prompts[min(args.lengths)][0])
+    peers = [(label, getattr(args, option), python) for label, (python, _, option) in PEERS.items() if getattr(args, option)]
+    for label, _, python in peers:
+        if not python.is_file():
+            raise SystemExit(f"{label}: no environment at {python} (see benchmarks/README.md)")
     best: dict[tuple[str, int], float] = {}
+    # rounds interleave Kiln and the peers: this machine's speed drifts by tens of percent over
+    # minutes, and measuring the peers only after every Kiln round gave them other minutes
     for round_ in range(1, args.rounds + 1):
         for name, lm in engines:
             for n, batch in prompts.items():
                 ms = ttft_ms(lm, batch[round_])
                 best[name, n] = min(ms, best.get((name, n), ms))
-    names = [name for name, _ in engines]
-    for label, (python, _, option) in PEERS.items():
-        model = getattr(args, option)
-        if model is None:
-            continue
-        if not python.is_file():
-            raise SystemExit(f"{label}: no environment at {python} (see benchmarks/README.md)")
-        for n, ms in peer_ttft(label, model, prompts, args.threads).items():
-            best[label, n] = ms
-        names.append(label)
+        for label, model, _ in peers:  # a new peer process per round: the warm-up prompt, then this round's
+            round_prompts = {n: [batch[0], batch[round_]] for n, batch in prompts.items()}
+            for n, ms in peer_ttft(label, model, round_prompts, args.threads).items():
+                best[label, n] = min(ms, best.get((label, n), ms))
+    names = [name for name, _ in engines] + [label for label, _, _ in peers]
     table = Table(title="Time to first token, engine alone (best of rounds)")
     table.add_column("engine")
     for n in args.lengths:
