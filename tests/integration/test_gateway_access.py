@@ -177,7 +177,7 @@ def test_tokens_per_minute_are_counted_from_real_usage(guarded):
 def test_the_model_gives_a_waiting_batch_place_to_each_critical_request(guarded):
     """At the model, over one gRPC stream: 6 batch requests fill 2 rows and 4 places; once the
     waiting gauge shows 4, 4 critical requests arrive (microseconds apart, while the rows still run
-    for about a second, ROW_TOKENS): each pushes out a waiting batch request, and every critical one is served."""
+    for a few seconds, ROW_TOKENS): each pushes out a waiting batch request, and every critical one is served."""
     import queue
 
     import numpy as np
@@ -251,7 +251,7 @@ def test_under_overload_batch_requests_are_refused_first_and_critical_ones_all_s
     batch = [r for r in results if r[0] == "batch"]
     assert [r[1] for r in critical] == [200] * 4, results
     # each critical arrival found the room full and pushed out a waiting batch request (4 when all
-    # arrive before the 2 running rows end, ~1 s here; fewer if a row freed first)
+    # arrive before the 2 running rows end, a few seconds here; fewer if a row freed first)
     pushed = [r for r in batch if r[1] == 503]
     assert all("a higher-priority request took its place" in str(r[2]) for r in pushed) and 1 <= len(pushed) <= 4, results
     assert all(r[1] in (200, 503) for r in batch), results
