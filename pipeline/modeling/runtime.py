@@ -115,7 +115,7 @@ class KvBindings:
         self.lm, self.arrays, self.made = lm, arrays, {}
 
     def __contains__(self, kind: str) -> bool:
-        return kind in self.lm._sessions()
+        return kind in self.lm.sessions()
 
     def __getitem__(self, kind: str):
         if kind not in self.made:
@@ -160,18 +160,15 @@ class FusedOrtCausalLM:
         produces generated tokens)."""
         return FusedOrtCausalLM(self.session, self.max_sequence_length)
 
-    def _sessions(self) -> dict:
+    def sessions(self) -> dict:
         """The engine's ONNX Runtime sessions by kernel name (`forward`'s `kernel`)."""
         sessions = {"decode": self.session, "prefill": self.prefill_session, "batch": self.batch_session}
         return {kind: session for kind, session in sessions.items() if session is not None}
 
-    def _bindings(self, arrays: list[np.ndarray]) -> "KvBindings":
-        return KvBindings(self, arrays)
-
     def bind(self, kind: str, arrays: list[np.ndarray]):
         """An IO binding of session `kind` over the KV arrays (on CPU an OrtValue wraps the array's
         memory, so every session reads and writes the live cache)."""
-        binding = self._sessions()[kind].io_binding()
+        binding = self.sessions()[kind].io_binding()
         binding.bind_output("logits", "cpu")  # bound first: output 0 of every run
         for past, present, array in zip(self.past_names, self.present_names, arrays):
             value = self._ort.OrtValue.ortvalue_from_numpy(array)
@@ -184,7 +181,7 @@ class FusedOrtCausalLM:
         lazily: only the positions a sequence reaches are ever touched (`release_rows` gives a
         finished row's back)."""
         arrays = [page_backed_zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim)) for _ in self.past_names]
-        return {"bindings": self._bindings(arrays), "arrays": arrays,
+        return {"bindings": KvBindings(self, arrays), "arrays": arrays,
                 "step_logits": np.empty((batch, 1, self.vocab), dtype=np.float32), "row_lengths": np.zeros(batch, dtype=np.int32)}
 
     def empty_state(self, batch: int) -> DecodeState:
@@ -196,7 +193,7 @@ class FusedOrtCausalLM:
         is the outermost dimension, so the view is contiguous): a step over a few rows costs a few
         rows, not the whole batch. Its `row_lengths` is a copy; the caller writes it back."""
         arrays = [array[start:start + rows] for array in state.cache["arrays"]]
-        return DecodeState({"bindings": self._bindings(arrays), "arrays": arrays,
+        return DecodeState({"bindings": KvBindings(self, arrays), "arrays": arrays,
                             "step_logits": np.empty((rows, 1, self.vocab), dtype=np.float32),
                             "row_lengths": state.cache["row_lengths"][start:start + rows].copy()}, state.length)
 
@@ -242,7 +239,7 @@ class FusedOrtCausalLM:
             kernel = "decode"
         if kernel not in cache["bindings"]:  # no prefill (or batch) session: the engine's kernel runs it
             kernel = "decode"
-        binding, session = cache["bindings"][kernel], self._sessions()[kernel]
+        binding, session = cache["bindings"][kernel], self.sessions()[kernel]
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", totals - 1)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))

@@ -241,6 +241,19 @@ def test_batch_graph_decodes_many_rows_near_the_engines_kernel(batch_engine):
             np.testing.assert_array_equal(logits, kernel_logits)
 
 
+def test_a_row_view_binds_only_the_kernels_it_runs(batch_engine):
+    """Sessions are bound to a view's KV arrays on first use: a one-row view that decodes binds the
+    decode session only; a view of 3+ rows binds the batch session when it steps."""
+    lm = batch_engine.lm
+    state = lm.empty_state(4)
+    one = lm.row_view(state, 0, 1)
+    lm.forward(np.asarray([[5]], dtype=np.int64), one)
+    assert set(one.cache["bindings"].made) == {"decode"} and "batch" in one.cache["bindings"]
+    wide = lm.row_view(state, 0, 4)
+    lm.forward(np.full((4, 1), 5, dtype=np.int64), wide)
+    assert set(wide.cache["bindings"].made) == {"batch"}
+
+
 def test_the_batch_check_fails_when_the_int8_weights_are_wrong(batch_engine, tmp_path, monkeypatch):
     from pipeline.modeling import batch_graph
 
