@@ -341,7 +341,7 @@ class BuildConfig(Section):
       batch_kernel: none          # none | int8_gemm: decode steps of batch_kernel_min_rows+ rows run on a second graph
                                   #   whose int4 matmuls are ONNX Runtime's int8 GEMM (AMX/VNNI) on int8 weights
                                   #   requantized from the int4 codes, activations in two int8 passes (fused graph;
-                                  #   ~1.5x faster 32-row steps engine alone here, +1 byte a weight of memory; the build checks it
+                                  #   32-row steps engine alone 1.57x faster with AMX, 1.17x without; +1 byte a weight; the build checks it
                                   #   against exact math like prefill_runtime: openvino)
       batch_kernel_min_rows: 16   # fewer rows decode on the engine's own kernel: faster below ~8 rows, and steps that
                                   #   switch kernels as rows come and go cost more than either (measured, docs/decisions.md)
