@@ -157,8 +157,11 @@ class Metrics:
 class Client:
     """One admitted request: how its text goes back, and its timings."""
 
-    def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics, trace=None):
+    def __init__(self, request, sender, parsed, stream: bool, arrived: float, metrics: Metrics, trace=None, before_final=None):
         self.request, self.sender, self.stream, self.arrived, self.metrics = request, sender, stream, arrived, metrics
+        # called just before the last response goes out: counters the request contributed to are
+        # up to date when its client sees the end of its stream (a scrape right after is consistent)
+        self.before_final = before_final
         self.parsed = parsed
         self.text, self.tokens, self.first = "", 0, None  # first: when the first token went out
         self.row = None
@@ -200,6 +203,8 @@ class Client:
                 self.metrics.per_token.observe((now - self.first) / (self.tokens - 1))
             completion = kiln_engine.completion_tokens(self.tokens, finish_reason)
             drafter = getattr(self.row, "drafter", None)
+            if self.before_final is not None:
+                self.before_final()
             self.sender.send(final_response("" if self.stream else self.text, finish_reason, len(self.parsed.prompt_ids), completion,
                                             drafter.stats if drafter is not None else None),
                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -359,7 +364,7 @@ class TritonPythonModel:
                 if item is None:
                     stopping = True
                     break
-                client = Client(*item[:5], self.metrics, item[6])
+                client = Client(*item[:5], self.metrics, item[6], before_final=lambda: self.show_drafts(running))
                 if client.gone():  # cancelled while it waited
                     self.metrics.cancelled.increment(1)
                     self.close(client, None)
@@ -378,7 +383,7 @@ class TritonPythonModel:
             self.show_active(running)
             self.metrics.cancelled.increment(len(gone))
         running.step()
-        self.show_drafts(running)
+        self.show_drafts(running)  # also before each request's last response (Client.before_final)
         self.clients = [c for c in self.clients if c.row.seq.finish_reason is None]
         return True
 
