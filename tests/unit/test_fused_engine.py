@@ -162,6 +162,15 @@ def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
     ov_kv, kernel_kv = lm.read_positions(ov_state, 0, 0, long_prompt.shape[1]), lm.read_positions(kernel_state, 0, 0, long_prompt.shape[1])
     assert np.abs(ov_kv - kernel_kv).max() / np.abs(kernel_kv).max() < OPENVINO_PREFILL_RTOL
     assert not lm.read_positions(ov_state, 0, long_prompt.shape[1], 256).any()
+    # a second chunk after that past (OpenVINO's outputs are views it reuses on the next call): its
+    # logits, and both chunks' keys and values, as the decode kernel gives them
+    second = rng.integers(0, 257, size=(1, OPENVINO_MIN_TOKENS))
+    ov_logits, ov_state = lm.forward(second, ov_state)
+    kernel_logits, kernel_state = lm.without_prefill().forward(second, kernel_state)
+    assert np.abs(ov_logits - kernel_logits).max() / np.abs(kernel_logits).max() < OPENVINO_PREFILL_RTOL
+    total = long_prompt.shape[1] + second.shape[1]
+    ov_kv, kernel_kv = lm.read_positions(ov_state, 0, 0, total), lm.read_positions(kernel_state, 0, 0, total)
+    assert np.abs(ov_kv - kernel_kv).max() / np.abs(kernel_kv).max() < OPENVINO_PREFILL_RTOL
     # short chunks stay on the decode kernel: the same numbers bit for bit
     short = long_prompt[:, :OPENVINO_MIN_TOKENS - 1]
     np.testing.assert_array_equal(lm.forward(short, None)[0], lm.without_prefill().forward(short, None)[0])
