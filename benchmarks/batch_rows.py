@@ -66,5 +66,6 @@ def main() -> None:
                                   for r in ROWS))
         Console().print(table)
 
+
 if __name__ == "__main__":
     main()
