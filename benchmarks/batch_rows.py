@@ -12,7 +12,6 @@ step reads each row's keys and values (attention), which the matmuls' cost does 
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.artifacts import read_manifest
+from pipeline.modeling.runtime import prompt_forward
 from pipeline.targets import get_target
 
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -28,8 +28,7 @@ ROWS = (1, 2, 4, 8, 16, 32)
 
 def step_ms(lm, rows: int, past: int, steps: int = 40) -> float:
     # logits at the last position only where the engine can (32 rows × 480 positions of full logits are 3 GB)
-    options = {"last_only": True} if "last_only" in inspect.signature(lm.forward).parameters else {}
-    _, state = lm.forward(np.full((rows, past), 100, dtype=np.int64), None, **options)
+    _, state = prompt_forward(lm, np.full((rows, past), 100, dtype=np.int64))
     times = []
     for _ in range(steps):
         started = time.perf_counter()
