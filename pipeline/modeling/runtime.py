@@ -7,6 +7,7 @@ package copies it unchanged into the model repository, whose runtime environment
 
 from __future__ import annotations
 
+import itertools
 import mmap
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -181,7 +182,7 @@ class FusedOrtCausalLM:
         lazily: only the positions a sequence reaches are ever touched (`release_rows` gives a
         finished row's back)."""
         arrays = [page_backed_zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim)) for _ in self.past_names]
-        return {"bindings": KvBindings(self, arrays), "arrays": arrays,
+        return {"bindings": KvBindings(self, arrays), "arrays": arrays, "origin": (next(_BUFFER_IDS), 0),
                 "step_logits": np.empty((batch, 1, self.vocab), dtype=np.float32), "row_lengths": np.zeros(batch, dtype=np.int32)}
 
     def empty_state(self, batch: int) -> DecodeState:
@@ -193,7 +194,8 @@ class FusedOrtCausalLM:
         is the outermost dimension, so the view is contiguous): a step over a few rows costs a few
         rows, not the whole batch. Its `row_lengths` is a copy; the caller writes it back."""
         arrays = [array[start:start + rows] for array in state.cache["arrays"]]
-        return DecodeState({"bindings": KvBindings(self, arrays), "arrays": arrays,
+        buffers, first = state.cache["origin"]
+        return DecodeState({"bindings": KvBindings(self, arrays), "arrays": arrays, "origin": (buffers, first + start),
                             "step_logits": np.empty((rows, 1, self.vocab), dtype=np.float32),
                             "row_lengths": state.cache["row_lengths"][start:start + rows].copy()}, state.length)
 
@@ -204,6 +206,15 @@ class FusedOrtCausalLM:
             for row in rows:
                 release_pages(array, row * row_bytes, (row + 1) * row_bytes)
         state.cache["row_lengths"][list(rows)] = 0
+        for row in rows:
+            self._forget(state, row)
+
+    def _forget(self, state: DecodeState, row: int) -> None:
+        """The row's keys and values changed outside a forward: a prompt kernel that keeps a row's
+        past between chunks must not reuse it."""
+        if self.openvino_prefill is not None:
+            buffers, first = state.cache["origin"]
+            self.openvino_prefill.forget((buffers, first + row))
 
     def read_positions(self, state: DecodeState, row: int, start: int, stop: int) -> np.ndarray:
         """Keys and values of positions [start, stop) of one row: [layers × (key, value), kv_heads, positions, head_dim]."""
@@ -213,6 +224,7 @@ class FusedOrtCausalLM:
         """Put `read_positions`' keys and values at positions [start, start + n) of one row."""
         for array, block in zip(state.cache["arrays"], kv):
             array[row, :, start:start + block.shape[1]] = block
+        self._forget(state, row)
 
     def forward(self, input_ids: np.ndarray, state: DecodeState | None, lengths: np.ndarray | None = None, *,
                 last_only: bool = False, kernel: str | None = None) -> tuple[np.ndarray, DecodeState]:
@@ -233,7 +245,7 @@ class FusedOrtCausalLM:
         kernel = kernel or ("prefill" if seq > 1 else "batch" if batched else "decode")
         if kernel == "prefill" and self.openvino_prefill is not None:
             if batch == 1 and lengths is None and seq >= OPENVINO_MIN_TOKENS:
-                logits = self.openvino_prefill.run(input_ids, cache["arrays"], int(totals[0]) - seq, last_only)
+                logits = self.openvino_prefill.run(input_ids, cache["arrays"], int(totals[0]) - seq, last_only, row=cache["origin"])
                 cache["row_lengths"] = totals
                 return logits, DecodeState(cache, total)
             kernel = "decode"
@@ -261,33 +273,227 @@ class FusedOrtCausalLM:
         return logits, DecodeState(cache, total)
 
 
+# Names of KV buffer sets (`FusedOrtCausalLM.new_cache`): a row of the process's buffers is (set, row)
+_BUFFER_IDS = itertools.count()
+
 # Prompt chunks shorter than this run on the decode session: below it OpenVINO's per-call cost
 # eats its faster matmuls (measured: 16 tokens after a past of 500, 61 ms vs 37 ms).
 OPENVINO_MIN_TOKENS = 32
 
 
+def openvino_prefill(model_file, threads: int, max_sequence_length: int) -> "OpenVinoPagedPrefill | OpenVinoPrefill":
+    """Prompt chunks of one row on OpenVINO's CPU plugin, from the engine's own graph file: its
+    GroupQueryAttention nodes replaced by OpenVINO's PagedAttention where `paged_attention_graph`
+    covers them (faster: docs/results.md), the graph as the ONNX frontend reads it otherwise."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise MissingRuntime(f"this engine runs prompts on OpenVINO (build.prefill_runtime: openvino) and needs the openvino "
+                             f"package ({e}); rebuild with build.prefill_runtime: onnxruntime to run without it") from None
+    model = ov.Core().read_model(str(model_file))
+    past_names = [p.get_any_name() for p in model.inputs if p.get_any_name().startswith("past_key_values.")]
+    layers = paged_attention_graph(model)
+    if layers is None:
+        return OpenVinoPrefill(model, threads)
+    return OpenVinoPagedPrefill(model, layers, past_names, threads, max_sequence_length)
+
+
+def paged_attention_graph(model) -> list[tuple[str, str]] | None:
+    """Rewrite an OpenVINO model of the fused graph in place: each GroupQueryAttention becomes
+    rotary embedding + OpenVINO's PagedAttention over a block cache (inputs `key_cache.i`,
+    `value_cache.i`, in OpenVINO's layout and precision), and the layer's rotated keys and values
+    of the chunk become outputs (`chunk.i.key`, `chunk.i.value`, [1, kv_heads, tokens, head_dim]) in
+    place of the whole present. Returns each layer's (past key, past value) input names, in cache
+    order; None, model untouched, where an attention node has what the rewrite does not cover
+    (windowed or quantized KV, interleaved or partial rotary, extra inputs)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+    from openvino._pyopenvino.op import _PagedAttentionExtension
+
+    nodes = [n for n in model.get_ordered_ops() if n.get_type_name() == "GroupQueryAttention"]
+    if not nodes:
+        return None
+    for node in nodes:
+        a = node.get_attributes()
+        plain = (a.get("local_window_size", -1) == -1 and not a.get("sliding_window_cache") and not a.get("smooth_softmax")
+                 and not a.get("rotary_interleaved") and a.get("k_quant_type", "NONE") == "NONE" and a.get("v_quant_type", "NONE") == "NONE"
+                 and all(list(node.input_value(i).get_partial_shape()) == [0] for i in range(9, node.get_input_size())))
+        head_dim = node.input_value(0).get_partial_shape()[3]
+        if a.get("do_rotary"):
+            plain = plain and head_dim.is_static and node.input_value(7).get_partial_shape()[1] == head_dim.get_length() // 2
+        if not plain:
+            return None
+
+    def parameter(shape, element_type, name):
+        p = ops.parameter(shape, element_type, name=name)
+        p.output(0).get_tensor().set_names({name})
+        return p
+
+    def const(value, dtype):
+        return ops.constant(np.array(value, dtype=dtype))
+
+    i32 = ov.Type.i32
+    positions = parameter([-1], ov.Type.i64, "position_ids")
+    past_lens, begins, blocks, block_begins = (parameter([-1], i32, n) for n in
+                                               ("past_lens", "subsequence_begins", "block_indices", "block_indices_begins"))
+    max_context = parameter([], i32, "max_context_len")
+    added, layers, stale = [positions, past_lens, begins, blocks, block_begins, max_context], [], set()
+    empty_i32, empty_f32 = const(np.zeros(0), np.int32), const(np.zeros(0), np.float32)
+    for i, node in enumerate(nodes):
+        a = node.get_attributes()
+        heads, kv_heads, head_dim = a["num_heads"], a["kv_num_heads"], node.input_value(0).get_partial_shape()[3].get_length()
+        q, k, v = (node.input_value(j) for j in range(3))  # [1, heads, tokens, head_dim]
+        if a["do_rotary"]:  # rotate-half RoPE at each token's position, as GroupQueryAttention applies it
+            cos, sin = (ops.gather(node.input_value(j), positions, const(0, np.int64)) for j in (7, 8))
+            cos, sin = ops.concat([cos, cos], 1), ops.concat([sin, sin], 1)
+
+            def rotary(x, cos=cos, sin=sin):
+                first, second = ops.split(x, const(3, np.int64), 2).outputs()
+                return ops.add(ops.multiply(x, cos), ops.multiply(ops.concat([ops.negative(second), first], 3), sin))
+
+            q, k = rotary(q), rotary(k)
+
+        def tokens(x, width):  # [1, h, tokens, d] -> [tokens, h * d]
+            return ops.reshape(ops.transpose(x, const([0, 2, 1, 3], np.int64)), const([-1, width], np.int64), False)
+
+        chunk_k, chunk_v = k, v  # [1, kv_heads, tokens, head_dim]: the layout of the row's buffers
+        q, k, v = tokens(q, heads * head_dim), tokens(k, kv_heads * head_dim), tokens(v, kv_heads * head_dim)
+        key_cache = parameter(ov.PartialShape.dynamic(4), ov.Type.dynamic, f"key_cache.{i}")
+        value_cache = parameter(ov.PartialShape.dynamic(4), ov.Type.dynamic, f"value_cache.{i}")
+        added += [key_cache, value_cache]
+        # PagedAttention's 28 inputs (OpenVINO 2026.4): past the 13 that matter here, the unused
+        # options (score aggregation, cache rotation, xattention, sinks, adaptive RKV, token types,
+        # tree masks) off, as OpenVINO's own SDPA-to-PagedAttention pass leaves them
+        inputs = [q, k, v, key_cache, value_cache, past_lens, begins, blocks, block_begins, const(a["scale"] or head_dim ** -0.5, np.float32),
+                  const(0, np.int32), empty_f32, max_context, empty_i32, empty_i32, empty_i32, empty_f32, empty_f32,
+                  const(0, np.int32), const(0, np.int32), const(np.zeros((0, 0, 0, 0)), np.float32), const(0, np.int32),
+                  empty_i32, empty_i32, empty_i32, empty_i32, const(np.zeros(0), np.uint8), empty_i32]
+        attention = _PagedAttentionExtension([x if isinstance(x, ov.Output) else x.output(0) for x in inputs])
+        info = attention.get_rt_info()  # the CPU plugin sizes the caches from these
+        info["num_k_heads"], info["k_head_size"], info["num_v_heads"], info["v_head_size"] = kv_heads, head_dim, kv_heads, head_dim
+        out = ops.reshape(attention.output(0), const([1, -1, heads * head_dim], np.int64), False)
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(out.output(0))
+        for j in (1, 2):
+            for target in list(node.output(j).get_target_inputs()):
+                model.remove_result(target.get_node())
+        for name, tensor in ((f"chunk.{i}.key", chunk_k), (f"chunk.{i}.value", chunk_v)):
+            result = ops.result(tensor)
+            result.output(0).get_tensor().set_names({name})
+            model.add_results([result])
+        names = tuple(node.input_value(j).get_node().get_friendly_name() for j in (3, 4))
+        layers.append(names)
+        stale.update(names)
+    for p in list(model.get_parameters()):
+        if p.get_friendly_name() in stale or p.get_friendly_name() in ("seqlens_k", "total_sequence_length"):
+            model.remove_parameter(p)
+    model.add_parameters(added)
+    model.validate_nodes_and_infer_types()
+    return layers
+
+
+class OpenVinoPagedPrefill:
+    """Prompt chunks of one row on the engine's graph rewritten for OpenVINO's PagedAttention
+    (`paged_attention_graph`): its fused attention kernel replaces the generic subgraph the ONNX
+    frontend makes of GroupQueryAttention (a 512-token prompt ~1.3x faster, 2,040 tokens ~1.5x,
+    docs/results.md). PagedAttention reads the past from a block cache of its own, in OpenVINO's
+    inference precision (bf16 where the CPU has it), one row long; the chunk's keys and values come
+    out as outputs and are copied into the row's ONNX Runtime buffers, where the decode kernel
+    reads them. The cache holds the last row it ran (`row`: the caller's name for it), so the next
+    chunk of that row copies nothing in; any other past is copied in first."""
+
+    def __init__(self, model, layers: list[tuple[str, str]], past_names: list[str], threads: int, max_sequence_length: int):
+        import openvino as ov
+
+        core = ov.Core()
+        self.version = ov.get_version()
+        precision = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+        # the cache in the inference precision itself: bf16 halves what attention reads (u8, the
+        # CPU plugin's default, quantizes keys per channel block: measured no faster here)
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads), "KV_CACHE_PRECISION": precision})
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.request = compiled.create_infer_request()
+        self.layers, self.past_names = layers, past_names  # past_names: the order of `run`'s arrays
+        cache_input = compiled.input("key_cache.0")
+        self.cache_type = cache_input.get_element_type()
+        kv_heads, self.block, head_dim = (d.get_length() for d in list(cache_input.get_partial_shape())[1:])  # [blocks, kv, block, dim]
+        blocks = -(-max_sequence_length // self.block)
+        self.caches = []  # numpy views of the cache tensors, by past input name
+        for i, (key, value) in enumerate(layers):
+            for name, past in ((f"key_cache.{i}", key), (f"value_cache.{i}", value)):
+                tensor = ov.Tensor(self.cache_type, [blocks, kv_heads, self.block, head_dim])
+                self.request.set_tensor(name, tensor)
+                self.caches.append((past, tensor.data.view(np.uint16) if self.cache_type.size == 2 else tensor.data))
+        self.converter = None
+        if self.cache_type != ov.Type.f32:  # rounds fp32 keys and values to the cache's type (numpy has no bf16)
+            source = ov.opset13.parameter([-1], ov.Type.f32)
+            self.converter = core.compile_model(ov.Model([ov.opset13.convert(source, self.cache_type)], [source]), "CPU").create_infer_request()
+        self.held = None  # (row, positions of it in the cache)
+
+    def forget(self, row) -> None:
+        """The row's buffers were changed or released: its positions in the cache are no longer its."""
+        if self.held is not None and self.held[0] == row:
+            self.held = None
+
+    def _copy_in(self, by_name: dict[str, np.ndarray], start: int, stop: int) -> None:
+        """Positions [start, stop) of row 0 of the ONNX Runtime buffers into the cache."""
+        if stop <= start:
+            return
+        values = np.stack([by_name[past][0, :, start:stop] for past, _ in self.caches])  # [arrays, kv_heads, n, head_dim]
+        if self.converter is not None:
+            self.converter.infer([values.reshape(-1)])
+            values = self.converter.get_output_tensor(0).data.view(np.uint16).reshape(values.shape)
+        for (_, cache), block_values in zip(self.caches, values):
+            position = start
+            while position < stop:
+                block, offset = divmod(position, self.block)
+                take = min(self.block - offset, stop - position)
+                cache[block, :, offset:offset + take] = block_values[:, position - start:position - start + take]
+                position += take
+
+    def run(self, input_ids: np.ndarray, arrays: list[np.ndarray], past: int, last_only: bool, row=None) -> np.ndarray:
+        """As `OpenVinoPrefill.run`; `row`: a name for the buffers' row that stays the same while
+        its positions do (None: not kept)."""
+        seq = input_ids.shape[1]
+        by_name = dict(zip(self.past_names, arrays))
+        held = self.held[1] if self.held is not None and row is not None and self.held[0] == row and self.held[1] <= past else 0
+        self._copy_in(by_name, held, past)
+        blocks = -(-(past + seq) // self.block)
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "position_ids": np.arange(past, past + seq, dtype=np.int64),
+                 "past_lens": np.array([past], dtype=np.int32), "subsequence_begins": np.array([0, seq], dtype=np.int32),
+                 "block_indices": np.arange(blocks, dtype=np.int32), "block_indices_begins": np.array([0, blocks], dtype=np.int32),
+                 "max_context_len": np.array(past + seq, dtype=np.int32),
+                 "logits_index": np.array([[seq - 1]] if last_only else [np.arange(seq)], dtype=np.int64)}
+        self.held = None  # until the run has written the chunk
+        outputs = self.request.infer(feeds, share_inputs=True, share_outputs=True)
+        for i, (key, value) in enumerate(self.layers):
+            for past_name, kind in ((key, "key"), (value, "value")):
+                by_name[past_name][:1, :, past:past + seq] = outputs[f"chunk.{i}.{kind}"]
+        self.held = (row, past + seq) if row is not None else None
+        return np.array(outputs["logits"], dtype=np.float32)
+
+
 class OpenVinoPrefill:
-    """The engine's own graph file compiled by OpenVINO's CPU plugin, for prompt chunks of one row:
+    """The engine's own graph as OpenVINO's ONNX frontend reads it, for prompt chunks of one row (the
+    fallback of `openvino_prefill` for attention the paged graph does not cover):
     OpenVINO reads ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) and runs int4
     matmuls with dynamically quantized activations and, where the CPU has AMX/AVX-512-BF16, bf16
     attention (a 512-token prompt ~2.8x faster than ONNX Runtime's fp32 kernel here; docs/results.md). Its
     GroupQueryAttention takes the row's past as a tensor and returns past plus chunk, so the past is
     copied in and only the chunk's keys and values are copied back into the row's buffers."""
 
-    def __init__(self, model_file, threads: int):
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise MissingRuntime(f"this engine runs prompts on OpenVINO (build.prefill_runtime: openvino) and needs the openvino "
-                                 f"package ({e}); rebuild with build.prefill_runtime: onnxruntime to run without it") from None
+    def __init__(self, model, threads: int):
+        import openvino as ov
+
         self.version = ov.get_version()
-        compiled = ov.Core().compile_model(str(model_file), "CPU", {"INFERENCE_NUM_THREADS": int(threads)})
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads)})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # bf16 where the CPU has it
         self.request = compiled.create_infer_request()
         self.past_names = [p.get_any_name() for p in compiled.inputs if p.get_any_name().startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
 
-    def run(self, input_ids: np.ndarray, arrays: list[np.ndarray], past: int, last_only: bool) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, arrays: list[np.ndarray], past: int, last_only: bool, row=None) -> np.ndarray:
         """Prefill `input_ids` [1, seq] after the first `past` positions of row 0 of `arrays` (one per
         past input, in the graph's order), writing the chunk's keys and values in place."""
         seq = input_ids.shape[1]
@@ -307,6 +513,9 @@ class OpenVinoPrefill:
             array[:1, :, past:past + seq] = outputs[name][:, :, past:past + seq]
         return np.array(outputs["logits"], dtype=np.float32)
 
+
+    def forget(self, row) -> None:
+        """Nothing is kept between calls."""
 
 class TorchCausalLM:
     """A transformers causal LM with its DynamicCache kept as is between steps."""
@@ -468,7 +677,7 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
     decode = session(opts.get("model_file", "engine.onnx"))
     if opts.get("graph") == "fused":
         prefill = session(opts["prefill_model_file"], spinning=False) if opts.get("prefill_model_file") else None
-        openvino = (OpenVinoPrefill(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"])
+        openvino = (openvino_prefill(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"], opts["max_sequence_length"])
                     if opts.get("prefill_runtime") == "openvino" else None)
         batch = session(opts["batch_model_file"]) if opts.get("batch_model_file") else None
         return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino, batch, opts.get("batch_min_rows", 0))

@@ -12,7 +12,14 @@ from pipeline.artifacts import OnnxModel, read_manifest
 from pipeline.errors import StageFailed
 from pipeline.metrics import perplexity
 from pipeline.modeling.decoder import DecoderSpec
-from pipeline.modeling.runtime import OPENVINO_MIN_TOKENS, FusedOrtCausalLM, MissingRuntime, OpenVinoPrefill, SequenceTooLong, greedy_decode
+from pipeline.modeling.runtime import (
+    OPENVINO_MIN_TOKENS,
+    FusedOrtCausalLM,
+    MissingRuntime,
+    OpenVinoPagedPrefill,
+    SequenceTooLong,
+    greedy_decode,
+)
 from pipeline.modeling.weights import OnnxWeights
 from pipeline.quantization.format import load_quantized
 from pipeline.recipe import BuildConfig
@@ -171,18 +178,32 @@ def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
     total = long_prompt.shape[1] + second.shape[1]
     ov_kv, kernel_kv = lm.read_positions(ov_state, 0, 0, total), lm.read_positions(kernel_state, 0, 0, total)
     assert np.abs(ov_kv - kernel_kv).max() / np.abs(kernel_kv).max() < OPENVINO_PREFILL_RTOL
+    # a past OpenVINO's cache does not hold is copied in: one the decode kernel wrote...
+    def close(logits, reference):
+        return np.abs(logits - reference).max() / np.abs(reference).max() < OPENVINO_PREFILL_RTOL
+
+    assert isinstance(lm.openvino_prefill, OpenVinoPagedPrefill)
+    _, kernel_past = lm.without_prefill().forward(long_prompt, None)
+    assert close(lm.forward(second, kernel_past)[0], kernel_logits)
+    # ...and one written over the positions OpenVINO itself wrote (a prefix-cache load)
+    other = rng.integers(0, 257, size=(1, 2 * OPENVINO_MIN_TOKENS))
+    _, ov_state = lm.forward(long_prompt, None)
+    _, other_state = lm.without_prefill().forward(other, None)
+    lm.write_positions(ov_state, 0, 0, lm.read_positions(other_state, 0, 0, other.shape[1]))
+    after_other, _ = lm.without_prefill().forward(second, other_state)
+    assert close(lm.forward(second, ov_state)[0], after_other)
     # short chunks stay on the decode kernel: the same numbers bit for bit
     short = long_prompt[:, :OPENVINO_MIN_TOKENS - 1]
     np.testing.assert_array_equal(lm.forward(short, None)[0], lm.without_prefill().forward(short, None)[0])
 
 
 def test_the_openvino_check_fails_when_chunk_keys_and_values_are_not_written(openvino_engine, tmp_path, monkeypatch):
-    original = OpenVinoPrefill.run
+    original = OpenVinoPagedPrefill.run
 
-    def forgets_the_cache(self, input_ids, arrays, past, last_only):  # writes the chunk into copies
-        return original(self, input_ids, [array.copy() for array in arrays], past, last_only)
+    def forgets_the_cache(self, input_ids, arrays, past, last_only, row=None):  # writes the chunk into copies
+        return original(self, input_ids, [array.copy() for array in arrays], past, last_only, row)
 
-    monkeypatch.setattr(OpenVinoPrefill, "run", forgets_the_cache)
+    monkeypatch.setattr(OpenVinoPagedPrefill, "run", forgets_the_cache)
     with pytest.raises(StageFailed, match="prompts on OpenVINO do not give the engine's logits"):
         OnnxRuntime("onnxruntime-cpu").build(openvino_engine.exported, tmp_path, BuildConfig(prefill_runtime="openvino", max_sequence_length=256),
                                              lambda _m: None)
