@@ -292,7 +292,12 @@ def openvino_prefill(model_file, threads: int, max_sequence_length: int) -> "Ope
                              f"package ({e}); rebuild with build.prefill_runtime: onnxruntime to run without it") from None
     model = ov.Core().read_model(str(model_file))
     past_names = [p.get_any_name() for p in model.inputs if p.get_any_name().startswith("past_key_values.")]
-    layers = paged_attention_graph(model)
+    try:
+        layers = paged_attention_graph(model)
+    except (ImportError, RuntimeError) as e:  # PagedAttention is OpenVINO's internal op: another release may change it
+        plain = OpenVinoPrefill(ov.Core().read_model(str(model_file)), threads)
+        plain.attention = f"the ONNX frontend's graph (PagedAttention rewrite failed on OpenVINO {plain.version}: {e})"
+        return plain
     if layers is None:
         return OpenVinoPrefill(model, threads)
     return OpenVinoPagedPrefill(model, layers, past_names, threads, max_sequence_length)
@@ -412,6 +417,7 @@ class OpenVinoPagedPrefill:
         # CPU plugin's default, quantizes keys per channel block: measured no faster here)
         compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads), "KV_CACHE_PRECISION": precision})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.attention = "PagedAttention"
         self.request = compiled.create_infer_request()
         self.layers, self.past_names = layers, past_names  # past_names: the order of `run`'s arrays
         cache_input = compiled.input("key_cache.0")
@@ -489,6 +495,7 @@ class OpenVinoPrefill:
         self.version = ov.get_version()
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads)})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # bf16 where the CPU has it
+        self.attention = "the ONNX frontend's graph (windowed, partial-rotary or interleaved attention)"
         self.request = compiled.create_infer_request()
         self.past_names = [p.get_any_name() for p in compiled.inputs if p.get_any_name().startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]

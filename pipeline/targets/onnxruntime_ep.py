@@ -186,7 +186,8 @@ def check_openvino_prefill(out_dir: Path, options: dict[str, Any]) -> dict[str, 
     kernel = max(served_logits_error(lm.without_prefill(), trace, chunks) for chunks in chunkings)
     openvino = max(served_logits_error(lm, trace, chunks) for chunks in chunkings)
     result = {"max_rel_logit_diff": openvino, "decode_kernel_max_rel_logit_diff": kernel, "prompt_len": prompt_len,
-              "decode_steps": steps, "openvino_version": lm.openvino_prefill.version, "openvino_precision": lm.openvino_prefill.precision}
+              "decode_steps": steps, "openvino_version": lm.openvino_prefill.version, "openvino_precision": lm.openvino_prefill.precision,
+              "openvino_attention": lm.openvino_prefill.attention}
     if openvino > kernel + OPENVINO_PREFILL_RTOL:
         raise StageFailed("build", f"prompts on OpenVINO do not give the engine's logits: {result} (limit: the decode kernel's "
                                    f"difference + {OPENVINO_PREFILL_RTOL}); build.prefill_runtime: onnxruntime runs them on ONNX Runtime")
@@ -281,7 +282,7 @@ class OnnxRuntime:
             options["prefill_runtime"] = "openvino"
             prefill_check = check_openvino_prefill(out_dir, {**options, "optimization_level": "disable"})
             log(f"prompts of {OPENVINO_MIN_TOKENS}+ tokens run on OpenVINO {prefill_check['openvino_version']} "
-                f"({prefill_check['openvino_precision']} inference precision): max |Δlogits| vs exact math "
+                f"({prefill_check['openvino_precision']} inference precision, attention: {prefill_check['openvino_attention']}): max |Δlogits| vs exact math "
                 f"{prefill_check['max_rel_logit_diff']:.1e} of max |logit| (decode kernel alone: "
                 f"{prefill_check['decode_kernel_max_rel_logit_diff']:.1e})")
         if cfg.batch_kernel == "int8_gemm":

@@ -11,12 +11,14 @@ import pytest
 from pipeline.artifacts import OnnxModel, read_manifest
 from pipeline.errors import StageFailed
 from pipeline.metrics import perplexity
+from pipeline.modeling import runtime
 from pipeline.modeling.decoder import DecoderSpec
 from pipeline.modeling.runtime import (
     OPENVINO_MIN_TOKENS,
     FusedOrtCausalLM,
     MissingRuntime,
     OpenVinoPagedPrefill,
+    OpenVinoPrefill,
     SequenceTooLong,
     greedy_decode,
 )
@@ -182,7 +184,7 @@ def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
     def close(logits, reference):
         return np.abs(logits - reference).max() / np.abs(reference).max() < OPENVINO_PREFILL_RTOL
 
-    assert isinstance(lm.openvino_prefill, OpenVinoPagedPrefill)
+    assert isinstance(lm.openvino_prefill, OpenVinoPagedPrefill) and openvino_engine.meta["openvino_prefill_check"]["openvino_attention"] == "PagedAttention"
     _, kernel_past = lm.without_prefill().forward(long_prompt, None)
     assert close(lm.forward(second, kernel_past)[0], kernel_logits)
     # ...and one written over the positions OpenVINO itself wrote (a prefix-cache load)
@@ -207,6 +209,18 @@ def test_the_openvino_check_fails_when_chunk_keys_and_values_are_not_written(ope
     with pytest.raises(StageFailed, match="prompts on OpenVINO do not give the engine's logits"):
         OnnxRuntime("onnxruntime-cpu").build(openvino_engine.exported, tmp_path, BuildConfig(prefill_runtime="openvino", max_sequence_length=256),
                                              lambda _m: None)
+
+
+def test_openvino_prompts_fall_back_to_the_frontends_graph_when_the_paged_rewrite_fails(openvino_engine, monkeypatch):
+    def another_release(model):
+        raise RuntimeError("PagedAttensionExtension expects 29 inputs, but it has 28")
+
+    monkeypatch.setattr(runtime, "paged_attention_graph", another_release)
+    lm = OnnxRuntime("onnxruntime-cpu").load(openvino_engine.path, openvino_engine.meta)
+    assert isinstance(lm.openvino_prefill, OpenVinoPrefill) and "expects 29 inputs" in lm.openvino_prefill.attention
+    prompt = np.random.default_rng(5).integers(0, 257, size=(1, 2 * OPENVINO_MIN_TOKENS))
+    logits, reference = lm.forward(prompt, None)[0], lm.without_prefill().forward(prompt, None)[0]
+    assert np.abs(logits - reference).max() / np.abs(reference).max() < OPENVINO_PREFILL_RTOL
 
 
 def test_an_openvino_engine_without_openvino_is_refused_with_the_reason(openvino_engine, monkeypatch):
