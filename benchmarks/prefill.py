@@ -58,8 +58,8 @@ def engines_of(folders: list[Path]) -> list[tuple[str, object]]:
         opts = meta.get("session_options", {})
         lm = get_target(meta["target"]).load(folder, meta)
         label = f"{folder.name[:8]} {opts.get('graph', '')} {opts.get('int4_compute', '')}"
-        if getattr(lm, "openvino_prefill", None) is not None:
-            engines.append((f"{label}, prompts on OpenVINO ({lm.openvino_prefill.precision})", lm))
+        if getattr(lm, "openvino", None) is not None:
+            engines.append((f"{label}, prompts on OpenVINO ({lm.openvino.precision})", lm))
             engines.append((f"{label}, prompts {opts.get('int4_compute')} (decode kernel)", lm.without_prefill()))
         elif getattr(lm, "prefill_session", None) is not None:
             engines.append((f"{label}, prompts {opts.get('prefill_int4_compute')}", lm))

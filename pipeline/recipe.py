@@ -338,11 +338,13 @@ class BuildConfig(Section):
       prefill_runtime: onnxruntime  # onnxruntime | openvino: prompt chunks of 32+ tokens run on OpenVINO's CPU plugin
                                   #   (the same graph file; fused graph only), ~3x faster at 512 tokens here; the build
                                   #   checks it against exact math (at most 5 points further than the decode kernel)
-      batch_kernel: none          # none | int8_gemm: decode steps of batch_kernel_min_rows+ rows run on a second graph
-                                  #   whose int4 matmuls are ONNX Runtime's int8 GEMM (AMX/VNNI) on int8 weights
-                                  #   requantized from the int4 codes, activations in two int8 passes (fused graph;
-                                  #   32-row steps engine alone 1.57x faster with AMX, 1.17x without; +1 byte a weight; the build checks it
-                                  #   against exact math like prefill_runtime: openvino)
+      batch_kernel: none          # none | int8_gemm | openvino_paged: decode steps of batch_kernel_min_rows+ rows run on
+                                  #   int8_gemm: a second graph whose int4 matmuls are ONNX Runtime's int8 GEMM (AMX/VNNI) on
+                                  #   int8 weights requantized from the int4 codes, activations in two int8 passes (fused graph;
+                                  #   32-row steps engine alone 1.57x faster with AMX, 1.17x without; +1 byte a weight);
+                                  #   openvino_paged: OpenVINO's PagedAttention graph of the same file, all rows in one call
+                                  #   (needs prefill_runtime: openvino). The build checks either against exact math like
+                                  #   prefill_runtime: openvino
       batch_kernel_min_rows: 16   # fewer rows decode on the engine's own kernel: faster below ~8 rows, and steps that
                                   #   switch kernels as rows come and go cost more than either (measured, docs/decisions.md)
       threads: null               # ONNX Runtime intra-op threads; null = all cores
@@ -357,7 +359,7 @@ class BuildConfig(Section):
     int4_compute: Literal["fp32", "int8"] = "fp32"
     prefill_int4_compute: Literal["fp32", "int8"] | None = None
     prefill_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
-    batch_kernel: Literal["none", "int8_gemm"] = "none"
+    batch_kernel: Literal["none", "int8_gemm", "openvino_paged"] = "none"
     batch_kernel_min_rows: int = Field(16, ge=2)
     threads: int | None = Field(None, ge=1)
     tensorrt: TensorRtConfig | None = None
@@ -380,6 +382,9 @@ class BuildConfig(Section):
             object.__setattr__(self, "prefill_int4_compute", self.int4_compute)
         if self.batch_kernel != "none" and self.graph != "fused":
             raise ValueError(f"batch_kernel: {self.batch_kernel} rewrites the fused graph's matmuls; graph {self.graph} allows: none")
+        if self.batch_kernel == "openvino_paged" and self.prefill_runtime != "openvino":
+            raise ValueError("batch_kernel: openvino_paged runs on the OpenVINO engine that prefill_runtime: openvino loads; set "
+                             "prefill_runtime: openvino, or batch_kernel to one of: none, int8_gemm")
         if self.prefill_int4_compute is None:
             object.__setattr__(self, "prefill_int4_compute", "fp32" if self.graph == "fused" else self.int4_compute)
         if self.prefill_int4_compute != self.int4_compute and self.graph != "fused":

@@ -133,18 +133,20 @@ class FusedOrtCausalLM:
     `prefill_session`: the same graph with another matmul kernel for prompts (an int8-activation
     engine's prompts run with fp32 activations: at 512 tokens ONNX Runtime's int8 MatMulNBits is
     slower than its fp32 one, measured in docs/results.md). It shares the KV buffers.
-    `openvino_prefill`: prompt chunks of one row run on OpenVINO instead (`OpenVinoPrefill`).
+    `openvino`: prompt chunks of one row run on OpenVINO instead (`openvino_prefill`), and with
+    `openvino_batch` so do decode steps of at least `batch_min_rows` rows (`OpenVinoPaged`).
     `batch_session`: the batch graph (`batch_graph`, int8 GEMMs) for decode steps of at least
     `batch_min_rows` rows, where it is faster than the engine's kernel. It shares the KV buffers too."""
 
-    def __init__(self, session, max_sequence_length: int, prefill_session=None, openvino_prefill: "OpenVinoPrefill | None" = None,
-                 batch_session=None, batch_min_rows: int = 0):
+    def __init__(self, session, max_sequence_length: int, prefill_session=None, openvino: "OpenVinoPaged | OpenVinoPrefill | None" = None,
+                 batch_session=None, batch_min_rows: int = 0, openvino_batch: bool = False):
         import onnxruntime as ort
 
         self._ort = ort
         self.session = session
         self.prefill_session = prefill_session
-        self.openvino_prefill = openvino_prefill
+        self.openvino = openvino
+        self.openvino_batch = openvino_batch
         self.batch_session = batch_session
         self.batch_min_rows = batch_min_rows
         self.max_sequence_length = max_sequence_length
@@ -182,7 +184,7 @@ class FusedOrtCausalLM:
         lazily: only the positions a sequence reaches are ever touched (`release_rows` gives a
         finished row's back)."""
         arrays = [page_backed_zeros((batch, self.kv_heads, self.max_sequence_length, self.head_dim)) for _ in self.past_names]
-        return {"bindings": KvBindings(self, arrays), "arrays": arrays, "origin": (next(_BUFFER_IDS), 0),
+        return {"bindings": KvBindings(self, arrays), "arrays": arrays, "origin": (next(_BUFFER_IDS), 0, batch),
                 "step_logits": np.empty((batch, 1, self.vocab), dtype=np.float32), "row_lengths": np.zeros(batch, dtype=np.int32)}
 
     def empty_state(self, batch: int) -> DecodeState:
@@ -194,8 +196,8 @@ class FusedOrtCausalLM:
         is the outermost dimension, so the view is contiguous): a step over a few rows costs a few
         rows, not the whole batch. Its `row_lengths` is a copy; the caller writes it back."""
         arrays = [array[start:start + rows] for array in state.cache["arrays"]]
-        buffers, first = state.cache["origin"]
-        return DecodeState({"bindings": KvBindings(self, arrays), "arrays": arrays, "origin": (buffers, first + start),
+        buffers, first, total = state.cache["origin"]
+        return DecodeState({"bindings": KvBindings(self, arrays), "arrays": arrays, "origin": (buffers, first + start, total),
                             "step_logits": np.empty((rows, 1, self.vocab), dtype=np.float32),
                             "row_lengths": state.cache["row_lengths"][start:start + rows].copy()}, state.length)
 
@@ -207,14 +209,14 @@ class FusedOrtCausalLM:
                 release_pages(array, row * row_bytes, (row + 1) * row_bytes)
         state.cache["row_lengths"][list(rows)] = 0
         for row in rows:
-            self._forget(state, row)
+            self._forget(state, row, 0)
 
-    def _forget(self, state: DecodeState, row: int) -> None:
-        """The row's keys and values changed outside a forward: a prompt kernel that keeps a row's
-        past between chunks must not reuse it."""
-        if self.openvino_prefill is not None:
-            buffers, first = state.cache["origin"]
-            self.openvino_prefill.forget((buffers, first + row))
+    def _forget(self, state: DecodeState, row: int, start: int) -> None:
+        """Positions from `start` of the row changed outside OpenVINO: the mirror of its past that
+        OpenVINO's paged graph keeps (`OpenVinoPaged`) must not be reused from there."""
+        if self.openvino is not None:
+            buffers, first, _ = state.cache["origin"]
+            self.openvino.forget((buffers, first + row), start)
 
     def read_positions(self, state: DecodeState, row: int, start: int, stop: int) -> np.ndarray:
         """Keys and values of positions [start, stop) of one row: [layers × (key, value), kv_heads, positions, head_dim]."""
@@ -224,7 +226,7 @@ class FusedOrtCausalLM:
         """Put `read_positions`' keys and values at positions [start, start + n) of one row."""
         for array, block in zip(state.cache["arrays"], kv):
             array[row, :, start:start + block.shape[1]] = block
-        self._forget(state, row)
+        self._forget(state, row, start)
 
     def forward(self, input_ids: np.ndarray, state: DecodeState | None, lengths: np.ndarray | None = None, *,
                 last_only: bool = False, kernel: str | None = None) -> tuple[np.ndarray, DecodeState]:
@@ -241,14 +243,23 @@ class FusedOrtCausalLM:
             raise SequenceTooLong(f"sequence of {total} tokens exceeds the engine's max_sequence_length {self.max_sequence_length} "
                             "(set build.max_sequence_length in the recipe and rebuild)")
         cache = dict(state.cache) if state else self.new_cache(batch)
-        batched = self.batch_session is not None and batch >= self.batch_min_rows
+        batched = (self.batch_session is not None or self.openvino_batch) and batch >= self.batch_min_rows
         kernel = kernel or ("prefill" if seq > 1 else "batch" if batched else "decode")
-        if kernel == "prefill" and self.openvino_prefill is not None:
-            if batch == 1 and lengths is None and seq >= OPENVINO_MIN_TOKENS:
-                logits = self.openvino_prefill.run(input_ids, cache["arrays"], int(totals[0]) - seq, last_only, row=cache["origin"])
+        pasts = totals - new
+        if self.openvino is not None and lengths is None:
+            if kernel == "prefill" and batch == 1 and seq >= OPENVINO_MIN_TOKENS:
+                logits = self.openvino.run(input_ids, cache["arrays"], int(pasts[0]), last_only, row=cache["origin"])
+            elif kernel == "batch" and self.openvino_batch and seq == 1:
+                logits = self.openvino.run_rows(cache["arrays"], cache["origin"], list(input_ids), pasts.tolist())
+            else:
+                logits = None
+            if logits is not None:
                 cache["row_lengths"] = totals
                 return logits, DecodeState(cache, total)
+        if kernel == "prefill" and self.openvino is not None:
             kernel = "decode"
+        if self.openvino is not None:  # ONNX Runtime writes each row's positions from its past on
+            self.openvino.written(cache["origin"], pasts)
         if kernel not in cache["bindings"]:  # no prefill (or batch) session: the engine's kernel runs it
             kernel = "decode"
         binding, session = cache["bindings"][kernel], self.sessions()[kernel]
@@ -281,7 +292,7 @@ _BUFFER_IDS = itertools.count()
 OPENVINO_MIN_TOKENS = 32
 
 
-def openvino_prefill(model_file, threads: int, max_sequence_length: int) -> "OpenVinoPagedPrefill | OpenVinoPrefill":
+def openvino_prefill(model_file, threads: int, max_sequence_length: int) -> "OpenVinoPaged | OpenVinoPrefill":
     """Prompt chunks of one row on OpenVINO's CPU plugin, from the engine's own graph file: its
     GroupQueryAttention nodes replaced by OpenVINO's PagedAttention where `paged_attention_graph`
     covers them (faster: docs/results.md), the graph as the ONNX frontend reads it otherwise."""
@@ -300,7 +311,7 @@ def openvino_prefill(model_file, threads: int, max_sequence_length: int) -> "Ope
         return plain
     if layers is None:
         return OpenVinoPrefill(model, threads)
-    return OpenVinoPagedPrefill(model, layers, past_names, threads, max_sequence_length)
+    return OpenVinoPaged(model, layers, past_names, threads, max_sequence_length)
 
 
 def paged_attention_graph(model) -> list[tuple[str, str]] | None:
@@ -397,87 +408,136 @@ def paged_attention_graph(model) -> list[tuple[str, str]] | None:
     return layers
 
 
-class OpenVinoPagedPrefill:
-    """Prompt chunks of one row on the engine's graph rewritten for OpenVINO's PagedAttention
-    (`paged_attention_graph`): its fused attention kernel replaces the generic subgraph the ONNX
-    frontend makes of GroupQueryAttention (a 512-token prompt ~1.3x faster, 2,040 tokens ~1.5x,
-    docs/results.md). PagedAttention reads the past from a block cache of its own, in OpenVINO's
-    inference precision (bf16 where the CPU has it), one row long; the chunk's keys and values come
-    out as outputs and are copied into the row's ONNX Runtime buffers, where the decode kernel
-    reads them. The cache holds the last row it ran (`row`: the caller's name for it), so the next
-    chunk of that row copies nothing in; any other past is copied in first."""
+class OpenVinoPaged:
+    """The engine's graph rewritten for OpenVINO's PagedAttention (`paged_attention_graph`), running
+    prompt chunks of one row and, for an engine built with `batch_kernel: openvino_paged`, decode
+    steps of many rows in one call. Its fused attention kernel replaces the generic subgraph the
+    ONNX frontend makes of GroupQueryAttention (a 512-token prompt ~1.1-1.3x faster, 2,040 tokens
+    ~1.4x), and its matmuls at 32 rows beat ONNX Runtime's int8 kernel (docs/results.md).
+
+    ONNX Runtime's buffers stay the keys and values of record; PagedAttention reads a mirror of
+    them in blocks of its own, in OpenVINO's inference precision (bf16 where the CPU has it), one
+    block range per row of one buffer set. `held[row]`: how many of the row's first positions the
+    mirror holds. A call copies in what it lacks (after decode steps on ONNX Runtime: their few new
+    positions), and the keys and values it computes come out as outputs, copied into the row's
+    buffers, where the decode kernel reads them. Whoever changes a row's positions otherwise says
+    so (`forget`)."""
 
     def __init__(self, model, layers: list[tuple[str, str]], past_names: list[str], threads: int, max_sequence_length: int):
         import openvino as ov
 
+        self._ov = ov
         core = ov.Core()
         self.version = ov.get_version()
         precision = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
         # the cache in the inference precision itself: bf16 halves what attention reads (u8, the
-        # CPU plugin's default, quantizes keys per channel block: measured no faster here)
+        # CPU plugin's default, quantizes keys per block: no faster here, measured)
         compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads), "KV_CACHE_PRECISION": precision})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.attention = "PagedAttention"
         self.request = compiled.create_infer_request()
-        self.layers, self.past_names = layers, past_names  # past_names: the order of `run`'s arrays
+        self.layers, self.past_names = layers, past_names  # past_names: the order of the callers' arrays
         cache_input = compiled.input("key_cache.0")
         self.cache_type = cache_input.get_element_type()
-        kv_heads, self.block, head_dim = (d.get_length() for d in list(cache_input.get_partial_shape())[1:])  # [blocks, kv, block, dim]
-        blocks = -(-max_sequence_length // self.block)
-        self.caches = []  # numpy views of the cache tensors, by past input name
-        for i, (key, value) in enumerate(layers):
-            for name, past in ((f"key_cache.{i}", key), (f"value_cache.{i}", value)):
-                tensor = ov.Tensor(self.cache_type, [blocks, kv_heads, self.block, head_dim])
-                self.request.set_tensor(name, tensor)
-                self.caches.append((past, tensor.data.view(np.uint16) if self.cache_type.size == 2 else tensor.data))
+        self.kv_heads, self.block, self.head_dim = (d.get_length() for d in list(cache_input.get_partial_shape())[1:])
+        self.row_blocks = -(-max_sequence_length // self.block)
         self.converter = None
         if self.cache_type != ov.Type.f32:  # rounds fp32 keys and values to the cache's type (numpy has no bf16)
             source = ov.opset13.parameter([-1], ov.Type.f32)
             self.converter = core.compile_model(ov.Model([ov.opset13.convert(source, self.cache_type)], [source]), "CPU").create_infer_request()
-        self.held = None  # (row, positions of it in the cache)
+        self.buffers, self.caches, self.held = None, [], np.zeros(0, dtype=np.int64)
 
-    def forget(self, row) -> None:
-        """The row's buffers were changed or released: its positions in the cache are no longer its."""
-        if self.held is not None and self.held[0] == row:
-            self.held = None
-
-    def _copy_in(self, by_name: dict[str, np.ndarray], start: int, stop: int) -> None:
-        """Positions [start, stop) of row 0 of the ONNX Runtime buffers into the cache."""
-        if stop <= start:
+    def _mirror(self, buffers: int, rows: int) -> None:
+        """Blocks for `rows` rows of buffer set `buffers`; another set's mirror is dropped."""
+        if buffers == self.buffers and rows <= len(self.held):
             return
-        values = np.stack([by_name[past][0, :, start:stop] for past, _ in self.caches])  # [arrays, kv_heads, n, head_dim]
+        self.buffers, self.held, self.caches = buffers, np.zeros(rows, dtype=np.int64), []
+        dtype = np.float32 if self.cache_type == self._ov.Type.f32 else np.uint16
+        shape = [rows * self.row_blocks, self.kv_heads, self.block, self.head_dim]
+        for i, (key, value) in enumerate(self.layers):
+            for name, past in ((f"key_cache.{i}", key), (f"value_cache.{i}", value)):
+                array = page_backed_zeros(tuple(shape), dtype)  # pages taken as positions are written
+                self.request.set_tensor(name, self._ov.Tensor(array, shape, self.cache_type))
+                self.caches.append((past, array))
+
+    def forget(self, row: tuple[int, int], start: int = 0) -> None:
+        """Positions from `start` of buffer row `row` ((set, row)) changed: the mirror no longer
+        holds them (from 0: the row is free, and its blocks' memory goes back)."""
+        buffers, index = row
+        if buffers != self.buffers or index >= len(self.held) or self.held[index] <= start:
+            return
+        self.held[index] = start
+        if start == 0:
+            for _, cache in self.caches:
+                release_pages(cache, index * cache[0].nbytes * self.row_blocks, (index + 1) * cache[0].nbytes * self.row_blocks)
+
+    def written(self, origin: tuple[int, int, int], starts: np.ndarray) -> None:
+        """ONNX Runtime wrote row i of the view at `origin` from position starts[i] on."""
+        buffers, first, _ = origin
+        if buffers == self.buffers:
+            held = self.held[first:first + len(starts)]
+            np.minimum(held, starts[:len(held)], out=held)
+
+    def _copy_in(self, by_name: dict[str, np.ndarray], view_row: int, row: int, start: int, stop: int) -> None:
+        """Positions [start, stop) of the view's row into buffer row `row`'s blocks."""
+        values = np.stack([by_name[past][view_row, :, start:stop] for past, _ in self.caches])  # [arrays, kv, n, dim]
         if self.converter is not None:
             self.converter.infer([values.reshape(-1)])
             values = self.converter.get_output_tensor(0).data.view(np.uint16).reshape(values.shape)
-        for (_, cache), block_values in zip(self.caches, values):
+        for (_, cache), row_values in zip(self.caches, values):
             position = start
             while position < stop:
                 block, offset = divmod(position, self.block)
                 take = min(self.block - offset, stop - position)
-                cache[block, :, offset:offset + take] = block_values[:, position - start:position - start + take]
+                cache[row * self.row_blocks + block, :, offset:offset + take] = row_values[:, position - start:position - start + take]
                 position += take
 
-    def run(self, input_ids: np.ndarray, arrays: list[np.ndarray], past: int, last_only: bool, row=None) -> np.ndarray:
-        """As `OpenVinoPrefill.run`; `row`: a name for the buffers' row that stays the same while
-        its positions do (None: not kept)."""
-        seq = input_ids.shape[1]
+    def run_rows(self, arrays: list[np.ndarray], origin: tuple[int, int, int], tokens: list[np.ndarray], pasts: list[int],
+                 every_position: bool = False) -> np.ndarray:
+        """Row i of the view over `arrays` (buffer rows origin[1] + i of set origin[0], which has
+        origin[2] rows) takes `tokens[i]` after its first `pasts[i]` positions, all in one call.
+        Returns logits [rows, 1, vocab] at each row's last token, or [1, tokens, vocab] at every
+        position of a single row (`every_position`)."""
+        buffers, first, rows = origin
+        self._mirror(buffers, rows)
         by_name = dict(zip(self.past_names, arrays))
-        held = self.held[1] if self.held is not None and row is not None and self.held[0] == row and self.held[1] <= past else 0
-        self._copy_in(by_name, held, past)
-        blocks = -(-(past + seq) // self.block)
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "position_ids": np.arange(past, past + seq, dtype=np.int64),
-                 "past_lens": np.array([past], dtype=np.int32), "subsequence_begins": np.array([0, seq], dtype=np.int32),
-                 "block_indices": np.arange(blocks, dtype=np.int32), "block_indices_begins": np.array([0, blocks], dtype=np.int32),
-                 "max_context_len": np.array(past + seq, dtype=np.int32),
-                 "logits_index": np.array([[seq - 1]] if last_only else [np.arange(seq)], dtype=np.int64)}
-        self.held = None  # until the run has written the chunk
+        begins, blocks, block_begins, positions = [0], [], [0], []
+        for i, (ids, past) in enumerate(zip(tokens, pasts)):
+            row = first + i
+            held = min(int(self.held[row]), past)
+            if held < past:
+                self._copy_in(by_name, i, row, held, past)
+            self.held[row] = 0  # until this call has written the row's new positions
+            begins.append(begins[-1] + len(ids))
+            blocks.extend(range(row * self.row_blocks, row * self.row_blocks + -(-(past + len(ids)) // self.block)))
+            block_begins.append(len(blocks))
+            positions.append(np.arange(past, past + len(ids), dtype=np.int64))
+        last = np.array(begins[1:], dtype=np.int64) - 1
+        feeds = {"input_ids": np.concatenate(tokens).astype(np.int64)[None], "position_ids": np.concatenate(positions),
+                 "past_lens": np.array(pasts, dtype=np.int32), "subsequence_begins": np.array(begins, dtype=np.int32),
+                 "block_indices": np.array(blocks, dtype=np.int32), "block_indices_begins": np.array(block_begins, dtype=np.int32),
+                 "max_context_len": np.array(max(p + len(t) for p, t in zip(pasts, tokens)), dtype=np.int32),
+                 "logits_index": (np.arange(begins[-1], dtype=np.int64) if every_position else last)[None]}
         outputs = self.request.infer(feeds, share_inputs=True, share_outputs=True)
-        for i, (key, value) in enumerate(self.layers):
+        rows_written = np.arange(len(tokens))
+        one_each = begins[-1] == len(tokens)  # a decode step: one assignment per array for all rows
+        for j, (key, value) in enumerate(self.layers):
             for past_name, kind in ((key, "key"), (value, "value")):
-                by_name[past_name][:1, :, past:past + seq] = outputs[f"chunk.{i}.{kind}"]
-        self.held = (row, past + seq) if row is not None else None
-        return np.array(outputs["logits"], dtype=np.float32)
+                chunk, array = outputs[f"chunk.{j}.{kind}"][0], by_name[past_name]  # chunk: [kv, tokens, dim]
+                if one_each:
+                    array[rows_written, :, pasts] = chunk.transpose(1, 0, 2)
+                    continue
+                for i, past in enumerate(pasts):
+                    array[i, :, past:past + begins[i + 1] - begins[i]] = chunk[:, begins[i]:begins[i + 1]]
+        self.held[first:first + len(tokens)] = np.asarray(pasts) + np.diff(begins)
+        logits = np.array(outputs["logits"], dtype=np.float32)
+        return logits if every_position else logits.reshape(len(tokens), 1, -1)
+
+    def run(self, input_ids: np.ndarray, arrays: list[np.ndarray], past: int, last_only: bool, row=None) -> np.ndarray:
+        """As `OpenVinoPrefill.run`; `row`: the view's origin (`FusedOrtCausalLM.new_cache`)."""
+        origin = row if row is not None else (next(_BUFFER_IDS), 0, 1)  # no name: a mirror of its own
+        logits = self.run_rows(arrays, origin, [np.asarray(input_ids[0])], [past], every_position=not last_only)
+        return logits if not last_only else logits.reshape(1, 1, -1)
 
 
 class OpenVinoPrefill:
@@ -521,7 +581,10 @@ class OpenVinoPrefill:
         return np.array(outputs["logits"], dtype=np.float32)
 
 
-    def forget(self, row) -> None:
+    def forget(self, row, start: int = 0) -> None:
+        """Nothing is kept between calls."""
+
+    def written(self, origin, starts) -> None:
         """Nothing is kept between calls."""
 
 class TorchCausalLM:
@@ -687,7 +750,8 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
         openvino = (openvino_prefill(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"], opts["max_sequence_length"])
                     if opts.get("prefill_runtime") == "openvino" else None)
         batch = session(opts["batch_model_file"]) if opts.get("batch_model_file") else None
-        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino, batch, opts.get("batch_min_rows", 0))
+        return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino, batch, opts.get("batch_min_rows", 0),
+                                openvino_batch=opts.get("batch_kernel") == "openvino_paged")
     return OrtCausalLM(decode)
 
 

@@ -186,8 +186,8 @@ def check_openvino_prefill(out_dir: Path, options: dict[str, Any]) -> dict[str, 
     kernel = max(served_logits_error(lm.without_prefill(), trace, chunks) for chunks in chunkings)
     openvino = max(served_logits_error(lm, trace, chunks) for chunks in chunkings)
     result = {"max_rel_logit_diff": openvino, "decode_kernel_max_rel_logit_diff": kernel, "prompt_len": prompt_len,
-              "decode_steps": steps, "openvino_version": lm.openvino_prefill.version, "openvino_precision": lm.openvino_prefill.precision,
-              "openvino_attention": lm.openvino_prefill.attention}
+              "decode_steps": steps, "openvino_version": lm.openvino.version, "openvino_precision": lm.openvino.precision,
+              "openvino_attention": lm.openvino.attention}
     if openvino > kernel + OPENVINO_PREFILL_RTOL:
         raise StageFailed("build", f"prompts on OpenVINO do not give the engine's logits: {result} (limit: the decode kernel's "
                                    f"difference + {OPENVINO_PREFILL_RTOL}); build.prefill_runtime: onnxruntime runs them on ONNX Runtime")
@@ -221,7 +221,7 @@ def check_batch_kernel(out_dir: Path, options: dict[str, Any]) -> dict[str, Any]
     result = {"max_rel_logit_diff": step_logits_error(lm, trace, "batch"),
               "decode_kernel_max_rel_logit_diff": step_logits_error(lm, trace, "decode"), "rows": rows, "decode_steps": steps}
     if result["max_rel_logit_diff"] > result["decode_kernel_max_rel_logit_diff"] + BATCH_KERNEL_RTOL:
-        raise StageFailed("build", f"the batch graph's decode steps do not give the engine's logits: {result} (limit: the decode "
+        raise StageFailed("build", f"the batch kernel's decode steps do not give the engine's logits: {result} (limit: the decode "
                                    f"kernel's difference + {BATCH_KERNEL_RTOL}); build.batch_kernel: none decodes every step on the engine")
     return result
 
@@ -287,6 +287,8 @@ class OnnxRuntime:
                 f"{prefill_check['decode_kernel_max_rel_logit_diff']:.1e})")
         if cfg.batch_kernel == "int8_gemm":
             batch_check = self.build_batch_kernel(out_dir, options, cfg, log)
+        elif cfg.batch_kernel == "openvino_paged":
+            batch_check = self.build_openvino_batch(out_dir, options, cfg, log)
         counts = op_counts(engine)
         log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
             f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")
@@ -300,7 +302,7 @@ class OnnxRuntime:
             meta["fusion_check"] = check
         if cfg.prefill_runtime == "openvino":
             meta["openvino_prefill_check"] = prefill_check
-        if cfg.batch_kernel == "int8_gemm":
+        if cfg.batch_kernel != "none":
             meta["batch_kernel_check"] = batch_check
         if self.name == "onnxruntime-cuda":
             from pipeline.targets.gpu import device_facts
@@ -326,6 +328,21 @@ class OnnxRuntime:
         log(f"decode steps of {cfg.batch_kernel_min_rows}+ rows run on {BATCH_FILE} ({rewritten} int4 matmuls as int8 GEMMs): "
             f"max |Δlogits| vs exact math {check['max_rel_logit_diff']:.1e} of max |logit| (decode kernel alone: "
             f"{check['decode_kernel_max_rel_logit_diff']:.1e})")
+        return check
+
+    @staticmethod
+    def build_openvino_batch(out_dir: Path, options: dict[str, Any], cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+        """`build.batch_kernel: openvino_paged`: decode steps of many rows on OpenVINO's PagedAttention
+        graph of the engine (prompts already run there), checked against exact math."""
+        options["batch_kernel"] = "openvino_paged"
+        options["batch_min_rows"] = cfg.batch_kernel_min_rows
+        attention = load_ort_engine(out_dir, {**options, "model_file": ENGINE_FILE, "optimization_level": "disable"}).openvino.attention
+        if attention != "PagedAttention":
+            raise StageFailed("build", f"build.batch_kernel: openvino_paged needs this engine's attention as OpenVINO's PagedAttention; "
+                                       f"its prompts run on {attention}; allowed for it: none, int8_gemm")
+        check = check_batch_kernel(out_dir, {**options, "optimization_level": "disable"})
+        log(f"decode steps of {cfg.batch_kernel_min_rows}+ rows run on OpenVINO's PagedAttention graph: max |Δlogits| vs exact math "
+            f"{check['max_rel_logit_diff']:.1e} of max |logit| (decode kernel alone: {check['decode_kernel_max_rel_logit_diff']:.1e})")
         return check
 
     def load(self, engine_dir: Path, meta: dict[str, Any], threads: int | None = None):

@@ -17,7 +17,7 @@ from pipeline.modeling.runtime import (
     OPENVINO_MIN_TOKENS,
     FusedOrtCausalLM,
     MissingRuntime,
-    OpenVinoPagedPrefill,
+    OpenVinoPaged,
     OpenVinoPrefill,
     SequenceTooLong,
     greedy_decode,
@@ -145,10 +145,11 @@ def test_rows_of_different_lengths_decode_as_if_alone(engines):
 
 @pytest.fixture(scope="module")
 def openvino_engine(tiny_run, tmp_path_factory):
-    """The fused engine with its prompts on OpenVINO (`build.prefill_runtime: openvino`)."""
+    """The fused engine with its prompts on OpenVINO (`build.prefill_runtime: openvino`), and its
+    decode steps of 3+ rows too (`build.batch_kernel: openvino_paged`)."""
     exported = OnnxModel(path=tiny_run["paths"]["export"], meta=read_manifest(tiny_run["paths"]["export"])["meta"])
     out = tmp_path_factory.mktemp("openvino")
-    cfg = BuildConfig(prefill_runtime="openvino", max_sequence_length=256)
+    cfg = BuildConfig(prefill_runtime="openvino", batch_kernel="openvino_paged", batch_kernel_min_rows=3, max_sequence_length=256)
     meta = OnnxRuntime("onnxruntime-cpu").build(exported, out, cfg, lambda _m: None)
     return SimpleNamespace(path=out, meta=meta, lm=OnnxRuntime("onnxruntime-cpu").load(out, meta), exported=exported)
 
@@ -160,7 +161,7 @@ def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
     assert sorted(p.name for p in openvino_engine.path.iterdir() if p.suffix == ".onnx") == ["engine.onnx"]
     assert openvino_engine.meta["session_options"]["prefill_runtime"] == "openvino"
     lm = openvino_engine.lm
-    assert lm.openvino_prefill is not None and lm.without_prefill().openvino_prefill is None
+    assert lm.openvino is not None and lm.without_prefill().openvino is None
     rng = np.random.default_rng(3)
     long_prompt = rng.integers(0, 257, size=(1, 2 * OPENVINO_MIN_TOKENS))
     ov_logits, ov_state = lm.forward(long_prompt, None)
@@ -184,7 +185,7 @@ def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
     def close(logits, reference):
         return np.abs(logits - reference).max() / np.abs(reference).max() < OPENVINO_PREFILL_RTOL
 
-    assert isinstance(lm.openvino_prefill, OpenVinoPagedPrefill) and openvino_engine.meta["openvino_prefill_check"]["openvino_attention"] == "PagedAttention"
+    assert isinstance(lm.openvino, OpenVinoPaged) and openvino_engine.meta["openvino_prefill_check"]["openvino_attention"] == "PagedAttention"
     _, kernel_past = lm.without_prefill().forward(long_prompt, None)
     assert close(lm.forward(second, kernel_past)[0], kernel_logits)
     # ...and one written over the positions OpenVINO itself wrote (a prefix-cache load)
@@ -200,12 +201,12 @@ def test_openvino_prompts_give_the_decode_kernels_logits(openvino_engine):
 
 
 def test_the_openvino_check_fails_when_chunk_keys_and_values_are_not_written(openvino_engine, tmp_path, monkeypatch):
-    original = OpenVinoPagedPrefill.run
+    original = OpenVinoPaged.run
 
     def forgets_the_cache(self, input_ids, arrays, past, last_only, row=None):  # writes the chunk into copies
         return original(self, input_ids, [array.copy() for array in arrays], past, last_only, row)
 
-    monkeypatch.setattr(OpenVinoPagedPrefill, "run", forgets_the_cache)
+    monkeypatch.setattr(OpenVinoPaged, "run", forgets_the_cache)
     with pytest.raises(StageFailed, match="prompts on OpenVINO do not give the engine's logits"):
         OnnxRuntime("onnxruntime-cpu").build(openvino_engine.exported, tmp_path, BuildConfig(prefill_runtime="openvino", max_sequence_length=256),
                                              lambda _m: None)
@@ -217,10 +218,95 @@ def test_openvino_prompts_fall_back_to_the_frontends_graph_when_the_paged_rewrit
 
     monkeypatch.setattr(runtime, "paged_attention_graph", another_release)
     lm = OnnxRuntime("onnxruntime-cpu").load(openvino_engine.path, openvino_engine.meta)
-    assert isinstance(lm.openvino_prefill, OpenVinoPrefill) and "expects 29 inputs" in lm.openvino_prefill.attention
+    assert isinstance(lm.openvino, OpenVinoPrefill) and "expects 29 inputs" in lm.openvino.attention
     prompt = np.random.default_rng(5).integers(0, 257, size=(1, 2 * OPENVINO_MIN_TOKENS))
     logits, reference = lm.forward(prompt, None)[0], lm.without_prefill().forward(prompt, None)[0]
     assert np.abs(logits - reference).max() / np.abs(reference).max() < OPENVINO_PREFILL_RTOL
+
+
+class CountingRequest:
+    """An OpenVINO infer request that counts its calls."""
+
+    def __init__(self, request):
+        self.request, self.calls = request, 0
+
+    def infer(self, *args, **kwargs):
+        self.calls += 1
+        return self.request.infer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.request, name)
+
+
+def rows_of_lengths(lm, lengths, rng):
+    """A batch state whose rows hold random prompts of these lengths, prefilled on the decode kernel."""
+    state = lm.empty_state(len(lengths))
+    for row, length in enumerate(lengths):
+        view = lm.row_view(state, row, 1)
+        _, view = lm.forward(rng.integers(0, 257, size=(1, length)), view, kernel="decode")
+        state.cache["row_lengths"][row] = view.cache["row_lengths"][0]
+    return state
+
+
+def test_openvino_decodes_many_rows_of_different_lengths_near_the_engines_kernel(openvino_engine, monkeypatch):
+    check = openvino_engine.meta["batch_kernel_check"]
+    assert check["rows"] == BATCH_CHECK_ROWS and check["max_rel_logit_diff"] <= check["decode_kernel_max_rel_logit_diff"] + BATCH_KERNEL_RTOL
+    assert openvino_engine.meta["session_options"]["batch_kernel"] == "openvino_paged"
+    lm = openvino_engine.lm
+    monkeypatch.setattr(lm.openvino, "request", CountingRequest(lm.openvino.request))
+    for lengths in ((7, 20), (7, 20, 3), (40, 1, 33, 12, 5)):
+        seed = sum(lengths)
+        state, kernel_state = rows_of_lengths(lm, lengths, np.random.default_rng(seed)), rows_of_lengths(lm, lengths, np.random.default_rng(seed))
+        token = np.random.default_rng(seed).integers(0, 257, size=(len(lengths), 1))
+        calls = lm.openvino.request.calls
+        logits, state = lm.forward(token, state)
+        kernel_logits, kernel_state = lm.forward(token, kernel_state, kernel="decode")
+        assert lm.openvino.request.calls - calls == int(len(lengths) >= 3)
+        if len(lengths) < 3:
+            np.testing.assert_array_equal(logits, kernel_logits)
+            continue
+        assert not np.array_equal(logits, kernel_logits)
+        assert np.abs(logits - kernel_logits).max() / np.abs(kernel_logits).max() < BATCH_KERNEL_RTOL
+        for row, length in enumerate(lengths):  # each row's new keys and values at its own position, in its buffers
+            ov_kv, kernel_kv = lm.read_positions(state, row, 0, length + 2), lm.read_positions(kernel_state, row, 0, length + 2)
+            assert np.abs(ov_kv - kernel_kv).max() / np.abs(kernel_kv).max() < OPENVINO_PREFILL_RTOL
+            assert not ov_kv[:, :, length + 1].any()
+
+
+def test_openvino_steps_see_positions_the_decode_kernel_wrote_over(openvino_engine):
+    """A step on OpenVINO, a rollback of one position (a rejected draft) rewritten by the decode
+    kernel with another token, then OpenVINO again: it must read the new keys and values, not the
+    ones its mirror held."""
+    lm, rng = openvino_engine.lm, np.random.default_rng(9)
+    lengths = (9, 30, 4)
+    states = [rows_of_lengths(lm, lengths, np.random.default_rng(1)) for _ in range(2)]
+    first, second, third = (rng.integers(0, 257, size=(3, 1)) for _ in range(3))
+    logits = []
+    for state, kernel in zip(states, ("batch", "decode")):
+        _, state = lm.forward(first, state, kernel=kernel)
+        state.cache["row_lengths"] -= 1
+        _, state = lm.forward(second, state, kernel="decode")
+        logits.append(lm.forward(third, state, kernel=kernel)[0])
+    assert np.abs(logits[0] - logits[1]).max() / np.abs(logits[1]).max() < BATCH_KERNEL_RTOL
+
+
+def test_the_scheduler_decodes_many_rows_on_openvino(openvino_engine, tiny_run, monkeypatch):
+    """Served steps of 3+ rows reach OpenVINO; every request gets its answer."""
+    from tokenizers import Tokenizer
+
+    from pipeline.engine import Limits, Scheduler, parse_request
+
+    lm = openvino_engine.lm
+    monkeypatch.setattr(lm.openvino, "request", CountingRequest(lm.openvino.request))
+    tokenizer = Tokenizer.from_file(str(tiny_run["paths"]["build"] / "tokenizer.json"))
+    limits = Limits(context_limit=256, max_tokens_cap=16, default_max_tokens=8)
+    requests = [parse_request(f"request {i}: " + "ab" * (20 * i), {"max_tokens": 8}, tokenizer, limits) for i in range(4)]
+    texts = {}
+    together = Scheduler(lm, tokenizer, set(), slots=4)
+    together.admit_many([(r, lambda delta, finish, i=i: texts.__setitem__(i, texts.get(i, "") + delta)) for i, r in enumerate(requests)])
+    while together.active:
+        together.step()
+    assert lm.openvino.request.calls >= 5 and all(texts.get(i) for i in range(4))
 
 
 def test_an_openvino_engine_without_openvino_is_refused_with_the_reason(openvino_engine, monkeypatch):
@@ -303,7 +389,7 @@ def test_the_batch_check_fails_when_the_int8_weights_are_wrong(batch_engine, tmp
 
     original = batch_graph.per_channel_int8
     monkeypatch.setattr(batch_graph, "per_channel_int8", lambda weight: (lambda codes, scales: (codes, scales * 1.5))(*original(weight)))
-    with pytest.raises(StageFailed, match="the batch graph's decode steps do not give the engine's logits"):
+    with pytest.raises(StageFailed, match="the batch kernel's decode steps do not give the engine's logits"):
         OnnxRuntime("onnxruntime-cpu").build(batch_engine.exported, tmp_path, batch_engine.cfg, lambda _m: None)
 
 

@@ -171,6 +171,9 @@ def test_the_batch_kernel_is_a_fused_graph_setting_with_named_values():
         load_recipe(TINY_RECIPE, ["build.batch_kernel=amx"])
     with pytest.raises(RecipeError, match="build.batch_kernel_min_rows"):
         load_recipe(TINY_RECIPE, ["build.batch_kernel_min_rows=1"])
+    with pytest.raises(RecipeError, match="batch_kernel: openvino_paged runs on the OpenVINO engine that prefill_runtime: openvino loads"):
+        load_recipe(TINY_RECIPE, ["build.batch_kernel=openvino_paged"])
+    assert load_recipe(TINY_RECIPE, ["build.batch_kernel=openvino_paged", "build.prefill_runtime=openvino"]).build.batch_kernel == "openvino_paged"
 
 
 def test_speculative_decoding_is_a_package_setting_with_named_methods():
