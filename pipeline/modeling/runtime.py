@@ -133,7 +133,7 @@ class FusedOrtCausalLM:
     `prefill_session`: the same graph with another matmul kernel for prompts (an int8-activation
     engine's prompts run with fp32 activations: at 512 tokens ONNX Runtime's int8 MatMulNBits is
     slower than its fp32 one, measured in docs/results.md). It shares the KV buffers.
-    `openvino`: prompt chunks of one row run on OpenVINO instead (`openvino_prefill`), and with
+    `openvino`: prompt chunks of one row run on OpenVINO instead (`openvino_engine`), and with
     `openvino_batch` so do decode steps of at least `batch_min_rows` rows (`OpenVinoPaged`).
     `batch_session`: the batch graph (`batch_graph`, int8 GEMMs) for decode steps of at least
     `batch_min_rows` rows, where it is faster than the engine's kernel. It shares the KV buffers too."""
@@ -228,6 +228,18 @@ class FusedOrtCausalLM:
             array[row, :, start:start + block.shape[1]] = block
         self._forget(state, row, start)
 
+    def _on_openvino(self, input_ids: np.ndarray, cache: dict, pasts: np.ndarray, lengths, kernel: str, last_only: bool) -> np.ndarray | None:
+        """The call's logits where OpenVINO runs it (a prompt chunk of 32+ tokens of one row; a decode
+        step of many rows with `openvino_batch`); None where ONNX Runtime does, which then writes
+        each row's positions from its past on (what OpenVINO's mirror must not reuse)."""
+        batch, seq = input_ids.shape
+        if lengths is None and kernel == "prefill" and batch == 1 and seq >= OPENVINO_MIN_TOKENS:
+            return self.openvino.run(input_ids, cache["arrays"], int(pasts[0]), last_only, row=cache["origin"])
+        if lengths is None and kernel == "batch" and self.openvino_batch and seq == 1:
+            return self.openvino.run_rows(cache["arrays"], cache["origin"], list(input_ids), pasts.tolist())
+        self.openvino.written(cache["origin"], pasts)
+        return None
+
     def forward(self, input_ids: np.ndarray, state: DecodeState | None, lengths: np.ndarray | None = None, *,
                 last_only: bool = False, kernel: str | None = None) -> tuple[np.ndarray, DecodeState]:
         """`lengths`: valid tokens per row of `input_ids` for rows of different lengths (right-padded;
@@ -245,21 +257,13 @@ class FusedOrtCausalLM:
         cache = dict(state.cache) if state else self.new_cache(batch)
         batched = (self.batch_session is not None or self.openvino_batch) and batch >= self.batch_min_rows
         kernel = kernel or ("prefill" if seq > 1 else "batch" if batched else "decode")
-        pasts = totals - new
-        if self.openvino is not None and lengths is None:
-            if kernel == "prefill" and batch == 1 and seq >= OPENVINO_MIN_TOKENS:
-                logits = self.openvino.run(input_ids, cache["arrays"], int(pasts[0]), last_only, row=cache["origin"])
-            elif kernel == "batch" and self.openvino_batch and seq == 1:
-                logits = self.openvino.run_rows(cache["arrays"], cache["origin"], list(input_ids), pasts.tolist())
-            else:
-                logits = None
+        if self.openvino is not None:
+            logits = self._on_openvino(input_ids, cache, totals - new, lengths, kernel, last_only)
             if logits is not None:
                 cache["row_lengths"] = totals
                 return logits, DecodeState(cache, total)
-        if kernel == "prefill" and self.openvino is not None:
-            kernel = "decode"
-        if self.openvino is not None:  # ONNX Runtime writes each row's positions from its past on
-            self.openvino.written(cache["origin"], pasts)
+            if kernel == "prefill":  # a chunk too short for OpenVINO: the decode kernel
+                kernel = "decode"
         if kernel not in cache["bindings"]:  # no prefill (or batch) session: the engine's kernel runs it
             kernel = "decode"
         binding, session = cache["bindings"][kernel], self.sessions()[kernel]
@@ -292,8 +296,9 @@ _BUFFER_IDS = itertools.count()
 OPENVINO_MIN_TOKENS = 32
 
 
-def openvino_prefill(model_file, threads: int, max_sequence_length: int) -> "OpenVinoPaged | OpenVinoPrefill":
-    """Prompt chunks of one row on OpenVINO's CPU plugin, from the engine's own graph file: its
+def openvino_engine(model_file, threads: int, max_sequence_length: int) -> "OpenVinoPaged | OpenVinoPrefill":
+    """OpenVINO's CPU plugin on the engine's own graph file, for prompt chunks (and decode steps of
+    many rows, `OpenVinoPaged.run_rows`): its
     GroupQueryAttention nodes replaced by OpenVINO's PagedAttention where `paged_attention_graph`
     covers them (faster: docs/results.md), the graph as the ONNX frontend reads it otherwise."""
     try:
@@ -542,7 +547,7 @@ class OpenVinoPaged:
 
 class OpenVinoPrefill:
     """The engine's own graph as OpenVINO's ONNX frontend reads it, for prompt chunks of one row (the
-    fallback of `openvino_prefill` for attention the paged graph does not cover):
+    fallback of `openvino_engine` for attention the paged graph does not cover):
     OpenVINO reads ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) and runs int4
     matmuls with dynamically quantized activations and, where the CPU has AMX/AVX-512-BF16, bf16
     attention (a 512-token prompt ~2.8x faster than ONNX Runtime's fp32 kernel here; docs/results.md). Its
@@ -747,7 +752,7 @@ def load_ort_engine(engine_dir, session_options: dict, threads: int | None = Non
     decode = session(opts.get("model_file", "engine.onnx"))
     if opts.get("graph") == "fused":
         prefill = session(opts["prefill_model_file"], spinning=False) if opts.get("prefill_model_file") else None
-        openvino = (openvino_prefill(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"], opts["max_sequence_length"])
+        openvino = (openvino_engine(Path(engine_dir) / opts.get("model_file", "engine.onnx"), threads or opts["threads"], opts["max_sequence_length"])
                     if opts.get("prefill_runtime") == "openvino" else None)
         batch = session(opts["batch_model_file"]) if opts.get("batch_model_file") else None
         return FusedOrtCausalLM(decode, opts["max_sequence_length"], prefill, openvino, batch, opts.get("batch_min_rows", 0),

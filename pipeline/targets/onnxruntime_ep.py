@@ -288,7 +288,7 @@ class OnnxRuntime:
         if cfg.batch_kernel == "int8_gemm":
             batch_check = self.build_batch_kernel(out_dir, options, cfg, log)
         elif cfg.batch_kernel == "openvino_paged":
-            batch_check = self.build_openvino_batch(out_dir, options, cfg, log)
+            batch_check = self.build_openvino_batch(out_dir, options, cfg, log, prefill_check["openvino_attention"])
         counts = op_counts(engine)
         log(f"{cfg.graph} graph optimized: {sum(counts.values())} nodes, MatMulNBits {counts.get('MatMulNBits', 0)}, "
             f"GroupQueryAttention {counts.get('GroupQueryAttention', 0)}, DequantizeLinear left {counts.get('DequantizeLinear', 0)}")
@@ -331,12 +331,12 @@ class OnnxRuntime:
         return check
 
     @staticmethod
-    def build_openvino_batch(out_dir: Path, options: dict[str, Any], cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    def build_openvino_batch(out_dir: Path, options: dict[str, Any], cfg: Any, log: Callable[[str], None], attention: str) -> dict[str, Any]:
         """`build.batch_kernel: openvino_paged`: decode steps of many rows on OpenVINO's PagedAttention
-        graph of the engine (prompts already run there), checked against exact math."""
+        graph of the engine, checked against exact math. `attention`: what the prompt check found
+        OpenVINO running (`check_openvino_prefill`)."""
         options["batch_kernel"] = "openvino_paged"
         options["batch_min_rows"] = cfg.batch_kernel_min_rows
-        attention = load_ort_engine(out_dir, {**options, "model_file": ENGINE_FILE, "optimization_level": "disable"}).openvino.attention
         if attention != "PagedAttention":
             raise StageFailed("build", f"build.batch_kernel: openvino_paged needs this engine's attention as OpenVINO's PagedAttention; "
                                        f"its prompts run on {attention}; allowed for it: none, int8_gemm")

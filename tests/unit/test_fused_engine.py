@@ -290,6 +290,14 @@ def test_openvino_steps_see_positions_the_decode_kernel_wrote_over(openvino_engi
     assert np.abs(logits[0] - logits[1]).max() / np.abs(logits[1]).max() < BATCH_KERNEL_RTOL
 
 
+def test_openvino_batch_steps_are_refused_where_the_attention_is_not_paged(openvino_engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "paged_attention_graph", lambda model: None)  # as for windowed or partial-rotary attention
+    cfg = BuildConfig(prefill_runtime="openvino", batch_kernel="openvino_paged", batch_kernel_min_rows=3, max_sequence_length=64)
+    with pytest.raises(StageFailed, match="openvino_paged needs this engine's attention as OpenVINO's PagedAttention; its prompts run on "
+                                          "the ONNX frontend's graph .*allowed for it: none, int8_gemm"):
+        OnnxRuntime("onnxruntime-cpu").build(openvino_engine.exported, tmp_path, cfg, lambda _m: None)
+
+
 def test_the_scheduler_decodes_many_rows_on_openvino(openvino_engine, tiny_run, monkeypatch):
     """Served steps of 3+ rows reach OpenVINO; every request gets its answer."""
     from tokenizers import Tokenizer
